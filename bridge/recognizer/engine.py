@@ -1,0 +1,214 @@
+"""One whisper.cpp context and how we call it for streaming.
+
+The costs that shape this module (measured in ../shared/notes and docs/benchmarks.md):
+whisper.cpp pads every decode to a 30 s window unless `audio_ctx` is lowered, so we size the
+encoder context to the audio; a reduced context can make the decoder loop on short audio, so
+tokens are capped per second of audio and repetition is detected. `whisper_full` releases the
+GIL, so a pool of contexts decodes in parallel threads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..events.types import Word
+
+SAMPLE_RATE = 16000
+MEL_FRAMES_PER_S = 50  # encoder positions per second of audio (whisper: 1500 per 30 s)
+MAX_AUDIO_S = 30.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    language: str = "en"  # "en", any whisper code, or "auto" (multilingual models)
+    prompt: str = ""  # word_boost terms and/or preceding text
+    partial: bool = False  # partials trade accuracy for speed: no temperature fallback
+    ctx_margin: int = 64  # encoder positions beyond the audio (0.02 s each)
+    min_ctx: int = 0  # a floor for very short audio
+    full_ctx: bool = False  # decode over the whole 30 s window (the offline baseline)
+
+
+@dataclass
+class Hypothesis:
+    """What one decode said, with the signals used to reject hallucinations."""
+
+    text: str
+    words: list[Word]  # times relative to the start of the decoded audio
+    language: str | None
+    avg_logprob: float
+    compression_ratio: float
+    n_tokens: int
+    audio_s: float
+    decode_s: float
+    looped: bool = False
+    retried: bool = False  # the reduced-context decode looped and was redone over 30 s
+    token_probs: list[float] = field(default_factory=list)
+
+    @property
+    def confidence(self) -> float:
+        return float(np.mean(self.token_probs)) if self.token_probs else 0.0
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+_REPEAT = re.compile(r"(\b.+?\b)(?:\W+\1\b){3,}", re.IGNORECASE)
+
+
+def looks_looped(text: str) -> bool:
+    """The decoder repeating a phrase 4+ times in a row: whisper's failure mode on short context."""
+    return bool(_REPEAT.search(text))
+
+
+def implausible_tokens(audio_s: float) -> int:
+    """More text tokens than anyone speaks in that time (fast speech is ~5 tokens/s)."""
+    return int(12 + 10 * audio_s)
+
+
+def compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+class WhisperEngine:
+    """A whisper.cpp context; not thread-safe: the pool gives each to one thread at a time."""
+
+    def __init__(self, model_path: str | Path, n_threads: int = 1) -> None:
+        import _pywhispercpp as pw
+        from pywhispercpp.model import Model
+
+        self._pw = pw
+        self.model_path = str(model_path)
+        self.n_threads = n_threads
+        try:
+            self._model = Model(
+                self.model_path,
+                n_threads=n_threads,
+                print_progress=False,
+                print_realtime=False,
+                print_timestamps=False,
+                redirect_whispercpp_logs_to=None,
+            )
+        except Exception as e:  # pywhispercpp raises bare RuntimeError/Exception
+            raise ModelLoadError(f"whisper.cpp could not load {self.model_path}: {e}") from e
+        self._ctx = self._model._ctx
+        if self._ctx is None:
+            raise ModelLoadError(f"whisper.cpp could not load {self.model_path}")
+        self._params = self._model._params
+        self.multilingual = bool(pw.whisper_is_multilingual(self._ctx))
+        self.eot = pw.whisper_token_eot(self._ctx)
+        self._lock = threading.Lock()
+        p = self._params
+        p.no_context = True
+        p.suppress_blank = True
+        p.suppress_nst = True  # no "[Music]", "(applause)" tokens
+        p.token_timestamps = True
+        p.single_segment = False
+        p.no_timestamps = False
+        p.thold_pt = 0.01
+        p.max_initial_ts = 1.0
+
+    def audio_ctx_for(self, n_samples: int, opts: DecodeOptions) -> int:
+        if opts.full_ctx:
+            return 0
+        need = math.ceil(n_samples / SAMPLE_RATE * MEL_FRAMES_PER_S) + opts.ctx_margin
+        return int(min(1500, max(need, opts.min_ctx)))
+
+    def decode(self, audio: np.ndarray, opts: DecodeOptions) -> Hypothesis:
+        """Decode float32 16 kHz mono audio (at most 30 s) into text and timed words."""
+        pw = self._pw
+        if audio.dtype != np.float32:
+            audio = (audio.astype(np.float32) / 32768.0) if audio.dtype == np.int16 else audio.astype(np.float32)
+        audio = np.ascontiguousarray(audio[: int(MAX_AUDIO_S * SAMPLE_RATE)])
+        audio_s = len(audio) / SAMPLE_RATE
+        with self._lock:
+            p = self._params
+            p.audio_ctx = self.audio_ctx_for(len(audio), opts)
+            lang = opts.language or "en"
+            if not self.multilingual:
+                lang = "en"
+            p.language = lang
+            p.detect_language = False
+            p.initial_prompt = opts.prompt or ""
+            p.n_max_text_ctx = 64 if opts.partial else 128
+            p.temperature = 0.0
+            # Temperature fallback re-decodes up to 5 times: measured 2-6 s on a looping short
+            # clip. We detect loops ourselves and retry once over the full window instead.
+            p.temperature_inc = 0.0
+            hyp = self._run(audio, audio_s)
+            if (hyp.looped or hyp.n_tokens > implausible_tokens(audio_s)) and p.audio_ctx:
+                p.audio_ctx = 0
+                retry = self._run(audio, audio_s)
+                retry.decode_s += hyp.decode_s
+                retry.retried = True
+                hyp = retry
+            return hyp
+
+    def _run(self, audio: np.ndarray, audio_s: float) -> Hypothesis:
+        t0 = time.perf_counter()
+        rc = self._pw.whisper_full(self._ctx, self._params, audio, audio.size)
+        decode_s = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"whisper_full failed with code {rc}")
+        return self._collect(audio_s, decode_s)
+
+    def _collect(self, audio_s: float, decode_s: float) -> Hypothesis:
+        pw, ctx = self._pw, self._ctx
+        words: list[Word] = []
+        texts: list[str] = []
+        probs: list[float] = []
+        logps: list[float] = []
+        cur: list = []  # [bytes, t0, t1, [p...]]
+
+        def close_word() -> None:
+            if cur and cur[0].strip():
+                w = cur[0].decode("utf-8", "replace").strip()
+                words.append(Word(w, cur[1] / 100.0, max(cur[2], cur[1]) / 100.0, float(np.mean(cur[3]))))
+
+        n_seg = pw.whisper_full_n_segments(ctx)
+        for i in range(n_seg):
+            texts.append(pw.whisper_full_get_segment_text(ctx, i).decode("utf-8", "replace"))
+            for j in range(pw.whisper_full_n_tokens(ctx, i)):
+                d = pw.whisper_full_get_token_data(ctx, i, j)
+                if d.id >= self.eot:
+                    continue
+                raw = pw.whisper_token_to_bytes(ctx, d.id)
+                if isinstance(raw, str):
+                    raw = raw.encode("utf-8")
+                probs.append(float(d.p))
+                logps.append(float(d.plog))
+                t0, t1 = int(d.t0), int(d.t1)
+                if raw.startswith(b" ") or not cur:
+                    close_word()
+                    cur = [raw, t0, t1, [float(d.p)]]
+                else:
+                    cur[0] += raw
+                    cur[2] = max(cur[2], t1)
+                    cur[3].append(float(d.p))
+        close_word()
+        text = " ".join(t.strip() for t in texts if t.strip())
+        lang_id = pw.whisper_full_lang_id(ctx)
+        language = pw.whisper_lang_str(lang_id) if lang_id >= 0 else None
+        # clamp word times into the audio (whisper's timestamp tokens can overshoot)
+        words = [Word(w.word, min(w.start, audio_s), min(max(w.end, w.start), audio_s), w.confidence) for w in words]
+        return Hypothesis(
+            text=text,
+            words=words,
+            language=language,
+            avg_logprob=float(np.mean(logps)) if logps else 0.0,
+            compression_ratio=compression_ratio(text),
+            n_tokens=len(probs),
+            audio_s=audio_s,
+            decode_s=decode_s,
+            looped=looks_looped(text),
+            token_probs=probs,
+        )

@@ -1,0 +1,434 @@
+"""Per-leg streaming recognizer: VAD endpointing, partials, finals, long-utterance commits.
+
+One instance per leg (direction of a call, channel of a stream). `feed()` is cheap and runs on
+the event loop (VAD and bookkeeping only); decodes go through the shared RecognizerPool from
+one task per leg, so finals come out in order and no partial can follow its final.
+
+Latency design: an utterance ends after `endpointing_ms` of silence. Since that wait already
+dominates final latency, the leg decodes the utterance speculatively as soon as a shorter
+silence is seen; if no speech follows before the endpoint, that result *is* the final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+
+from ..events.types import Final, Partial, Word
+from .agreement import agreed_prefix, drop_seam_repeats, norm, norm_text, words_text
+from .engine import SAMPLE_RATE, DecodeOptions, Hypothesis
+from .pool import Priority, RecognizerPool, Superseded
+
+log = structlog.get_logger(__name__)
+
+ENDPOINTING_RANGE = (0, 20000)
+
+# Phrases whisper invents on noise and silence (trained on subtitles). Dropped only when the
+# decode is also unsure or the speech was very short: callers do say "thank you".
+HALLUCINATIONS = {
+    "thank you", "thanks for watching", "thank you for watching", "thank you very much", "you",
+    "bye", "okay", "so", "uh", "um", "hmm", "oh", "the end", "please subscribe",
+    "subtitles by the amaraorg community", "thanks for listening", "i", "a", "and",
+}
+
+
+@dataclass
+class StreamerConfig:
+    endpointing_ms: int = 700
+    interim_results: bool = True
+    language: str = "en"
+    word_boost: tuple[str, ...] = ()
+    partial_interval_s: float = 0.4  # new audio between partial re-decodes (grows with load)
+    first_partial_s: float = 0.5  # speech needed before the first partial
+    speculative_ms: int = 300  # silence after which the final is pre-decoded
+    trailing_ms: int = 300  # silence kept after the last speech in a decode
+    preroll_ms: int = 300  # audio kept before the first speech frame
+    min_speech_ms: int = 200  # utterances with less speech are noise bursts
+    max_utterance_s: float = 15.0  # commit agreed words of longer utterances
+    hard_max_utterance_s: float = 24.0  # commit even without agreement (whisper window is 30 s)
+    vad_kind: str = "default"
+    vad_threshold: float = 0.5
+    min_avg_logprob: float = -1.0
+    max_compression_ratio: float = 2.4
+    ctx_margin: int = 64
+
+    def validate(self) -> None:
+        lo, hi = ENDPOINTING_RANGE
+        if not isinstance(self.endpointing_ms, int) or not lo <= self.endpointing_ms <= hi:
+            raise ValueError(f"endpointing_ms must be an integer in {lo}..{hi}")
+        if not isinstance(self.word_boost, (tuple, list)) or not all(isinstance(w, str) for w in self.word_boost):
+            raise ValueError("word_boost must be a list of strings")
+
+
+@dataclass
+class _Utterance:
+    id: int
+    start_sample: int  # stream position of buf[0]
+    chunks: list[np.ndarray] = field(default_factory=list)
+    n: int = 0
+    speech_samples: int = 0
+    last_speech_end: int = 0  # stream position just after the last speech frame
+    silence_run: int = 0
+    committed: list[Word] = field(default_factory=list)  # words already sent as non-speech_final finals
+    prev_words: list[Word] | None = None  # last hypothesis, absolute times (LocalAgreement)
+    last_partial_at: int = 0  # stream position at the last partial request
+    speculated_for: int = -1  # last_speech_end the speculative decode covered
+
+    def audio(self, end_sample: int | None = None) -> np.ndarray:
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        a = self.chunks[0] if self.chunks else np.zeros(0, np.int16)
+        if end_sample is not None:
+            a = a[: max(0, end_sample - self.start_sample)]
+        return a
+
+    def append(self, frame: np.ndarray) -> None:
+        self.chunks.append(frame)
+        self.n += len(frame)
+
+    def cut(self, at_sample: int) -> None:
+        """Drop audio before stream position `at_sample` (committed words)."""
+        a = self.audio()
+        k = max(0, min(len(a), at_sample - self.start_sample))
+        self.chunks = [a[k:].copy()]
+        self.n = len(self.chunks[0])
+        self.start_sample += k
+
+    @property
+    def end_sample(self) -> int:
+        return self.start_sample + self.n
+
+
+@dataclass
+class _FinalJob:
+    utt: _Utterance
+    end_sample: int
+    speech_final: bool
+    enqueued: float
+
+
+@dataclass
+class _Spec:
+    utt_id: int
+    start_sample: int
+    last_speech_end: int
+    hyp: Hypothesis
+
+
+class StreamingRecognizer:
+    """Turns one leg's 16 kHz PCM16 into Partial and Final events."""
+
+    def __init__(
+        self,
+        pool: RecognizerPool,
+        emit: Callable[[Any], None],
+        *,
+        channel: int = 0,
+        speaker: str = "ch0",
+        config: StreamerConfig | None = None,
+        vad: Any = None,
+        logger: Any = None,
+    ) -> None:
+        self.pool = pool
+        self.emit = emit
+        self.channel = channel
+        self.speaker = speaker
+        self.config = config or StreamerConfig()
+        self.config.validate()
+        if vad is None:
+            from .vad import make_vad
+
+            vad = make_vad() if self.config.vad_kind == "default" else make_vad(self.config.vad_kind)
+        self.vad = vad
+        self.log = logger or log.bind(channel=channel, speaker=speaker)
+        self.samples_in = 0
+        self.detected_language: str | None = None
+        self._vad_left = np.zeros(0, np.int16)
+        self._preroll: collections.deque[np.ndarray] = collections.deque()
+        self._preroll_n = 0
+        self._utt: _Utterance | None = None
+        self._utt_seq = 0
+        self._finals: collections.deque[_FinalJob] = collections.deque()
+        self._spec: _Spec | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+        self.stats = {"finals": 0, "partials": 0, "dropped_hallucinations": 0, "noise_bursts": 0,
+                      "speculative_hits": 0, "pieces": 0}
+
+    # -- control -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"leg-{self.channel}")
+
+    def configure(self, endpointing_ms: int | None = None, **_: Any) -> None:
+        """Change endpointing while the leg runs; applies to the open utterance at once."""
+        if endpointing_ms is not None:
+            self.config = replace(self.config, endpointing_ms=endpointing_ms)
+            self.config.validate()
+            self._check_endpoint()
+
+    def force_endpoint(self) -> None:
+        """End the open utterance now: its final follows as soon as it is decoded."""
+        if self._utt is not None:
+            self._endpoint(speech_final=True)
+
+    async def finish(self) -> None:
+        """Flush: end any open utterance, wait for every final, stop the leg's task."""
+        self._closing = True
+        if len(self._vad_left):
+            pad = np.zeros(self.vad.frame_samples - len(self._vad_left), np.int16)
+            self._process_frame(np.concatenate([self._vad_left, pad])[: self.vad.frame_samples], real=len(self._vad_left))
+            self._vad_left = np.zeros(0, np.int16)
+        if self._utt is not None:
+            self._endpoint(speech_final=True)
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def stream_seconds(self) -> float:
+        return self.samples_in / SAMPLE_RATE
+
+    # -- audio in ------------------------------------------------------------------------------
+    def feed(self, pcm: np.ndarray) -> None:
+        """Take 16 kHz int16 mono audio of any length."""
+        if self._closing:
+            raise RuntimeError("leg is finished")
+        if len(self._vad_left):
+            pcm = np.concatenate([self._vad_left, pcm])
+        fs = self.vad.frame_samples
+        n_full = len(pcm) // fs * fs
+        for i in range(0, n_full, fs):
+            self._process_frame(pcm[i : i + fs])
+        self._vad_left = pcm[n_full:].copy()
+        self._wake.set()
+
+    def _process_frame(self, frame: np.ndarray, real: int | None = None) -> None:
+        n = len(frame) if real is None else real
+        speech = self.vad.speech_prob(frame) >= self.config.vad_threshold
+        frame = frame[:n]
+        self.samples_in += n
+        u = self._utt
+        if u is None:
+            self._preroll.append(frame)
+            self._preroll_n += n
+            limit = self.config.preroll_ms * SAMPLE_RATE // 1000
+            while self._preroll_n - len(self._preroll[0]) >= limit:
+                self._preroll_n -= len(self._preroll.popleft())
+            if not speech:
+                return
+            self._utt_seq += 1
+            u = self._utt = _Utterance(id=self._utt_seq, start_sample=self.samples_in - self._preroll_n)
+            for c in self._preroll:
+                u.append(c)
+            self._preroll.clear()
+            self._preroll_n = 0
+            u.speech_samples = n
+            u.last_speech_end = self.samples_in
+            u.last_partial_at = u.start_sample
+            return
+        u.append(frame)
+        if speech:
+            u.speech_samples += n
+            u.last_speech_end = self.samples_in
+            u.silence_run = 0
+        else:
+            u.silence_run += n
+        self._check_endpoint()
+
+    def _check_endpoint(self) -> None:
+        u = self._utt
+        if u is None:
+            return
+        if u.silence_run >= self.config.endpointing_ms * SAMPLE_RATE // 1000 and u.silence_run > 0:
+            self._endpoint(speech_final=True)
+
+    def _endpoint(self, speech_final: bool) -> None:
+        u = self._utt
+        assert u is not None
+        self._utt = None
+        if u.speech_samples < self.config.min_speech_ms * SAMPLE_RATE // 1000 and not u.committed:
+            self.stats["noise_bursts"] += 1
+            return
+        end = min(u.end_sample, u.last_speech_end + self.config.trailing_ms * SAMPLE_RATE // 1000)
+        self._finals.append(_FinalJob(u, end, speech_final, time.monotonic()))
+        self._wake.set()
+
+    # -- decoding task -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._finals:
+                    await self._do_final(self._finals.popleft())
+                if self._closing:
+                    if not self._finals:
+                        return
+                    continue
+                if self._want_speculative():
+                    await self._do_speculative()
+                    self._wake.set()
+                elif self._want_partial():
+                    await self._do_partial()
+                    self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("leg_recognizer_failed")
+            raise
+
+    def _opts(self, partial: bool, prompt_words: list[Word] | None = None) -> DecodeOptions:
+        lang = self.config.language
+        if lang == "auto" and partial and self.detected_language:
+            lang = self.detected_language
+        prompt = ""
+        if self.config.word_boost:
+            prompt = ", ".join(self.config.word_boost) + "."
+        if prompt_words:
+            prompt = (prompt + " " + words_text(prompt_words[-40:])).strip()
+        return DecodeOptions(language=lang, prompt=prompt, partial=partial, ctx_margin=self.config.ctx_margin)
+
+    def _want_speculative(self) -> bool:
+        u = self._utt
+        if u is None or self.config.speculative_ms >= self.config.endpointing_ms:
+            return False
+        return (
+            u.silence_run >= self.config.speculative_ms * SAMPLE_RATE // 1000
+            and u.speculated_for != u.last_speech_end
+            and u.speech_samples >= self.config.min_speech_ms * SAMPLE_RATE // 1000
+        )
+
+    async def _do_speculative(self) -> None:
+        u = self._utt
+        assert u is not None
+        u.speculated_for = u.last_speech_end
+        start, lse, uid = u.start_sample, u.last_speech_end, u.id
+        end = min(u.end_sample, lse + self.config.trailing_ms * SAMPLE_RATE // 1000)
+        hyp = await self.pool.decode(u.audio(end), self._opts(False, u.committed), Priority.FINAL)
+        self._spec = _Spec(uid, start, lse, hyp)
+
+    def _want_partial(self) -> bool:
+        u = self._utt
+        if u is None:
+            return False
+        long_utt = u.n >= (self.config.max_utterance_s - 2.0) * SAMPLE_RATE
+        if not (self.config.interim_results or long_utt):
+            return False
+        if u.speech_samples < self.config.first_partial_s * SAMPLE_RATE and not long_utt:
+            return False
+        interval = self.config.partial_interval_s * (1.0 + max(0.0, self.pool.load() - 1.0))
+        return u.end_sample - u.last_partial_at >= interval * SAMPLE_RATE
+
+    async def _do_partial(self) -> None:
+        u = self._utt
+        assert u is not None
+        u.last_partial_at = u.end_sample
+        uid, start = u.id, u.start_sample
+        audio = u.audio()
+        try:
+            hyp = await self.pool.decode(audio, self._opts(True, u.committed), Priority.PARTIAL, key=id(self))
+        except Superseded:
+            return
+        if self._utt is not u or u.start_sample != start or u.id != uid:
+            return  # endpointed or cut meanwhile: a partial must never follow its final
+        words = self._absolute(hyp.words, start)
+        words = drop_seam_repeats(u.committed, words, start / SAMPLE_RATE)
+        if self._rejected(hyp, u.speech_samples):
+            words = []
+        prev, u.prev_words = u.prev_words, words
+        if self.config.interim_results and words:
+            self.stats["partials"] += 1
+            self.emit(Partial(words_text(words), self.channel, self.speaker, start / SAMPLE_RATE,
+                              u.end_sample / SAMPLE_RATE))
+        if u.n >= self.config.max_utterance_s * SAMPLE_RATE:
+            self._commit_piece(u, prev, words, hyp)
+
+    def _commit_piece(self, u: _Utterance, prev: list[Word] | None, words: list[Word], hyp: Hypothesis) -> None:
+        """Commit the stable head of a long utterance as a final with speech_final false."""
+        buf_end = u.end_sample / SAMPLE_RATE
+        if prev is not None:
+            k = agreed_prefix(prev, words)
+        else:
+            k = 0
+        # never commit the newest word, nor words within 1 s of the buffer end (still forming)
+        k = min(k, max(0, len(words) - 1))
+        while k > 0 and words[k - 1].end > buf_end - 1.0:
+            k -= 1
+        if k == 0 and u.n >= self.config.hard_max_utterance_s * SAMPLE_RATE:
+            k = max(0, len(words) - 1)
+            while k > 0 and words[k - 1].end > buf_end - 2.0:
+                k -= 1
+            if k == 0:
+                k = len(words)
+        if k == 0:
+            return
+        piece = words[:k]
+        nxt = words[k].start if k < len(words) else piece[-1].end
+        cut_s = (piece[-1].end + max(piece[-1].end, nxt)) / 2
+        self._emit_final(piece, speech_final=False, hyp=hyp)
+        u.committed.extend(piece)
+        u.cut(int(round(cut_s * SAMPLE_RATE)))
+        u.prev_words = None
+        u.last_partial_at = u.start_sample
+        self.stats["pieces"] += 1
+
+    async def _do_final(self, job: _FinalJob) -> None:
+        u = job.utt
+        spec = self._spec
+        self._spec = None
+        if spec and spec.utt_id == u.id and spec.start_sample == u.start_sample and spec.last_speech_end == u.last_speech_end:
+            hyp = spec.hyp
+            self.stats["speculative_hits"] += 1
+        else:
+            hyp = await self.pool.decode(u.audio(job.end_sample), self._opts(False, u.committed), Priority.FINAL)
+        if self.config.language == "auto" and hyp.language:
+            self.detected_language = hyp.language
+        words = self._absolute(hyp.words, u.start_sample)
+        words = drop_seam_repeats(u.committed, words, u.start_sample / SAMPLE_RATE)
+        if self._rejected(hyp, u.speech_samples, words):
+            self.stats["dropped_hallucinations"] += 1
+            self.log.info("final_rejected", text=hyp.text, avg_logprob=round(hyp.avg_logprob, 2),
+                          compression=round(hyp.compression_ratio, 2), speech_ms=u.speech_samples * 1000 // SAMPLE_RATE)
+            return
+        if words:
+            self._emit_final(words, job.speech_final, hyp)
+
+    def _emit_final(self, words: list[Word], speech_final: bool, hyp: Hypothesis) -> None:
+        self.stats["finals"] += 1
+        conf = float(np.mean([w.confidence for w in words])) if words else None
+        self.emit(Final(words_text(words), tuple(words), self.channel, self.speaker, words[0].start,
+                        words[-1].end, speech_final, language=hyp.language, confidence=conf))
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _absolute(self, words: list[Word], start_sample: int) -> list[Word]:
+        off = start_sample / SAMPLE_RATE
+        return [Word(w.word, w.start + off, w.end + off, w.confidence) for w in words if norm(w.word) or w.word.strip()]
+
+    def _rejected(self, hyp: Hypothesis, speech_samples: int, words: list[Word] | None = None) -> bool:
+        """Whisper's own tests for a failed decode, plus its known phrases on near-silence."""
+        text = norm_text(hyp.text)
+        if not text:
+            return True
+        if hyp.looped or hyp.compression_ratio > self.config.max_compression_ratio:
+            return True
+        if hyp.avg_logprob < self.config.min_avg_logprob:
+            return True
+        if text in HALLUCINATIONS and (hyp.confidence < 0.7 or speech_samples < 0.5 * SAMPLE_RATE):
+            return True
+        return False
