@@ -52,6 +52,7 @@ class StreamerConfig:
     min_speech_ms: int = 200  # utterances with less speech are noise bursts
     max_utterance_s: float = 15.0  # commit agreed words of longer utterances
     hard_max_utterance_s: float = 24.0  # commit even without agreement (whisper window is 30 s)
+    min_gap_ms: int = 90  # a pause inside an utterance where a long one may be cut
     vad_kind: str = "default"
     vad_threshold: float = 0.5
     min_avg_logprob: float = -1.0
@@ -79,6 +80,7 @@ class _Utterance:
     prev_words: list[Word] | None = None  # last hypothesis, absolute times (LocalAgreement)
     last_partial_at: int = 0  # stream position at the last partial request
     speculated_for: int = -1  # last_speech_end the speculative decode covered
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # pauses inside speech (stream positions)
 
     def audio(self, end_sample: int | None = None) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -160,7 +162,7 @@ class StreamingRecognizer:
         self._closing = False
         self._task: asyncio.Task | None = None
         self.stats = {"finals": 0, "partials": 0, "dropped_hallucinations": 0, "noise_bursts": 0,
-                      "speculative_hits": 0, "pieces": 0}
+                      "speculative_hits": 0, "pieces": 0, "forced_cuts": 0}
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,6 +246,8 @@ class StreamingRecognizer:
             return
         u.append(frame)
         if speech:
+            if u.silence_run >= self.config.min_gap_ms * SAMPLE_RATE // 1000:
+                u.gaps.append((self.samples_in - n - u.silence_run, self.samples_in - n))
             u.speech_samples += n
             u.last_speech_end = self.samples_in
             u.silence_run = 0
@@ -357,36 +361,80 @@ class StreamingRecognizer:
             self.emit(Partial(words_text(words), self.channel, self.speaker, start / SAMPLE_RATE,
                               u.end_sample / SAMPLE_RATE))
         if u.n >= self.config.max_utterance_s * SAMPLE_RATE:
-            self._commit_piece(u, prev, words, hyp)
+            await self._commit_piece(u, prev, words)
 
-    def _commit_piece(self, u: _Utterance, prev: list[Word] | None, words: list[Word], hyp: Hypothesis) -> None:
-        """Commit the stable head of a long utterance as a final with speech_final false."""
-        buf_end = u.end_sample / SAMPLE_RATE
-        if prev is not None:
-            k = agreed_prefix(prev, words)
-        else:
-            k = 0
-        # never commit the newest word, nor words within 1 s of the buffer end (still forming)
-        k = min(k, max(0, len(words) - 1))
-        while k > 0 and words[k - 1].end > buf_end - 1.0:
-            k -= 1
-        if k == 0 and u.n >= self.config.hard_max_utterance_s * SAMPLE_RATE:
-            k = max(0, len(words) - 1)
-            while k > 0 and words[k - 1].end > buf_end - 2.0:
-                k -= 1
-            if k == 0:
-                k = len(words)
-        if k == 0:
+    async def _commit_piece(self, u: _Utterance, prev: list[Word] | None, words: list[Word]) -> None:
+        """Commit the stable head of a long utterance as a final with speech_final false.
+
+        LocalAgreement decides *what* is stable: the prefix two consecutive hypotheses agree on.
+        The cut goes into a VAD pause inside that prefix, and the piece is re-decoded on its own
+        at final quality, so no word straddles the seam (whisper's word times are too coarse to
+        cut between words safely) and a skip in a long partial decode cannot lose words.
+        """
+        sr = SAMPLE_RATE
+        k = agreed_prefix(prev, words) if prev is not None else 0
+        k = min(k, max(0, len(words) - 1))  # the newest word may still be forming
+        min_piece = u.start_sample + 2 * sr
+        cut = None
+        if k:
+            stable_until = int(words[k - 1].end * sr)
+            cut = self._last_gap(u, min_piece, stable_until)
+        if cut is None and prev is not None:
+            cut = self._agreed_seam(u, prev, words, min_piece, u.end_sample - sr)
+        if cut is None and u.n >= self.config.hard_max_utterance_s * sr:
+            # No agreement or no pause in it: take any pause, else cut between agreed words.
+            cut = self._last_gap(u, min_piece, u.end_sample - sr)
+            if cut is None and k:
+                nxt = words[k].start if k < len(words) else words[k - 1].end
+                cut = int((words[k - 1].end + max(words[k - 1].end, nxt)) / 2 * sr)
+            if cut is None:
+                cut = u.end_sample - 2 * sr
+            self.stats["forced_cuts"] += 1
+        if cut is None:
             return
-        piece = words[:k]
-        nxt = words[k].start if k < len(words) else piece[-1].end
-        cut_s = (piece[-1].end + max(piece[-1].end, nxt)) / 2
-        self._emit_final(piece, speech_final=False, hyp=hyp)
-        u.committed.extend(piece)
-        u.cut(int(round(cut_s * SAMPLE_RATE)))
+        hyp = await self.pool.decode(u.audio(cut), self._opts(False, u.committed), Priority.FINAL)
+        piece = drop_seam_repeats(u.committed, self._absolute(hyp.words, u.start_sample), u.start_sample / sr)
+        if piece and not self._rejected(hyp, u.speech_samples):
+            self._emit_final(piece, speech_final=False, hyp=hyp)
+            u.committed.extend(piece)
+        u.cut(cut)
+        u.gaps = [g for g in u.gaps if g[0] >= cut]
         u.prev_words = None
         u.last_partial_at = u.start_sample
         self.stats["pieces"] += 1
+
+    @staticmethod
+    def _agreed_seam(u: _Utterance, prev: list[Word], cur: list[Word], lo: int, hi: int) -> int | None:
+        """The latest pause where both hypotheses agree on the words on either side of it.
+
+        Whisper often rewrites the first words of a long buffer on every decode, which stalls a
+        pure prefix agreement; what a clean cut needs is only that the seam is stable.
+        """
+
+        def around(words: list[Word], c: float) -> tuple[str, ...] | None:
+            before = [norm(w.word) for w in words if (w.start + w.end) / 2 < c]
+            after = [norm(w.word) for w in words if (w.start + w.end) / 2 >= c]
+            if len(before) < 2 or not after:
+                return None
+            return (*before[-2:], after[0])
+
+        for g0, g1 in reversed(u.gaps):
+            c = (g0 + g1) // 2
+            if not lo <= c <= hi:
+                continue
+            a, b = around(prev, c / SAMPLE_RATE), around(cur, c / SAMPLE_RATE)
+            if a is not None and a == b:
+                return c
+        return None
+
+    @staticmethod
+    def _last_gap(u: _Utterance, lo: int, hi: int) -> int | None:
+        """Centre of the latest pause with its centre in [lo, hi], as a stream position."""
+        for g0, g1 in reversed(u.gaps):
+            c = (g0 + g1) // 2
+            if lo <= c <= hi:
+                return c
+        return None
 
     async def _do_final(self, job: _FinalJob) -> None:
         u = job.utt

@@ -1,0 +1,207 @@
+"""Crash-tolerant call recording: one WAV channel per leg, written as audio arrives.
+
+Why hand-rolled rather than ``wave.Wave_write``: the stdlib writer only fixes the header sizes
+on close, so a killed process leaves a file that claims zero (or wrong) length. Here the data is
+appended first and the header rewritten after it on every flush(), so at any instant the header
+describes a prefix of what is already in the file: readable by ``wave`` even mid-call or after a
+crash, losing at most what arrived since the last flush.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from .channels import interleave
+
+__all__ = ["WavRecorder", "read_wav"]
+
+_HEADER_BYTES = 44
+_MAX_DATA_BYTES = 0xFFFFFFFF - 36  # RIFF sizes are 32-bit
+
+
+def _header(channels: int, rate: int, data_bytes: int) -> bytes:
+    block_align = channels * 2
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block_align, block_align, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+class WavRecorder:
+    """Multi-channel 16-bit WAV written incrementally (one channel per call leg).
+
+    Legs deliver audio independently (jitter, DTX, hold, big batches). Each channel is queued
+    and only whole time-aligned sample frames are written. Silence padding is decided at
+    flush(), not in write(): a leg more than ``max_skew_s`` behind the longest is taken to have
+    stopped sending and is padded up to the leader. Deciding in write() would wrongly pad leg 1
+    whenever leg 0 of the same multi-second frame is written first. close() pads every leg to the
+    longest; pad_to() aligns exactly to a wall-clock time the caller knows. Call flush() on a
+    timer (e.g. every second): that bounds both crash loss and how long a silent leg stalls output;
+    a leg that resumes after silence lands at most ``max_skew_s`` + one flush interval early.
+
+    ``autoflush_s`` rewrites the header (no padding) after that much newly written audio, so
+    loss stays bounded even without flush() calls; None disables it. ``max_pending_s`` caps the
+    memory a silent leg can make the others queue (padding is forced beyond it). ``fsync``
+    also survives a machine crash (costs a disk sync per flush).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        channels: int,
+        sample_rate: int = 16000,
+        *,
+        max_skew_s: float = 0.5,
+        autoflush_s: float | None = 1.0,
+        max_pending_s: float = 120.0,
+        fsync: bool = False,
+    ):
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.path = Path(path)
+        self.channels = int(channels)
+        self.sample_rate = int(sample_rate)
+        self._max_skew = max(0, int(round(max_skew_s * sample_rate)))
+        self._max_pending = max(self._max_skew, int(max_pending_s * sample_rate))
+        self._autoflush = None if autoflush_s is None else max(1, int(autoflush_s * sample_rate))
+        self._fsync = fsync
+        self._pending: list[np.ndarray] = [np.zeros(0, dtype=np.int16) for _ in range(channels)]
+        self._frames_written = 0
+        self._frames_at_flush = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fh = open(self.path, "wb")
+        self._fh.write(_header(self.channels, self.sample_rate, 0))
+        self._fh.flush()  # a valid, empty WAV exists from the start
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def write(self, channel: int, pcm: np.ndarray) -> None:
+        """Queue int16 mono samples for ``channel`` and write whatever is now time-aligned."""
+        self.write_frames({channel: pcm})
+
+    def write_frames(self, chans: "list[np.ndarray] | dict[int, np.ndarray]") -> None:
+        """Queue audio for several legs at once (e.g. one AudioFrontEnd.feed() result)."""
+        items = chans.items() if isinstance(chans, dict) else enumerate(chans)
+        checked = []
+        for channel, pcm in items:
+            if not 0 <= channel < self.channels:
+                raise ValueError(f"channel {channel} out of range for a {self.channels}-channel recording")
+            arr = np.asarray(pcm)
+            if arr.dtype != np.int16:
+                raise TypeError(f"WavRecorder expects int16 samples, got {arr.dtype}")
+            checked.append((channel, arr.reshape(-1)))
+        with self._lock:
+            self._ensure_open()
+            for channel, arr in checked:
+                if arr.size:
+                    self._pending[channel] = np.concatenate([self._pending[channel], arr])
+            if max(p.size for p in self._pending) > self._max_pending:
+                self._pad_to(max(p.size for p in self._pending))
+            self._drain()
+            if self._autoflush is not None and self._frames_written - self._frames_at_flush >= self._autoflush:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        """Pad legs lagging > max_skew_s, then make everything aligned durable and in the header."""
+        with self._lock:
+            self._ensure_open()
+            lead = max(p.size for p in self._pending)
+            if lead - min(p.size for p in self._pending) > self._max_skew:
+                self._pad_to(lead)
+                self._drain()
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Pad every leg to the longest, finalise the header and close. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pad_to(max(p.size for p in self._pending))
+            self._drain()
+            self._flush_locked()
+            self._fh.close()
+            self._closed = True
+
+    def pad_to(self, seconds: float) -> None:
+        """Pad every leg holding less than ``seconds`` of audio with silence up to it.
+
+        For a wall-clock tick: a leg on hold / DTX sends nothing, and only the caller knows
+        how much real time has passed.
+        """
+        with self._lock:
+            self._ensure_open()
+            pending_target = int(round(seconds * self.sample_rate)) - self._frames_written
+            if pending_target > 0:
+                self._pad_to(pending_target)
+                self._drain()
+
+    @property
+    def frames_written(self) -> int:
+        """Sample frames (per channel) written to the file so far."""
+        return self._frames_written
+
+    @property
+    def seconds(self) -> float:
+        return self._frames_written / self.sample_rate
+
+    def __enter__(self) -> "WavRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"WavRecorder for {self.path} is closed")
+
+    def _pad_to(self, n: int) -> None:
+        for c, p in enumerate(self._pending):
+            if p.size < n:
+                self._pending[c] = np.concatenate([p, np.zeros(n - p.size, dtype=np.int16)])
+
+    def _drain(self) -> None:
+        n = min(p.size for p in self._pending)
+        if n == 0:
+            return
+        if (self._frames_written + n) * self.channels * 2 > _MAX_DATA_BYTES:
+            raise ValueError(f"recording {self.path} would exceed the 4 GiB WAV size limit")
+        block = interleave([p[:n] for p in self._pending])
+        self._pending = [p[n:].copy() for p in self._pending]
+        self._fh.write(block.astype("<i2", copy=False).tobytes())
+        self._frames_written += n
+
+    def _flush_locked(self) -> None:
+        # Data first, header second: the header must never claim bytes not yet in the file.
+        self._fh.flush()
+        data_bytes = self._frames_written * self.channels * 2
+        self._fh.seek(0)
+        self._fh.write(_header(self.channels, self.sample_rate, data_bytes))
+        self._fh.seek(0, os.SEEK_END)  # seek flushes the header bytes to the OS
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+        self._frames_at_flush = self._frames_written
+
+
+def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int, int]:
+    """Read a 16-bit PCM WAV -> (int16 interleaved samples, sample_rate, channels)."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit")
+        rate, channels = w.getframerate(), w.getnchannels()
+        frames = w.readframes(w.getnframes())
+    return np.frombuffer(frames, dtype="<i2").astype(np.int16), rate, channels
