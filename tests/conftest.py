@@ -1,0 +1,30 @@
+"""Shared fixtures: the real converted model and one recognizer pool for the whole session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # tests use bench.corpus / bench.drive
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The default bundled model, converted once into the user cache (as `serve` does)."""
+    from bridge.models.store import resolve
+
+    return resolve("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def pool(model_path):
+    from bridge.recognizer.pool import RecognizerPool
+
+    p = RecognizerPool(model_path, size=2, threads=1)
+    p.start()
+    yield p
+    p.close()

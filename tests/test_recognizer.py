@@ -1,0 +1,146 @@
+"""The streaming recognizer against the real converted whisper.cpp model and real (generated) speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from bench import corpus
+from bench.drive import new_leg, play, wait_for
+from bridge.audio.frontend import AudioFormat, AudioFrontEnd
+from bridge.events.types import Final, Partial
+from bridge.recognizer.agreement import norm
+from bridge.recognizer.engine import DecodeOptions
+from bridge.recognizer.streamer import StreamerConfig
+
+SR = 16000
+
+CLEAN = [  # no digits or spelled letters: a fair WER for a tiny model on espeak speech
+    "I would like to check the status of my order, please.",
+    "My card was charged twice for the same purchase last week.",
+    "Please hold while I look up your account information.",
+]
+
+
+def sil(s: float) -> np.ndarray:
+    return np.zeros(int(s * SR), np.int16)
+
+
+def speech(text: str, rate: int = 160, voice: str = "en-us") -> np.ndarray:
+    return corpus.synthesize(text, voice=voice, rate=rate)
+
+
+def assert_no_partial_after_final(events) -> None:
+    """A partial of an utterance must never arrive after that utterance's final."""
+    last_final_end = -1.0
+    for s in events:
+        ev = s.event
+        if isinstance(ev, Final):
+            last_final_end = max(last_final_end, ev.end)
+        elif isinstance(ev, Partial):
+            assert ev.end > last_final_end, f"partial {ev.text!r} after the final ending {last_final_end}"
+
+
+async def test_mulaw_8k_sentences_transcribe(pool):
+    """G.711 mu-law at 8 kHz, as a SIP trunk sends it, through the front-end into the leg."""
+    pcm = np.concatenate([sil(0.5)] + [np.concatenate([speech(t), sil(1.2)]) for t in CLEAN])
+    mulaw = corpus.to_mulaw_8k(pcm)
+    fe = AudioFrontEnd(AudioFormat("pcm_mulaw", 8000, 1))
+    pcm16 = np.concatenate([fe.feed(mulaw[i : i + 160])[0] for i in range(0, len(mulaw), 160)] + fe.flush())
+    run = new_leg(pool)
+    await play(run, pcm16, pace=4.0)
+    ref = " ".join(CLEAN)
+    w = corpus.wer(ref, run.text)
+    assert w < 0.15, (w, run.text)
+    assert len(run.finals) == len(CLEAN), [f.text for f in run.finals]
+    assert all(f.speech_final for f in run.finals)
+    assert run.partials, "interim results are on by default"
+    assert_no_partial_after_final(run.events)
+    # timestamps: ordered, inside the stream, words inside their segment
+    t_prev = 0.0
+    for f in run.finals:
+        assert t_prev <= f.start < f.end <= len(pcm16) / SR + 0.01
+        assert f.words and all(f.start <= x.start <= x.end <= f.end for x in f.words)
+        assert all(0.0 < x.confidence <= 1.0 for x in f.words)
+        t_prev = f.start
+
+
+@pytest.mark.parametrize("kind", ["silence", "white", "pink", "hum", "tone", "dtmf", "music"])
+async def test_non_speech_gives_no_final(pool, kind):
+    audio = sil(8.0) if kind == "silence" else corpus.noise(kind, 8.0, level_dbfs=-25, seed=3)
+    run = new_leg(pool)
+    await play(run, audio, pace=None)
+    assert run.finals == [], [f.text for f in run.finals]
+    assert run.partials == []
+
+
+async def test_endpointing_change_takes_effect_live(pool):
+    """The same 0.5 s pause joins two sentences at 700 ms and splits them after configure(300)."""
+    a, b = speech(CLEAN[0]), speech(CLEAN[1])
+    pair = np.concatenate([a, sil(0.5), b, sil(1.5)])
+    audio = np.concatenate([sil(0.3), pair, pair])
+    switch = int(0.3 * SR) + len(pair)
+    run = new_leg(pool, StreamerConfig(endpointing_ms=700, interim_results=False))
+    await play(run, audio, pace=None, actions={switch: lambda r: r.configure(endpointing_ms=300)})
+    finals = run.finals
+    assert len(finals) == 3, [f.text for f in finals]
+    assert corpus.wer(CLEAN[0] + " " + CLEAN[1], finals[0].text) < 0.2
+    assert corpus.wer(CLEAN[0], finals[1].text) < 0.2
+    assert corpus.wer(CLEAN[1], finals[2].text) < 0.2
+    with pytest.raises(ValueError):
+        run.recognizer.configure(endpointing_ms=20001)
+
+
+async def test_force_endpoint_finalizes_at_once(pool):
+    """force_endpoint mid-stream: the final comes without waiting for silence."""
+    run = new_leg(pool, StreamerConfig(endpointing_ms=5000))
+    await play(run, np.concatenate([sil(0.3), speech(CLEAN[2])]), pace=None, finish=False)
+    await asyncio.sleep(0.5)
+    assert run.finals == []  # no silence yet and endpointing is 5 s
+    run.recognizer.force_endpoint()
+    assert await wait_for(lambda: len(run.finals) == 1, timeout=10)
+    assert corpus.wer(CLEAN[2], run.finals[0].text) < 0.2
+    assert run.finals[0].speech_final
+    await play(run, np.concatenate([speech(CLEAN[0]), sil(1.0)]), pace=None)
+    assert len(run.finals) == 2 and corpus.wer(CLEAN[0], run.finals[1].text) < 0.2
+    assert_no_partial_after_final(run.events)
+
+
+@pytest.mark.slow
+async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, model_path):
+    """45 s without an endpoint-long pause: pieces with speech_final false, clean seams."""
+    pcm, ref = corpus.monologue(45, pause_s=0.25, seed=1)
+    audio = np.concatenate([sil(0.5), pcm, sil(1.5)])
+    run = new_leg(pool)
+    await play(run, audio, pace=2.0)
+    finals = run.finals
+    assert len(finals) >= 3, [f.text for f in finals]
+    assert [f.speech_final for f in finals[:-1]] == [False] * (len(finals) - 1)
+    assert finals[-1].speech_final
+    for f in finals:  # every piece stays inside whisper's 30 s window
+        assert f.end - f.start < 28
+    # seams: no word repeated across a cut (the script has no immediate repetitions)
+    for f1, f2 in zip(finals, finals[1:]):
+        tail = [norm(w.word) for w in f1.words[-3:]]
+        head = [norm(w.word) for w in f2.words[:3]]
+        for k in range(1, 4):
+            assert tail[-k:] != head[:k], (f1.text, f2.text)
+        assert f1.end <= f2.start + 0.05
+    # nothing lost: streaming is about as accurate as one offline pass over the same audio
+    from bridge.recognizer.engine import WhisperEngine
+
+    offline = WhisperEngine(model_path, n_threads=2).decode(audio, DecodeOptions(full_ctx=True)).text
+    w_stream, w_off = corpus.wer(ref, run.text), corpus.wer(ref, offline)
+    n_ref, n_hyp = len(corpus.normalize_text(ref).split()), len(corpus.normalize_text(run.text).split())
+    assert abs(n_hyp - n_ref) <= 0.1 * n_ref, (n_ref, n_hyp, run.text)
+    assert w_stream <= w_off + 0.08, (w_stream, w_off, run.text, offline)
+
+
+async def test_auto_language_reports_detected_language(pool):
+    run = new_leg(pool, StreamerConfig(language="auto", interim_results=False))
+    await play(run, np.concatenate([sil(0.3), speech(CLEAN[1]), sil(1.0)]), pace=None)
+    assert len(run.finals) == 1
+    assert run.finals[0].language == "en"
+    assert run.recognizer.detected_language == "en"
