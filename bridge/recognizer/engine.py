@@ -33,7 +33,7 @@ class DecodeOptions:
     partial: bool = False  # partials trade accuracy for speed: no temperature fallback
     ctx_margin: int = 64  # encoder positions beyond the audio (0.02 s each)
     min_ctx: int = 0  # a floor for very short audio
-    full_ctx: bool = False  # decode over the whole 30 s window (the offline baseline)
+    full_ctx: bool = False  # whisper's own 30 s windows over any length (the offline baseline)
 
 
 @dataclass
@@ -128,7 +128,9 @@ class WhisperEngine:
         pw = self._pw
         if audio.dtype != np.float32:
             audio = (audio.astype(np.float32) / 32768.0) if audio.dtype == np.int16 else audio.astype(np.float32)
-        audio = np.ascontiguousarray(audio[: int(MAX_AUDIO_S * SAMPLE_RATE)])
+        if not opts.full_ctx:  # streaming decodes are one window; offline ones may seek through many
+            audio = audio[: int(MAX_AUDIO_S * SAMPLE_RATE)]
+        audio = np.ascontiguousarray(audio)
         audio_s = len(audio) / SAMPLE_RATE
         with self._lock:
             p = self._params
