@@ -126,11 +126,11 @@ def measure(fmt: AudioFormat, legs: list[np.ndarray], repeat: int):
     return len(frames), cpu_fe, cpu_cv, snr
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="audio per configuration")
     ap.add_argument("--repeat", type=int, default=3, help="best-of-N CPU timing")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     secs = args.seconds
 
     configs = [

@@ -126,6 +126,8 @@ class WhisperEngine:
     def decode(self, audio: np.ndarray, opts: DecodeOptions) -> Hypothesis:
         """Decode float32 16 kHz mono audio (at most 30 s) into text and timed words."""
         pw = self._pw
+        if audio.ndim != 1:
+            raise ValueError(f"decode takes mono audio, got shape {audio.shape}")
         if audio.dtype != np.float32:
             audio = (audio.astype(np.float32) / 32768.0) if audio.dtype == np.int16 else audio.astype(np.float32)
         if not opts.full_ctx:  # streaming decodes are one window; offline ones may seek through many

@@ -1,0 +1,74 @@
+"""Synthetic phone calls with known text and known speech timing, for the streaming benchmarks.
+
+A call is a sequence of generated sentences separated by pauses. Each sentence's spoken span
+(first to last audible sample) is recorded, so "end of speech" is ground truth rather than
+the recognizer's own estimate.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import corpus
+
+SR = 16000
+
+
+@dataclass
+class Call:
+    name: str
+    pcm: np.ndarray  # int16, 16 kHz
+    text: str
+    spans: list[tuple[float, float]]  # spoken (start, end) seconds of each sentence
+    sentences: list[str]
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / SR
+
+
+def _speech_bounds(pcm: np.ndarray, thresh: int = 200) -> tuple[int, int]:
+    idx = np.flatnonzero(np.abs(pcm.astype(np.int32)) > thresh)
+    return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, len(pcm))
+
+
+def make_call(seconds: float, voice: str, rate: int, seed: int, pauses=(0.9, 1.6), lead: float = 0.5) -> Call:
+    """Sentences in a seeded order until `seconds`, each followed by a pause drawn from `pauses`."""
+    rng = random.Random(seed)
+    order = list(corpus.SENTENCES)
+    rng.shuffle(order)
+    parts = [np.zeros(int(lead * SR), np.int16)]
+    pos = len(parts[0])
+    spans, used = [], []
+    for text in order:
+        s = corpus.synthesize(text, voice=voice, rate=rate)
+        a, b = _speech_bounds(s)
+        s = s[a:b]
+        spans.append(((pos) / SR, (pos + len(s)) / SR))
+        used.append(text)
+        pause = np.zeros(int(rng.uniform(*pauses) * SR), np.int16)
+        parts += [s, pause]
+        pos += len(s) + len(pause)
+        if pos / SR >= seconds:
+            break
+    return Call(f"{voice}@{rate}#{seed}", np.concatenate(parts), " ".join(used), spans, used)
+
+
+def standard_calls(n: int, seconds: float = 30.0, pauses=(0.9, 1.6)) -> list[Call]:
+    """A deterministic mix of voices and speaking rates."""
+    voices = [("en-us", 160), ("en", 170), ("en-us+f3", 150), ("en+m3", 165), ("en-us", 180), ("en", 150)]
+    return [make_call(seconds, *voices[i % len(voices)], seed=100 + i, pauses=pauses) for i in range(n)]
+
+
+def to_mulaw_roundtrip(pcm: np.ndarray) -> np.ndarray:
+    """What a G.711 trunk delivers: 8 kHz mu-law, decoded and resampled back to 16 kHz."""
+    from bridge.audio.frontend import AudioFormat, AudioFrontEnd
+
+    mu = corpus.to_mulaw_8k(pcm)
+    fe = AudioFrontEnd(AudioFormat("pcm_mulaw", 8000, 1))
+    out = [fe.feed(mu[i : i + 160])[0] for i in range(0, len(mu), 160)]
+    out += fe.flush()
+    return np.concatenate(out)

@@ -1,0 +1,64 @@
+"""The shared scheduler with real whisper.cpp contexts: finals first, partials coalesced."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from bench import corpus
+from bridge.recognizer.engine import DecodeOptions
+from bridge.recognizer.pool import Priority, RecognizerPool, Superseded
+
+
+@pytest.fixture(scope="module")
+def single(model_path):
+    p = RecognizerPool(model_path, size=1, threads=1, partial_max_wait_s=30)
+    p.start()
+    yield p
+    p.close()
+
+
+async def test_finals_overtake_queued_partials(single):
+    speech = corpus.synthesize("Please hold while I look up your account information.")
+    done: list[str] = []
+
+    async def job(name, prio, key=None):
+        await single.decode(speech, DecodeOptions(partial=prio == Priority.PARTIAL), prio, key=key)
+        done.append(name)
+
+    first = asyncio.create_task(job("busy", Priority.FINAL))
+    await asyncio.sleep(0.05)  # the only context is now decoding
+    tasks = [asyncio.create_task(job(f"p{i}", Priority.PARTIAL, key=i)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    depth = single.queue_depth()
+    tasks.append(asyncio.create_task(job("final", Priority.FINAL)))
+    await asyncio.gather(first, *tasks)
+    assert depth["partial"] == 3
+    assert done[0] == "busy" and done[1] == "final", done
+    st = single.stats()
+    assert st["completed"]["final"] >= 2 and st["completed"]["partial"] >= 3
+    assert st["decode_seconds"]["final"]["count"] >= 2
+
+
+async def test_newer_partial_of_a_leg_supersedes_the_queued_one(single):
+    speech = corpus.synthesize("My card was charged twice for the same purchase last week.")
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(), Priority.FINAL))
+    await asyncio.sleep(0.05)
+    old = asyncio.create_task(single.decode(speech[:16000], DecodeOptions(partial=True), Priority.PARTIAL, key="leg"))
+    await asyncio.sleep(0.01)
+    new = asyncio.create_task(single.decode(speech, DecodeOptions(partial=True), Priority.PARTIAL, key="leg"))
+    with pytest.raises(Superseded):
+        await old
+    hyp = await new
+    await busy
+    assert "charged" in hyp.text.lower()
+    assert single.stats()["superseded_partials"] >= 1
+
+
+async def test_decode_errors_reach_the_caller_and_the_pool_keeps_serving(single):
+    with pytest.raises(Exception):
+        await single.decode(np.zeros((2, 2), np.float32), DecodeOptions(), Priority.FINAL)
+    hyp = await single.decode(corpus.synthesize("Thank you for calling."), DecodeOptions(), Priority.FINAL)
+    assert "calling" in hyp.text.lower()
