@@ -30,7 +30,7 @@ class Call:
         return len(self.pcm) / SR
 
 
-def _speech_bounds(pcm: np.ndarray, thresh: int = 200) -> tuple[int, int]:
+def speech_bounds(pcm: np.ndarray, thresh: int = 200) -> tuple[int, int]:
     idx = np.flatnonzero(np.abs(pcm.astype(np.int32)) > thresh)
     return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, len(pcm))
 
@@ -45,7 +45,7 @@ def make_call(seconds: float, voice: str, rate: int, seed: int, pauses=(0.9, 1.6
     spans, used = [], []
     for text in order:
         s = corpus.synthesize(text, voice=voice, rate=rate)
-        a, b = _speech_bounds(s)
+        a, b = speech_bounds(s)
         s = s[a:b]
         spans.append(((pos) / SR, (pos + len(s)) / SR))
         used.append(text)

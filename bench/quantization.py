@@ -1,16 +1,20 @@
 """f16 vs q8_0 vs q5_0 for tiny.en on this CPU: what quantization buys and what it costs.
 
-Decides `bridge.models.store.DEFAULT_FTYPE`. Measures per type: file size, load time and
-resident memory (each in a fresh process, so the numbers do not mix), decode speed with 2 and 1
-threads and WER on generated speech. The decodes of the three types are interleaved clip by
-clip in one process, so background load on the shared machine skews all three alike.
+Decides `bridge.models.store.DEFAULT_FTYPE`. Per type: file size, load time and resident memory
+(each in a fresh process so the numbers do not mix), decode speed with 2 and 1 threads, and WER
+on generated speech, clean and through a G.711 mu-law phone line. The three types decode the
+same clips interleaved clip by clip in one process, so background load on a shared machine hits
+all three alike; speed is the median over clips of audio seconds / decode seconds, which a burst
+of load or one runaway decode cannot swing.
 
-Modes (same clips for all types, offline full-file transcription per clip, pure greedy: no
-temperature fallback, whose re-decodes would make the timing depend on luck rather than weights):
+Passes (offline full-file transcription per clip, pure greedy: no temperature fallback, whose
+re-decodes would time luck rather than weights):
   full : whisper.cpp's default 30 s encoder window (what an offline job pays per clip)
-  fit  : audio_ctx sized to the clip (50 positions/s + 64), as the streaming engine decodes
+  fit  : audio_ctx sized to the clip (50 positions/s + 64), as the streaming engine decodes;
+         "runaway" counts decodes over 3x that type's median time (the decoder looping)
+  phone: full window on the clips after 8 kHz mu-law encoding and back
 
-Run: python -m bench.quantization [--clips N] [--no-1thread]. Writes bench/out/quantization.txt.
+Run: python -m bench.quantization [--clips N]. Writes bench/out/quantization.{txt,json}.
 """
 
 from __future__ import annotations
@@ -76,10 +80,24 @@ def clips(n: int) -> tuple[list[tuple[str, np.ndarray]], str]:
     utts = corpus.utterances(n)
     out = [(u.text, np.concatenate([pad, u.pcm.astype(np.float32) / 32768.0, pad])) for u in utts]
     voices = sorted({u.voice for u in utts})
-    return out, f"{n} bench.corpus utterances, voices {', '.join(voices)}, rates 140-180 wpm"
+    return out, f"bench.corpus utterances; voices {', '.join(voices)}; 140-180 wpm"
 
 
-def _norm_words(s: str) -> list[str]:
+def phone_line(audio: np.ndarray) -> np.ndarray:
+    """16 kHz float -> 8 kHz G.711 mu-law -> back to 16 kHz float, as a SIP call delivers it."""
+    import audioop  # noqa: PLC0415  (deprecated in 3.11, audioop-lts from 3.13)
+
+    import soxr
+
+    pcm = np.clip(audio * 32768.0, -32768, 32767).astype(np.int16)
+    pcm8 = soxr.resample(pcm, SAMPLE_RATE, 8000)
+    ulaw = audioop.lin2ulaw(pcm8.astype("<i2").tobytes(), 2)
+    back = np.frombuffer(audioop.ulaw2lin(ulaw, 2), dtype="<i2")
+    return soxr.resample(back.astype(np.float32) / 32768.0, 8000, SAMPLE_RATE).astype(np.float32)
+
+
+def norm_words(s: str) -> list[str]:
+    """corpus.normalize_text (number-aware: '742-918' == 'seven four two nine one eight')."""
     try:
         from bench.corpus import normalize_text
 
@@ -90,7 +108,7 @@ def _norm_words(s: str) -> list[str]:
 
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(edit distance in words, reference words): summed over clips for a corpus-level WER."""
-    r, h = _norm_words(ref), _norm_words(hyp)
+    r, h = norm_words(ref), norm_words(hyp)
     prev = list(range(len(h) + 1))
     for i, rw in enumerate(r, 1):
         cur = [i] + [0] * len(h)
@@ -122,7 +140,7 @@ def _load(path: str, threads: int):
         print_progress=False,
         print_realtime=False,
         language="en",
-        temperature_inc=0.0,  # pure greedy: a temperature fallback would time the fallback lottery
+        temperature_inc=0.0,  # pure greedy (see module docstring)
     )
 
 
@@ -133,13 +151,12 @@ def worker_load(path: str) -> dict:
     base = _proc_status("VmRSS")
     t0 = time.perf_counter()
     m = _load(path, 2)
-    first = time.perf_counter() - t0
+    times = [time.perf_counter() - t0]
     rss_loaded = _proc_status("VmRSS") - base
     m.transcribe(np.zeros(SAMPLE_RATE * 2, dtype=np.float32))
     peak = _proc_status("VmHWM") - base
     del m
     gc.collect()
-    times = [first]
     for _ in range(2):
         t0 = time.perf_counter()
         m = _load(path, 2)
@@ -153,26 +170,30 @@ def _text(segments) -> str:
     return " ".join(s.text.strip() for s in segments).strip()
 
 
-def worker_decode(paths: dict[str, str], audio_file: str, threads: list[int], fit: bool) -> dict:
+def worker_decode(paths: dict[str, str], audio_file: str, passes: list[dict]) -> dict:
     """All types loaded at once; decodes interleaved per clip so load drift hits all alike."""
     data = np.load(audio_file, allow_pickle=False)
-    audios = [data[f"a{i}"] for i in range(int(data["n"]))]
-    models = {ft: _load(p, threads[0]) for ft, p in paths.items()}
+    sets = {"clean": [data[f"a{i}"] for i in range(int(data["n"]))]}
+    sets["phone"] = [data[f"p{i}"] for i in range(int(data["n"]))]
+    models = {ft: _load(p, 2) for ft, p in paths.items()}
     warm = np.zeros(SAMPLE_RATE, dtype=np.float32)
     res: dict = {}
-    modes = [("full", 2)] + [("full", t) for t in threads if t != 2] + ([("fit", 2)] if fit else [])
-    for mode, t in modes:
-        key = f"{mode}{t}"
+    for ps in passes:
+        t, fit = ps["threads"], ps["fit"]
         for m in models.values():
             m.transcribe(warm, n_threads=t, audio_ctx=0)
-        res[key] = {ft: {"time": [], "text": []} for ft in models}
-        for audio in audios:
-            ctx = min(1500, int(len(audio) / SAMPLE_RATE * 50) + 64) if mode == "fit" else 0
+        res[ps["key"]] = out = {ft: {"time": [], "text": []} for ft in models}
+        t_pass = time.monotonic()
+        for i, audio in enumerate(sets[ps["set"]][: ps["n"]]):
+            ctx = min(1500, int(len(audio) / SAMPLE_RATE * 50) + 64) if fit else 0
             for ft, m in models.items():
                 t0 = time.perf_counter()
                 segs = m.transcribe(audio, n_threads=t, audio_ctx=ctx)
-                res[key][ft]["time"].append(time.perf_counter() - t0)
-                res[key][ft]["text"].append(_text(segs))
+                out[ft]["time"].append(time.perf_counter() - t0)
+                out[ft]["text"].append(_text(segs))
+                if out[ft]["time"][-1] > 5:
+                    print(f"  slow: {ps['key']} clip {i} {ft} {out[ft]['time'][-1]:.1f} s", file=sys.stderr, flush=True)
+        print(f"pass {ps['key']}: {time.monotonic() - t_pass:.0f} s", file=sys.stderr, flush=True)
     return res
 
 
@@ -189,19 +210,19 @@ class Row:
 
 
 def _run_worker(args: list[str]) -> dict:
+    # stderr passes through: progress lines from the decode worker
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.quantization", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "bench.quantization", *args], stdout=subprocess.PIPE, text=True, check=False
     )
     if proc.returncode != 0:
-        raise SystemExit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"worker {args[:2]} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__.splitlines()[0])
-    ap.add_argument("--clips", type=int, default=24, help="number of utterances (default 24)")
-    ap.add_argument("--no-1thread", action="store_true", help="skip the 1-thread decode pass")
-    ap.add_argument("--no-fit", action="store_true", help="skip the fitted audio_ctx pass")
+    ap.add_argument("--clips", type=int, default=36, help="utterances (default 36: every corpus sentence once)")
+    ap.add_argument("--clips-1thread", type=int, default=12, help="of those, decoded again with 1 thread")
     ap.add_argument("--cache-dir", help="model cache for the converted files (default: the normal one)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -212,101 +233,107 @@ def main(argv: list[str] | None = None) -> int:
             out = worker_load(rest[0])
         else:
             spec = json.loads(rest[0])
-            out = worker_decode(spec["paths"], spec["audio"], spec["threads"], spec["fit"])
+            out = worker_decode(spec["paths"], spec["audio"], spec["passes"])
         print(json.dumps(out))
         return 0
 
     from bridge.models import store
 
     t_start = time.monotonic()
-    load0 = os.getloadavg()[0]
+    load_start = os.getloadavg()[0]
     paths = {ft: str(store.install("tiny.en", ft, a.cache_dir)) for ft in FTYPES}
     data, source = clips(a.clips)
+    n = len(data)
+    n1 = min(a.clips_1thread, n)
     audio_s = [len(x) / SAMPLE_RATE for _, x in data]
-    print(f"{len(data)} clips, {sum(audio_s):.1f} s of audio ({source})", file=sys.stderr)
+    print(f"{n} clips, {sum(audio_s):.1f} s of audio ({source})", file=sys.stderr)
 
     rows = []
     for ft in FTYPES:
         r = _run_worker(["--worker", "load", paths[ft]])
         rows.append(Row(ft, os.path.getsize(paths[ft]), r["load_s"], r["rss_loaded"], r["rss_peak"]))
-        print(f"loaded {ft}: {r}", file=sys.stderr)
 
-    threads = [2] if a.no_1thread else [2, 1]
+    passes = [
+        {"key": "full2", "set": "clean", "threads": 2, "fit": False, "n": n},
+        {"key": "full1", "set": "clean", "threads": 1, "fit": False, "n": n1},
+        {"key": "fit2", "set": "clean", "threads": 2, "fit": True, "n": n},
+        {"key": "phone2", "set": "phone", "threads": 2, "fit": False, "n": n},
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         audio_file = os.path.join(tmp, "clips.npz")
-        np.savez(audio_file, n=len(data), **{f"a{i}": x for i, (_, x) in enumerate(data)})
-        spec = {"paths": paths, "audio": audio_file, "threads": threads, "fit": not a.no_fit}
-        dec = _run_worker(["--worker", "decode", json.dumps(spec)])
+        arrays = {f"a{i}": x for i, (_, x) in enumerate(data)}
+        arrays.update({f"p{i}": phone_line(x) for i, (_, x) in enumerate(data)})
+        np.savez(audio_file, n=n, **arrays)
+        dec = _run_worker(["--worker", "decode", json.dumps({"paths": paths, "audio": audio_file, "passes": passes})])
 
     refs = [t for t, _ in data]
-    total_audio = sum(audio_s)
 
     def wer(key: str, ft: str) -> tuple[float, int, int]:
         errs = [word_errors(r, h) for r, h in zip(refs, dec[key][ft]["text"])]
-        e, n = sum(x[0] for x in errs), sum(x[1] for x in errs)
-        return 100.0 * e / n, e, n
+        e, words = sum(x[0] for x in errs), sum(x[1] for x in errs)
+        return 100.0 * e / words, e, words
 
     def speed(key: str, ft: str) -> float:
-        return total_audio / sum(dec[key][ft]["time"])
+        times = dec[key][ft]["time"]
+        return float(np.median([s / t for s, t in zip(audio_s, times)]))
+
+    def runaway(key: str, ft: str) -> int:
+        times = np.array(dec[key][ft]["time"])
+        return int(np.sum(times > 3 * np.median(times)))
+
+    def differ(key: str, ft: str) -> list[int]:
+        return [
+            i
+            for i, (x, y) in enumerate(zip(dec[key][ft]["text"], dec[key]["f16"]["text"]))
+            if norm_words(x) != norm_words(y)
+        ]
 
     mb = 1 << 20
+    total_words = wer("full2", "f16")[2]
     lines = [
-        f"tiny.en quantization, {len(data)} clips / {total_audio:.0f} s of generated speech ({source})",
-        f"CPU: {os.cpu_count()} cores; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end",
-        "speed = audio seconds / decode seconds (higher is faster); WER over all clips, greedy without fallback, en",
-        "full = default 30 s window per clip (offline); fit = audio_ctx 50/s + 64 (as the streaming engine)",
+        f"tiny.en ggml types: {n} clips, {sum(audio_s):.0f} s, {total_words} words of espeak-ng speech ({source})",
+        f"CPU: {os.cpu_count()} cores, shared; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
+        "x RT = median over clips of audio s / decode s (higher is faster); 1t on the first "
+        f"{n1} clips; greedy, no fallback, en",
+        "full = 30 s window per clip (offline); fit = audio_ctx 50/s + 64 (streaming engine);"
+        " phone = 8 kHz mu-law round trip",
+        "WER after bench.corpus.normalize_text (digits == spelled numbers); errs = word errors (1 error = "
+        f"{100 / total_words:.2f} pp)",
         "",
     ]
-    head = f"{'type':<6}{'size MB':>8}{'load s':>8}{'RSS MB':>8}{'peak MB':>8}{'x RT 2t':>9}"
-    if 1 in threads:
-        head += f"{'x RT 1t':>9}"
-    if not a.no_fit:
-        head += f"{'fit 2t':>8}"
-    head += f"{'WER %':>7}{'errs':>6}"
-    if not a.no_fit:
-        head += f"{'fit WER':>8}"
+    head = (
+        f"{'type':<6}{'MB':>6}{'load s':>8}{'RSS MB':>8}{'peak':>6}"
+        f"{'xRT 2t':>8}{'xRT 1t':>8}{'fit 2t':>8}{'runaway':>8}"
+        f"{'WER %':>7}{'errs':>5}{'fit WER':>8}{'phone WER':>10}"
+    )
     lines += [head, "-" * len(head)]
     for r in rows:
-        line = (
-            f"{r.ftype:<6}{r.size / mb:>8.1f}{r.load_s:>8.3f}{r.rss_loaded / mb:>8.0f}{r.rss_peak / mb:>8.0f}"
-            f"{speed('full2', r.ftype):>9.1f}"
+        ft = r.ftype
+        w, e, _ = wer("full2", ft)
+        lines.append(
+            f"{ft:<6}{r.size / mb:>6.1f}{r.load_s:>8.3f}{r.rss_loaded / mb:>8.0f}{r.rss_peak / mb:>6.0f}"
+            f"{speed('full2', ft):>8.2f}{speed('full1', ft):>8.2f}{speed('fit2', ft):>8.1f}{runaway('fit2', ft):>8d}"
+            f"{w:>7.2f}{e:>5d}{wer('fit2', ft)[0]:>8.2f}{wer('phone2', ft)[0]:>10.2f}"
         )
-        if 1 in threads:
-            line += f"{speed('full1', r.ftype):>9.1f}"
-        if not a.no_fit:
-            line += f"{speed('fit2', r.ftype):>8.1f}"
-        w, e, n = wer("full2", r.ftype)
-        line += f"{w:>7.2f}{e:>6d}"
-        if not a.no_fit:
-            line += f"{wer('fit2', r.ftype)[0]:>8.2f}"
-        lines.append(line)
     lines += ["", "vs f16:"]
     base = rows[0]
     for r in rows[1:]:
         ft = r.ftype
-        diff = sum(x != y for x, y in zip(dec["full2"][ft]["text"], dec["full2"]["f16"]["text"]))
-        parts = [
-            f"size x{r.size / base.size:.2f}",
-            f"RSS x{r.rss_peak / base.rss_peak:.2f}",
-            f"load x{r.load_s / base.load_s:.2f}",
-            f"speed 2t x{speed('full2', ft) / speed('full2', 'f16'):.2f}",
-        ]
-        if 1 in threads:
-            parts.append(f"1t x{speed('full1', ft) / speed('full1', 'f16'):.2f}")
-        if not a.no_fit:
-            parts.append(f"fit x{speed('fit2', ft) / speed('fit2', 'f16'):.2f}")
-        parts.append(f"WER {wer('full2', ft)[0] - wer('full2', 'f16')[0]:+.2f} pp")
-        parts.append(f"{diff}/{len(refs)} transcripts differ")
-        lines.append(f"  {ft:<5} " + ", ".join(parts))
-    examples = [
-        (i, ft)
-        for ft in FTYPES[1:]
-        for i in range(len(refs))
-        if dec["full2"][ft]["text"][i] != dec["full2"]["f16"]["text"][i]
-    ][:6]
+
+        def rel(key: str) -> str:
+            return f"x{speed(key, ft) / speed(key, 'f16'):.2f}"
+
+        lines.append(
+            f"  {ft:<5} size x{r.size / base.size:.2f}, peak RSS x{r.rss_peak / base.rss_peak:.2f}, "
+            f"speed full 2t {rel('full2')} / 1t {rel('full1')} / fit {rel('fit2')}, "
+            f"WER {wer('full2', ft)[0] - wer('full2', 'f16')[0]:+.2f} pp "
+            f"(fit {wer('fit2', ft)[0] - wer('fit2', 'f16')[0]:+.2f}, phone {wer('phone2', ft)[0] - wer('phone2', 'f16')[0]:+.2f}), "
+            f"words differ from f16 on {len(differ('full2', ft))}/{n} clips ({len(differ('phone2', ft))}/{n} phone)"
+        )
+    examples = [(ft, i) for ft in FTYPES[1:] for i in differ("full2", ft)][:8]
     if examples:
-        lines += ["", "differing transcripts (f16 | other):"]
-        for i, ft in examples:
+        lines += ["", "full-window transcripts whose words differ from f16 (f16 | other):"]
+        for ft, i in examples:
             lines.append(f"  [{i}] {ft}: {dec['full2']['f16']['text'][i]!r} | {dec['full2'][ft]['text'][i]!r}")
     lines.append(f"\nbench wall time {time.monotonic() - t_start:.0f} s")
     text = "\n".join(lines)

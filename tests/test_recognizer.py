@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import corpus
+from bench.calls import speech_bounds
 from bench.drive import new_leg, play, wait_for
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.events.types import Final, Partial
@@ -29,7 +30,10 @@ def sil(s: float) -> np.ndarray:
 
 
 def speech(text: str, rate: int = 160, voice: str = "en-us") -> np.ndarray:
-    return corpus.synthesize(text, voice=voice, rate=rate)
+    """The sentence without espeak's own leading and trailing silence, so pauses are exact."""
+    s = corpus.synthesize(text, voice=voice, rate=rate)
+    a, b = speech_bounds(s)
+    return s[a:b]
 
 
 def assert_no_partial_after_final(events) -> None:

@@ -25,10 +25,40 @@ QK = 32  # elements per quantization block (q8_0, q5_0)
 
 
 class TensorType(IntEnum):
+    """ggml tensor types. We write F32/F16/Q8_0/Q5_0; the others only need to be *read* (their
+    sizes), so files from whisper.cpp's own quantize tool (q4_0, q5_1, k-quants) pass `read_ggml`."""
+
     F32 = 0
     F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
     Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+
+
+# (elements per block, bytes per block) of the block-quantized types, from ggml's type traits.
+BLOCK_LAYOUT = {
+    TensorType.Q4_0: (32, 18),
+    TensorType.Q4_1: (32, 20),
+    TensorType.Q5_0: (32, 22),
+    TensorType.Q5_1: (32, 24),
+    TensorType.Q8_0: (32, 34),
+    TensorType.Q8_1: (32, 36),
+    TensorType.Q2_K: (256, 84),
+    TensorType.Q3_K: (256, 110),
+    TensorType.Q4_K: (256, 144),
+    TensorType.Q5_K: (256, 176),
+    TensorType.Q6_K: (256, 210),
+    TensorType.Q8_K: (256, 292),
+}
 
 
 class FileType(IntEnum):
@@ -108,10 +138,10 @@ def tensor_nbytes(ttype: TensorType, shape: tuple[int, ...]) -> int:
         return 4 * n
     if ttype == TensorType.F16:
         return 2 * n
-    if shape[-1] % QK:
-        raise ModelFormatError(f"rows of {shape[-1]} cannot be quantized in blocks of {QK}")
-    blocks = n // QK
-    return blocks * (34 if ttype == TensorType.Q8_0 else 22)
+    block, block_bytes = BLOCK_LAYOUT[ttype]
+    if shape[-1] % block:
+        raise ModelFormatError(f"rows of {shape[-1]} cannot be quantized in blocks of {block}")
+    return n // block * block_bytes
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -180,7 +210,9 @@ def encode_tensor(arr: np.ndarray, ttype: TensorType) -> bytes:
         raise ModelFormatError(f"rows of {arr.shape[-1]} cannot be quantized in blocks of {QK}")
     if ttype == TensorType.Q8_0:
         return quantize_q8_0(arr)
-    return quantize_q5_0(arr)
+    if ttype == TensorType.Q5_0:
+        return quantize_q5_0(arr)
+    raise ModelFormatError(f"no quantizer for {ttype.name} tensors")
 
 
 def decode_tensor(raw: bytes, ttype: TensorType, shape: tuple[int, ...]) -> np.ndarray:
@@ -190,7 +222,9 @@ def decode_tensor(raw: bytes, ttype: TensorType, shape: tuple[int, ...]) -> np.n
         return np.frombuffer(raw, dtype="<f2").astype(np.float32).reshape(shape)
     if ttype == TensorType.Q8_0:
         return dequantize_q8_0(raw, shape)
-    return dequantize_q5_0(raw, shape)
+    if ttype == TensorType.Q5_0:
+        return dequantize_q5_0(raw, shape)
+    raise ModelFormatError(f"no dequantizer for {ttype.name} tensors")
 
 
 def write_ggml(
@@ -232,6 +266,15 @@ def read_ggml(path: str | Path) -> GgmlModel:
     cases where whisper.cpp itself would crash or print a vague message.
     """
     path = Path(path)
+    try:
+        return _read_ggml(path)
+    except ModelFormatError as e:
+        if str(path) in str(e):
+            raise
+        raise ModelFormatError(f"{path}: {e}") from None  # name the file in every message
+
+
+def _read_ggml(path: Path) -> GgmlModel:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)
@@ -270,6 +313,8 @@ def read_ggml(path: str | Path) -> GgmlModel:
             if not (1 <= n_dims <= 4 and 0 < name_len < 256):
                 raise ModelFormatError(f"{path}: corrupt tensor header")
             ne = struct.unpack(f"<{n_dims}i", _read(f, 4 * n_dims, "tensor shape"))
+            if min(ne) <= 0:  # a negative size would seek backwards and loop over the same header
+                raise ModelFormatError(f"{path}: corrupt tensor shape {ne}")
             name = _read(f, name_len, "tensor name").decode("utf-8", "replace")
             try:
                 tt = TensorType(ttype)
