@@ -57,7 +57,8 @@ class StreamerConfig:
     vad_threshold: float = 0.5
     min_avg_logprob: float = -1.0
     max_compression_ratio: float = 2.4
-    ctx_margin: int = 64
+    partial_ctx_margin: int = 64  # encoder positions past the audio: speed for partials,
+    final_ctx_margin: int = 256  # accuracy for finals (36 clips: 17.7 % WER at 64, 10.8 % at 256, 9.4 % at 1500)
 
     def validate(self) -> None:
         lo, hi = ENDPOINTING_RANGE
@@ -306,7 +307,8 @@ class StreamingRecognizer:
             prompt = ", ".join(self.config.word_boost) + "."
         if prompt_words:
             prompt = (prompt + " " + words_text(prompt_words[-40:])).strip()
-        return DecodeOptions(language=lang, prompt=prompt, partial=partial, ctx_margin=self.config.ctx_margin)
+        margin = self.config.partial_ctx_margin if partial else self.config.final_ctx_margin
+        return DecodeOptions(language=lang, prompt=prompt, partial=partial, ctx_margin=margin)
 
     def _want_speculative(self) -> bool:
         u = self._utt
@@ -453,9 +455,15 @@ class StreamingRecognizer:
             self.stats["dropped_hallucinations"] += 1
             self.log.info("final_rejected", text=hyp.text, avg_logprob=round(hyp.avg_logprob, 2),
                           compression=round(hyp.compression_ratio, 2), speech_ms=u.speech_samples * 1000 // SAMPLE_RATE)
-            return
+            words = []
         if words:
             self._emit_final(words, job.speech_final, hyp)
+        elif u.committed and job.speech_final:
+            # The utterance's pieces went out with speech_final false and its tail held no words:
+            # an empty final still tells clients the speaker paused (as hosted APIs do).
+            t = min(u.last_speech_end, job.end_sample) / SAMPLE_RATE
+            self.stats["finals"] += 1
+            self.emit(Final("", (), self.channel, self.speaker, t, t, True, language=hyp.language))
 
     def _emit_final(self, words: list[Word], speech_final: bool, hyp: Hypothesis) -> None:
         self.stats["finals"] += 1
