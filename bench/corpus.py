@@ -40,7 +40,7 @@ with warnings.catch_warnings():
 __all__ = [
     "CACHE_DIR", "SENTENCES", "VOICES", "Utterance", "synthesize", "utterances",
     "monologue", "to_mulaw_8k", "to_alaw_8k", "silence", "noise", "NOISE_KINDS",
-    "mix", "write_wav", "read_wav", "normalize_text", "wer", "rms_dbfs",
+    "mix", "write_wav", "read_wav", "normalize_text", "word_errors", "wer", "rms_dbfs",
     "active_frames",
 ]
 
@@ -513,20 +513,24 @@ def normalize_text(s: str) -> str:
     return " ".join(normalize_numbers(s.split()))
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: (substitutions + deletions + insertions) / reference words.
-
-    An empty reference counts every hypothesis word as an error (denominator 1),
-    so hallucinated text on silence is visible instead of a division by zero.
-    """
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word edit distance, reference words) after normalize_text; sum them for a corpus WER."""
     ref = normalize_text(reference).split()
     hyp = normalize_text(hypothesis).split()
-    if not ref:
-        return float(len(hyp))
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1] / len(ref)
+    return prev[-1], len(ref)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: (substitutions + deletions + insertions) / reference words.
+
+    An empty reference counts every hypothesis word as an error (denominator 1),
+    so hallucinated text on silence is visible instead of a division by zero.
+    """
+    errors, n_ref = word_errors(reference, hypothesis)
+    return errors / n_ref if n_ref else float(errors)

@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -98,24 +97,16 @@ def phone_line(audio: np.ndarray) -> np.ndarray:
 
 def norm_words(s: str) -> list[str]:
     """corpus.normalize_text (number-aware: '742-918' == 'seven four two nine one eight')."""
-    try:
-        from bench.corpus import normalize_text
+    from bench.corpus import normalize_text
 
-        return normalize_text(s).split()
-    except ImportError:
-        return re.findall(r"[a-z0-9']+", s.lower())
+    return normalize_text(s).split()
 
 
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(edit distance in words, reference words): summed over clips for a corpus-level WER."""
-    r, h = norm_words(ref), norm_words(hyp)
-    prev = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        cur = [i] + [0] * len(h)
-        for j, hw in enumerate(h, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
-        prev = cur
-    return prev[-1], len(r)
+    from bench.corpus import word_errors as _word_errors
+
+    return _word_errors(ref, hyp)
 
 
 # --------------------------------------------------------------------------- workers

@@ -156,3 +156,17 @@ async def test_auto_language_reports_detected_language(pool):
     assert len(run.finals) == 1
     assert run.finals[0].language == "en"
     assert run.recognizer.detected_language == "en"
+
+
+async def test_utterance_never_outgrows_the_window(pool):
+    """If pieces cannot be committed (here: disabled), the utterance is ended at the window limit."""
+    pcm, ref = corpus.monologue(24, pause_s=0.25, seed=2)
+    cfg = StreamerConfig(interim_results=False, max_utterance_s=100, hard_max_utterance_s=100, window_limit_s=10)
+    run = new_leg(pool, cfg)
+    await play(run, np.concatenate([sil(0.3), pcm, sil(1.0)]), pace=None)
+    finals = run.finals
+    assert run.recognizer.stats["window_endpoints"] >= 2
+    assert len(finals) >= 3 and not finals[0].speech_final and finals[-1].speech_final
+    assert all(f.end - f.start <= 10.5 for f in finals)
+    n_ref, n_hyp = len(corpus.normalize_text(ref).split()), len(corpus.normalize_text(run.text).split())
+    assert abs(n_hyp - n_ref) <= 0.15 * n_ref, (ref, run.text)

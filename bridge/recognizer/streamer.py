@@ -51,11 +51,14 @@ class StreamerConfig:
     preroll_ms: int = 300  # audio kept before the first speech frame
     min_speech_ms: int = 200  # utterances with less speech are noise bursts
     max_utterance_s: float = 15.0  # commit agreed words of longer utterances
+    min_piece_s: float = 4.0  # shortest piece: whisper needs context to transcribe well
     hard_max_utterance_s: float = 24.0  # commit even without agreement (whisper window is 30 s)
+    window_limit_s: float = 28.0  # an utterance is ended here whatever happens (window is 30 s)
     min_gap_ms: int = 90  # a pause inside an utterance where a long one may be cut
     vad_kind: str = "default"
     vad_threshold: float = 0.5
-    min_avg_logprob: float = -1.0
+    min_avg_logprob: float = -1.0  # for short speech, where invented text is likely
+    min_avg_logprob_long: float = -1.5  # for >= 1.5 s of VAD speech: unsure text beats none
     max_compression_ratio: float = 2.4
     partial_ctx_margin: int = 64  # encoder positions past the audio: speed for partials,
     final_ctx_margin: int = 256  # accuracy for finals (36 clips: 17.7 % WER at 64, 10.8 % at 256, 9.4 % at 1500)
@@ -124,6 +127,10 @@ class _Spec:
     hyp: Hypothesis
 
 
+def _widest_first(gaps: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return sorted(gaps, key=lambda g: (g[1] - g[0], g[0]), reverse=True)
+
+
 class StreamingRecognizer:
     """Turns one leg's 16 kHz PCM16 into Partial and Final events."""
 
@@ -163,7 +170,7 @@ class StreamingRecognizer:
         self._closing = False
         self._task: asyncio.Task | None = None
         self.stats = {"finals": 0, "partials": 0, "dropped_hallucinations": 0, "noise_bursts": 0,
-                      "speculative_hits": 0, "pieces": 0, "forced_cuts": 0}
+                      "speculative_hits": 0, "pieces": 0, "forced_cuts": 0, "window_endpoints": 0}
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -212,8 +219,10 @@ class StreamingRecognizer:
         """Take 16 kHz int16 mono audio of any length."""
         if self._closing:
             raise RuntimeError("leg is finished")
-        if len(self._vad_left):
-            pcm = np.concatenate([self._vad_left, pcm])
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError(f"feed takes 1-D int16 audio, got {pcm.dtype} {pcm.shape}")
+        # own the samples: frames are kept in the utterance buffer and the caller may reuse its array
+        pcm = np.concatenate([self._vad_left, pcm]) if len(self._vad_left) else pcm.copy()
         fs = self.vad.frame_samples
         n_full = len(pcm) // fs * fs
         for i in range(0, n_full, fs):
@@ -254,6 +263,12 @@ class StreamingRecognizer:
             u.silence_run = 0
         else:
             u.silence_run += n
+        if u.n >= self.config.window_limit_s * SAMPLE_RATE:
+            # Pieces could not be committed in time (overload starved the partial decodes):
+            # end the utterance before it outgrows whisper's window rather than lose audio.
+            self.stats["window_endpoints"] += 1
+            self._endpoint(speech_final=False)
+            return
         self._check_endpoint()
 
     def _check_endpoint(self) -> None:
@@ -376,16 +391,16 @@ class StreamingRecognizer:
         sr = SAMPLE_RATE
         k = agreed_prefix(prev, words) if prev is not None else 0
         k = min(k, max(0, len(words) - 1))  # the newest word may still be forming
-        min_piece = u.start_sample + 2 * sr
+        min_piece = u.start_sample + int(self.config.min_piece_s * sr)
         cut = None
         if k:
             stable_until = int(words[k - 1].end * sr)
-            cut = self._last_gap(u, min_piece, stable_until)
+            cut = self._widest_gap(u, min_piece, stable_until)
         if cut is None and prev is not None:
             cut = self._agreed_seam(u, prev, words, min_piece, u.end_sample - sr)
         if cut is None and u.n >= self.config.hard_max_utterance_s * sr:
             # No agreement or no pause in it: take any pause, else cut between agreed words.
-            cut = self._last_gap(u, min_piece, u.end_sample - sr)
+            cut = self._widest_gap(u, min_piece, u.end_sample - sr)
             if cut is None and k:
                 nxt = words[k].start if k < len(words) else words[k - 1].end
                 cut = int((words[k - 1].end + max(words[k - 1].end, nxt)) / 2 * sr)
@@ -420,7 +435,7 @@ class StreamingRecognizer:
                 return None
             return (*before[-2:], after[0])
 
-        for g0, g1 in reversed(u.gaps):
+        for g0, g1 in _widest_first(u.gaps):
             c = (g0 + g1) // 2
             if not lo <= c <= hi:
                 continue
@@ -430,9 +445,13 @@ class StreamingRecognizer:
         return None
 
     @staticmethod
-    def _last_gap(u: _Utterance, lo: int, hi: int) -> int | None:
-        """Centre of the latest pause with its centre in [lo, hi], as a stream position."""
-        for g0, g1 in reversed(u.gaps):
+    def _widest_gap(u: _Utterance, lo: int, hi: int) -> int | None:
+        """Centre of the widest pause with its centre in [lo, hi] (latest on ties).
+
+        The widest pause is most likely a sentence boundary: a piece that ends there keeps its
+        sentence whole, which whisper transcribes better than a clause cut at a breath.
+        """
+        for g0, g1 in _widest_first(u.gaps):
             c = (g0 + g1) // 2
             if lo <= c <= hi:
                 return c
@@ -451,7 +470,7 @@ class StreamingRecognizer:
             self.detected_language = hyp.language
         words = self._absolute(hyp.words, u.start_sample)
         words = drop_seam_repeats(u.committed, words, u.start_sample / SAMPLE_RATE)
-        if self._rejected(hyp, u.speech_samples, words):
+        if self._rejected(hyp, u.speech_samples):
             self.stats["dropped_hallucinations"] += 1
             self.log.info("final_rejected", text=hyp.text, avg_logprob=round(hyp.avg_logprob, 2),
                           compression=round(hyp.compression_ratio, 2), speech_ms=u.speech_samples * 1000 // SAMPLE_RATE)
@@ -476,14 +495,15 @@ class StreamingRecognizer:
         off = start_sample / SAMPLE_RATE
         return [Word(w.word, w.start + off, w.end + off, w.confidence) for w in words if norm(w.word) or w.word.strip()]
 
-    def _rejected(self, hyp: Hypothesis, speech_samples: int, words: list[Word] | None = None) -> bool:
+    def _rejected(self, hyp: Hypothesis, speech_samples: int) -> bool:
         """Whisper's own tests for a failed decode, plus its known phrases on near-silence."""
         text = norm_text(hyp.text)
         if not text:
             return True
         if hyp.looped or hyp.compression_ratio > self.config.max_compression_ratio:
             return True
-        if hyp.avg_logprob < self.config.min_avg_logprob:
+        floor = self.config.min_avg_logprob if speech_samples < 1.5 * SAMPLE_RATE else self.config.min_avg_logprob_long
+        if hyp.avg_logprob < floor:
             return True
         if text in HALLUCINATIONS and (hyp.confidence < 0.7 or speech_samples < 0.5 * SAMPLE_RATE):
             return True

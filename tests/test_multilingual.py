@@ -1,0 +1,42 @@
+"""language "auto" with the multilingual base model: detection per final, reported on the event."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import corpus
+from bench.drive import new_leg, play
+from bridge.recognizer.streamer import StreamerConfig
+
+
+@pytest.fixture(scope="module")
+def base_pool():
+    from bridge.models.registry import ModelError
+    from bridge.models.store import resolve
+    from bridge.recognizer.pool import RecognizerPool
+
+    try:
+        path = resolve("base")
+    except ModelError as e:  # the optional extra is not installed (./run test installs it)
+        pytest.skip(str(e))
+    p = RecognizerPool(path, size=1, threads=2)
+    p.start()
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("voice,text,lang,keyword", [
+    ("de", "Guten Tag, ich möchte bitte den Status meiner Bestellung prüfen.", "de", "bestellung"),
+    ("es", "Buenos días, quisiera cambiar la dirección de envío de mi pedido.", "es", "quisiera"),
+    ("en-us", "I would like to check the status of my order, please.", "en", "order"),
+])
+async def test_auto_detects_and_reports_language(base_pool, voice, text, lang, keyword):
+    speech = corpus.synthesize(text, voice=voice, rate=150)
+    audio = np.concatenate([np.zeros(4800, np.int16), speech, np.zeros(16000, np.int16)])
+    run = new_leg(base_pool, StreamerConfig(language="auto"))
+    await play(run, audio, pace=None)
+    assert run.finals, "no final"
+    assert {f.language for f in run.finals} == {lang}
+    assert run.recognizer.detected_language == lang
+    assert keyword in corpus.normalize_text(run.text), run.text
