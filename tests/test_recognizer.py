@@ -170,3 +170,21 @@ async def test_utterance_never_outgrows_the_window(pool):
     assert all(f.end - f.start <= 10.5 for f in finals)
     n_ref, n_hyp = len(corpus.normalize_text(ref).split()), len(corpus.normalize_text(run.text).split())
     assert abs(n_hyp - n_ref) <= 0.15 * n_ref, (ref, run.text)
+
+
+async def test_word_boost_terms_reach_the_decoder(pool):
+    """Terms in word_boost are spelled as given; without them tiny.en hears other words."""
+    lines = ["I am calling about my Callbridge subscription.", "The error came from the Kubernetes cluster.",
+             "We use Twilio for our phone numbers."]
+    terms = ["Callbridge", "Kubernetes", "Twilio"]
+    audio = np.concatenate([sil(0.3)] + [np.concatenate([speech(t, rate=150), sil(1.2)]) for t in lines])
+
+    async def transcribe(boost):
+        run = new_leg(pool, StreamerConfig(word_boost=tuple(boost), interim_results=False))
+        await play(run, audio, pace=None)
+        return run.text
+
+    plain, boosted = await transcribe([]), await transcribe(terms)
+    hits = lambda text: sum(t.lower() in text.lower() for t in terms)  # noqa: E731
+    assert hits(boosted) >= 2, boosted  # measured: 3/3 spelled as given, or "Kubernete"
+    assert hits(plain) == 0, plain  # the boost, not luck, put them there
