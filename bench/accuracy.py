@@ -34,7 +34,7 @@ def corpus_wer(pairs: list[tuple[str, str]]) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--concurrent", type=int, default=4)
