@@ -47,10 +47,6 @@ class LegRun:
     def text(self) -> str:
         return " ".join(f.text for f in self.finals)
 
-    def stream_to_wall(self, t: float) -> float:
-        """When stream time t was fed (for real-time pace)."""
-        return t / (self.pace or float("inf")) if self.pace else 0.0
-
 
 def new_leg(pool: RecognizerPool, config: StreamerConfig | None = None, channel: int = 0,
             speaker: str | None = None) -> LegRun:

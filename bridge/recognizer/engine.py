@@ -125,7 +125,6 @@ class WhisperEngine:
 
     def decode(self, audio: np.ndarray, opts: DecodeOptions) -> Hypothesis:
         """Decode float32 16 kHz mono audio (at most 30 s) into text and timed words."""
-        pw = self._pw
         if audio.ndim != 1:
             raise ValueError(f"decode takes mono audio, got shape {audio.shape}")
         if audio.dtype != np.float32:

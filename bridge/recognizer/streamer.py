@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -116,7 +115,6 @@ class _FinalJob:
     utt: _Utterance
     end_sample: int
     speech_final: bool
-    enqueued: float
 
 
 @dataclass
@@ -286,7 +284,7 @@ class StreamingRecognizer:
             self.stats["noise_bursts"] += 1
             return
         end = min(u.end_sample, u.last_speech_end + self.config.trailing_ms * SAMPLE_RATE // 1000)
-        self._finals.append(_FinalJob(u, end, speech_final, time.monotonic()))
+        self._finals.append(_FinalJob(u, end, speech_final))
         self._wake.set()
 
     # -- decoding task -------------------------------------------------------------------------
