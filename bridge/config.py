@@ -1,0 +1,333 @@
+"""Service configuration: one typed, immutable `Config` built from four layers.
+
+Precedence, later wins: built-in defaults < TOML file < environment < command-line flags.
+The defaults live here, in code, so an installed service runs with no file at all; the shipped
+`config/callbridge.toml` only documents them (a test keeps the two equal).
+
+Environment names: `CALLBRIDGE_<NAME>` for the `server` section (`CALLBRIDGE_HTTP_PORT`,
+`CALLBRIDGE_DATA_DIR`, `CALLBRIDGE_API_KEYS` comma-separated) and
+`CALLBRIDGE_<SECTION>_<NAME>` for the others (`CALLBRIDGE_LIMITS_IDLE_TIMEOUT_S`).
+`CALLBRIDGE_MODEL` is short for `CALLBRIDGE_MODEL_NAME` (it mirrors `--model`) and
+`CALLBRIDGE_CONFIG` names the file when `--config` is not given.
+
+Every value is type-checked and range-checked; a bad one raises `ConfigError` naming the key and
+where it came from (file path, environment variable or flag), because "invalid port" alone sends
+the operator hunting through three places.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "CALLBRIDGE_"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
+
+VAD_KINDS = ("silero", "webrtc", "energy")  # bridge.recognizer.vad.VAD_KINDS (not imported: numpy)
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range; the message names its source."""
+
+
+def _default_log_format() -> str:
+    """Humans read a terminal, log collectors read everything else."""
+    try:
+        return "console" if sys.stderr.isatty() else "json"
+    except (AttributeError, ValueError):
+        return "json"
+
+
+def _f(default: Any, help: str, **check: Any) -> Any:
+    """A dataclass field carrying its one-line help and its checks (min, max, gt, choices)."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _f("127.0.0.1", "address the HTTP/WS and SIP listeners bind to", nonempty=True)
+    http_port: int = _f(8080, "HTTP + WebSocket port", min=1, max=65535)
+    sip_port: int = _f(5060, "SIP port (UDP and TCP)", min=1, max=65535)
+    data_dir: str = _f("./data", "SQLite database, recordings and the generated API key", nonempty=True)
+    api_keys: tuple[str, ...] = _f((), "accepted API keys; empty: `serve` creates one in data_dir")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("tiny.en", "model name or path", nonempty=True)
+    pool_size: int = _f(0, "recognizer contexts; 0 = number of CPU cores", min=0)
+    threads_per_context: int = _f(1, "CPU threads each context decodes with", min=1)
+
+    @property
+    def effective_pool_size(self) -> int:
+        return self.pool_size or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class RecognizerConfig:
+    endpointing_ms: int = _f(700, "silence that ends an utterance", min=0, max=20000)
+    partial_interval_s: float = _f(0.4, "new audio between partial re-decodes", gt=0)
+    max_utterance_s: float = _f(15.0, "long utterances are committed in pieces past this", gt=0)
+    vad: str = _f("silero", "voice activity detector", choices=VAD_KINDS)
+
+    def streamer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `StreamerConfig`, whose field names differ slightly."""
+        return {
+            "endpointing_ms": self.endpointing_ms,
+            "partial_interval_s": self.partial_interval_s,
+            "max_utterance_s": self.max_utterance_s,
+            "vad_kind": self.vad,
+        }
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    first_audio_timeout_s: float = _f(10.0, "close a session that sends no audio this long", gt=0)
+    idle_timeout_s: float = _f(60.0, "close a session idle this long", gt=0)
+    max_duration_s: float = _f(10800.0, "longest session", gt=0)
+    max_sessions_per_key: int = _f(10, "concurrent sessions per API key", min=1)
+    max_frame_bytes: int = _f(1048576, "largest WebSocket frame accepted", min=1)
+
+
+@dataclass(frozen=True)
+class CreditsConfig:
+    per_minute: int = _f(220, "credits charged per minute of audio", min=0)
+    usage_interval_s: float = _f(5.0, "seconds between usage messages", gt=0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = field(
+        default_factory=_default_log_format,
+        metadata={"help": "console or json; auto = console on a TTY, else json",
+                  "choices": LOG_FORMATS, "auto": True},
+    )
+    level: str = _f("info", "lowest level logged", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    credits: CreditsConfig = field(default_factory=CreditsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self, mask_keys: bool = True) -> dict[str, dict[str, Any]]:
+        """Plain nested dict for printing; API keys masked so a pasted dump leaks nothing."""
+        out: dict[str, dict[str, Any]] = {}
+        for sec in dataclasses.fields(self):
+            values = {}
+            for f in dataclasses.fields(getattr(self, sec.name)):
+                v = getattr(getattr(self, sec.name), f.name)
+                if isinstance(v, tuple):
+                    v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
+                values[f.name] = v
+            out[sec.name] = values
+        return out
+
+
+def _mask(key: str) -> str:
+    return key[:4] + "…" if len(key) >= 12 else "****"
+
+
+# --------------------------------------------------------------------------- schema
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "model": ModelConfig,
+    "recognizer": RecognizerConfig,
+    "limits": LimitsConfig,
+    "credits": CreditsConfig,
+    "logging": LoggingConfig,
+}
+# With `from __future__ import annotations` field types are strings; map them to kinds.
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": list}
+
+# flag dest -> (section, key); these are the only settings with flags (see the spec, "Running it").
+FLAGS: dict[str, tuple[str, str]] = {
+    "host": ("server", "host"),
+    "http_port": ("server", "http_port"),
+    "sip_port": ("server", "sip_port"),
+    "data_dir": ("server", "data_dir"),
+    "model": ("model", "name"),
+}
+
+
+def _schema(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(_SECTIONS[section])}
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable for a setting: server keys are flat, the others prefixed."""
+    return ENV_PREFIX + (key if section == "server" else f"{section}_{key}").upper()
+
+
+def _convert(section: str, key: str, value: Any, source: str, from_string: bool) -> Any:
+    """Type-check `value` (parsing it first when it came as text) and range-check it."""
+    f = _schema(section)[key]
+    kind = _KINDS[f.type] if isinstance(f.type, str) else (list if f.type == tuple[str, ...] else f.type)
+    meta = f.metadata
+    name = f"{section}.{key}"
+
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{name} {msg} (from {source})")
+
+    if from_string and isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is int:
+                value = int(text)
+            elif kind is float:
+                value = float(text)
+            elif kind is bool:
+                low = text.lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = low in ("1", "true", "yes", "on")
+            elif kind is list:
+                value = [p.strip() for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise bad(f"must be {_kind_word(kind)}, got {value!r}") from None
+
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"must be a number, got {value!r}")
+        value = float(value)
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise bad(f"must be true or false, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad(f"must be a string, got {value!r}")
+        if meta.get("auto") and value.strip().lower() == "auto":
+            value = _default_log_format()
+        if "choices" in meta:
+            value = value.strip().lower()
+    elif kind is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(f"must be a list of strings, got {value!r}")
+        value = tuple(value)
+
+    if meta.get("nonempty") and not value.strip():
+        raise bad("must not be empty")
+    if "choices" in meta and value not in meta["choices"]:
+        raise bad(f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad(f"must be in {lo}..{hi}, got {value!r}" if hi is not None else f"must be >= {lo}, got {value!r}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise bad(f"must be > {meta['gt']}, got {value!r}")
+    return value
+
+
+def _kind_word(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", list: "a list"}.get(kind, "a string")
+
+
+# --------------------------------------------------------------------------- layers
+
+def _from_file(path: Path, out: dict[str, dict[str, Any]]) -> None:
+    source = f"config file {path}"
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}] (from {source})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section} must be a table [{section}] (from {source})")
+        schema = _schema(section)
+        for key, value in table.items():
+            if key not in schema:
+                raise ConfigError(f"unknown setting {section}.{key} (from {source})")
+            out[section][key] = _convert(section, key, value, source, from_string=False)
+
+
+def _from_env(env: Mapping[str, str], out: dict[str, dict[str, Any]]) -> None:
+    # Unknown CALLBRIDGE_* variables are ignored: other tools may share the prefix.
+    alias = ENV_PREFIX + "MODEL"
+    if alias in env:
+        out["model"]["name"] = _convert("model", "name", env[alias], f"environment variable {alias}", True)
+    for section in _SECTIONS:
+        for key in _schema(section):
+            var = env_name(section, key)
+            if var in env:
+                out[section][key] = _convert(section, key, env[var], f"environment variable {var}", True)
+
+
+def _from_flags(overrides: Mapping[str, Any], out: dict[str, dict[str, Any]]) -> None:
+    for dest, value in overrides.items():
+        if dest == "config" or value is None:
+            continue
+        if dest in FLAGS:
+            section, key = FLAGS[dest]
+            source = f"flag --{dest.replace('_', '-')}"
+        elif "." in dest and dest.split(".", 1)[0] in _SECTIONS and dest.split(".", 1)[1] in _schema(dest.split(".", 1)[0]):
+            section, key = dest.split(".", 1)
+            source = f"override {dest}"
+        else:
+            raise ConfigError(f"unknown setting {dest!r} (from command line)")
+        out[section][key] = _convert(section, key, value, source, from_string=True)
+
+
+def load_config(
+    argv_overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike | None = None,
+) -> Config:
+    """Build the `Config`: defaults < TOML file < environment < flags.
+
+    `argv_overrides` maps flag dests (`host`, `http_port`, `sip_port`, `data_dir`, `model`,
+    `config`) or dotted keys (`limits.idle_timeout_s`) to values; None values are ignored so an
+    argparse namespace can be passed as is. `env` defaults to `os.environ`. The file is
+    `config_file`, else the `config` override, else `CALLBRIDGE_CONFIG`, else the shipped
+    `config/callbridge.toml` if it exists (an installed service may have none: defaults suffice).
+    An explicitly named file that is missing is an error.
+    """
+    overrides = dict(argv_overrides or {})
+    env = os.environ if env is None else env
+    layers: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+
+    explicit = config_file or overrides.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        _from_file(Path(explicit), layers)
+    elif DEFAULT_CONFIG_PATH.is_file():
+        _from_file(DEFAULT_CONFIG_PATH, layers)
+    _from_env(env, layers)
+    _from_flags(overrides, layers)
+    return Config(**{s: cls(**layers[s]) for s, cls in _SECTIONS.items()})
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Register the flags that override config; values stay text so errors name the flag."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (default: config/callbridge.toml)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--http-port", metavar="PORT", help="HTTP + WebSocket port (default 8080)")
+    parser.add_argument("--sip-port", metavar="PORT", help="SIP port (default 5060)")
+    parser.add_argument("--data-dir", metavar="DIR", help="data directory (default ./data)")
+    parser.add_argument("--model", metavar="NAME_OR_PATH", help="model name or path (default tiny.en)")
+
+
+def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """`load_config` from a namespace filled by `add_config_flags`; raises `ConfigError`."""
+    overrides = {dest: getattr(ns, dest, None) for dest in (*FLAGS, "config")}
+    return load_config(overrides, env=env, config_file=overrides.pop("config"))

@@ -1,0 +1,111 @@
+"""Typed records for jobs (one per stream/call) and their final segments."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ulid_lock = threading.Lock()
+_last_ms = -1
+_last_rand = 0
+
+
+class JobStatus(str, Enum):
+    LIVE = "live"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class JobSource(str, Enum):
+    STREAM = "stream"
+    SIP = "sip"
+    WEBRTC = "webrtc"
+
+
+@dataclass
+class Job:
+    """A transcription session. `owner` is the API key id so each key only sees its own jobs."""
+
+    id: str
+    owner: str
+    status: JobStatus = JobStatus.LIVE
+    source: JobSource = JobSource.STREAM
+    created_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    duration_s: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+    speakers: list[str] = field(default_factory=list)  # label per channel
+    metadata: dict[str, Any] = field(default_factory=dict)
+    audio_path: str | None = None
+    error: dict[str, Any] | None = None  # {"code", "message"} when failed
+
+    def __post_init__(self) -> None:
+        self.status = JobStatus(self.status)
+        self.source = JobSource(self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status.value, "source": self.source.value,
+                "created_at": self.created_at, "ended_at": self.ended_at, "duration_s": self.duration_s,
+                "config": self.config, "speakers": self.speakers, "metadata": self.metadata,
+                "error": self.error}
+
+
+@dataclass
+class Segment:
+    """One stored `final` event; original_* keep what the recognizer said before a human edit."""
+
+    id: int
+    job_id: str
+    seq: int
+    channel: int
+    speaker: str
+    start: float
+    end: float
+    text: str
+    words: list[dict[str, Any]] = field(default_factory=list)  # word, start, end, confidence
+    speech_final: bool = True
+    language: str | None = None
+    confidence: float | None = None
+    original_text: str | None = None
+    original_speaker: str | None = None
+    edited_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"id": self.id, "seq": self.seq, "channel": self.channel, "speaker": self.speaker,
+             "start": self.start, "end": self.end, "text": self.text, "words": self.words,
+             "speech_final": self.speech_final, "language": self.language, "confidence": self.confidence}
+        if self.edited_at is not None:
+            d.update(original_text=self.original_text, original_speaker=self.original_speaker,
+                     edited_at=self.edited_at)
+        return d
+
+
+def _b32(n: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def new_job_id() -> str:
+    """"job_" + 26-char ULID (48-bit ms time + 80 random bits), so ids sort by creation time.
+
+    Within one millisecond the random part is incremented (monotonic ULID) so ids made in a
+    burst in this process still sort in creation order.
+    """
+    global _last_ms, _last_rand
+    with _ulid_lock:
+        ms = int(time.time() * 1000)
+        if ms <= _last_ms:
+            ms = _last_ms
+            rand = (_last_rand + 1) & ((1 << 80) - 1)
+        else:
+            rand = int.from_bytes(os.urandom(10), "big")
+        _last_ms, _last_rand = ms, rand
+    return "job_" + _b32(ms, 10) + _b32(rand, 16)

@@ -1,0 +1,354 @@
+"""Job and segment persistence.
+
+`JobStore` is the interface the server codes against (a PostgreSQL store can implement it later);
+`SqliteJobStore` is the embedded default. Methods are blocking: async callers use
+`asyncio.to_thread`, so one connection is shared behind a lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ended_at REAL,
+    duration_s REAL NOT NULL DEFAULT 0,
+    config TEXT NOT NULL DEFAULT '{}',
+    speakers TEXT NOT NULL DEFAULT '[]',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    audio_path TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    channel INTEGER NOT NULL,
+    speaker TEXT NOT NULL,
+    start REAL NOT NULL,
+    "end" REAL NOT NULL,
+    text TEXT NOT NULL,
+    words TEXT NOT NULL DEFAULT '[]',
+    speech_final INTEGER NOT NULL,
+    language TEXT,
+    confidence REAL,
+    original_text TEXT,
+    original_speaker TEXT,
+    edited_at REAL,
+    UNIQUE (job_id, seq)
+);
+CREATE INDEX IF NOT EXISTS segments_job_order ON segments (job_id, start, channel, seq);
+"""
+
+_UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
+_JSON_FIELDS = {"speakers", "metadata", "config", "error"}
+
+
+class JobStore(ABC):
+    """Storage of jobs and their segments; see SqliteJobStore for semantics."""
+
+    @abstractmethod
+    def create_job(self, job: Job) -> Job: ...
+
+    @abstractmethod
+    def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
+
+    @abstractmethod
+    def list_jobs(self, owner: str | None = None, status: JobStatus | str | None = None,
+                  source: JobSource | str | None = None, since: float | None = None,
+                  limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]: ...
+
+    @abstractmethod
+    def add_segment(self, job_id: str, final: dict[str, Any]) -> Segment: ...
+
+    @abstractmethod
+    def segments(self, job_id: str) -> list[Segment]: ...
+
+    @abstractmethod
+    def finish_job(self, job_id: str, status: JobStatus | str, duration_s: float,
+                   error: dict[str, Any] | None = None, ended_at: float | None = None) -> None: ...
+
+    @abstractmethod
+    def update_job(self, job_id: str, **fields: Any) -> None: ...
+
+    @abstractmethod
+    def edit_segment(self, job_id: str, segment_id: int, text: str | None = None,
+                     speaker: str | None = None) -> Segment: ...
+
+    @abstractmethod
+    def rename_speaker(self, job_id: str, old: str, new: str) -> int: ...
+
+    @abstractmethod
+    def delete_job(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    def fail_live_jobs(self, reason: str) -> list[str]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def _encode_cursor(created_at: float, job_id: str) -> str:
+    raw = json.dumps([created_at, job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return float(created_at), str(job_id)
+    except Exception as e:
+        raise ValueError("invalid cursor") from e
+
+
+def _row_job(r: sqlite3.Row) -> Job:
+    return Job(id=r["id"], owner=r["owner"], status=JobStatus(r["status"]), source=JobSource(r["source"]),
+               created_at=r["created_at"], ended_at=r["ended_at"], duration_s=r["duration_s"],
+               config=json.loads(r["config"]), speakers=json.loads(r["speakers"]),
+               metadata=json.loads(r["metadata"]), audio_path=r["audio_path"],
+               error=json.loads(r["error"]) if r["error"] else None)
+
+
+def _row_seg(r: sqlite3.Row) -> Segment:
+    return Segment(id=r["id"], job_id=r["job_id"], seq=r["seq"], channel=r["channel"], speaker=r["speaker"],
+                   start=r["start"], end=r["end"], text=r["text"], words=json.loads(r["words"]),
+                   speech_final=bool(r["speech_final"]), language=r["language"], confidence=r["confidence"],
+                   original_text=r["original_text"], original_speaker=r["original_speaker"],
+                   edited_at=r["edited_at"])
+
+
+class SqliteJobStore(JobStore):
+    """SQLite in WAL mode: every write commits at once so a crash (even kill -9) loses nothing
+    already acknowledged; synchronous=NORMAL trades only the last commits on power loss."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # check_same_thread=False: asyncio.to_thread uses different worker threads; the lock serializes.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row["version"] > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema v{row['version']} is newer than this code (v{SCHEMA_VERSION})")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _tx(self):
+        return _Tx(self._db)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def create_job(self, job: Job) -> Job:
+        with self._lock, self._tx():
+            self._db.execute(
+                "INSERT INTO jobs (id, owner, status, source, created_at, ended_at, duration_s, config, speakers,"
+                " metadata, audio_path, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job.id, job.owner, JobStatus(job.status).value, JobSource(job.source).value, job.created_at,
+                 job.ended_at, job.duration_s, json.dumps(job.config), json.dumps(job.speakers),
+                 json.dumps(job.metadata), job.audio_path, json.dumps(job.error) if job.error else None))
+        return job
+
+    def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        sql, args = "SELECT * FROM jobs WHERE id = ?", [job_id]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        with self._lock:
+            r = self._db.execute(sql, args).fetchone()
+        return _row_job(r) if r else None
+
+    def list_jobs(self, owner: str | None = None, status: JobStatus | str | None = None,
+                  source: JobSource | str | None = None, since: float | None = None,
+                  limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """Newest first; keyset pagination on (created_at, id) so pages stay stable while jobs are added."""
+        limit = max(1, min(int(limit), 1000))
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if status is not None:
+            where.append("status = ?")
+            args.append(JobStatus(status).value)
+        if source is not None:
+            where.append("source = ?")
+            args.append(JobSource(source).value)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(float(since))
+        if cursor:
+            c_at, c_id = _decode_cursor(cursor)
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [c_at, c_at, c_id]
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        jobs = [_row_job(r) for r in rows[:limit]]
+        nxt = _encode_cursor(jobs[-1].created_at, jobs[-1].id) if len(rows) > limit else None
+        return jobs, nxt
+
+    def finish_job(self, job_id: str, status: JobStatus | str, duration_s: float,
+                   error: dict[str, Any] | None = None, ended_at: float | None = None) -> None:
+        with self._lock, self._tx():
+            cur = self._db.execute(
+                "UPDATE jobs SET status = ?, duration_s = ?, error = ?, ended_at = ? WHERE id = ?",
+                (JobStatus(status).value, float(duration_s), json.dumps(error) if error else None,
+                 ended_at if ended_at is not None else time.time(), job_id))
+            if cur.rowcount == 0:
+                raise KeyError(job_id)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Change speakers / metadata / audio_path / duration_s / config (not status: use finish_job)."""
+        if not fields:
+            return
+        bad = set(fields) - _UPDATABLE
+        if bad:
+            raise ValueError(f"cannot update job fields: {sorted(bad)}")
+        cols = sorted(fields)
+        vals = [json.dumps(fields[c]) if c in _JSON_FIELDS else fields[c] for c in cols]
+        with self._lock, self._tx():
+            cur = self._db.execute(f"UPDATE jobs SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
+                                   (*vals, job_id))
+            if cur.rowcount == 0:
+                raise KeyError(job_id)
+
+    def delete_job(self, job_id: str) -> Job | None:
+        """Delete the job and its segments; returns the deleted job (its audio_path is the caller's to remove)."""
+        with self._lock, self._tx():
+            r = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if r is None:
+                return None
+            self._db.execute("DELETE FROM segments WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return _row_job(r)
+
+    def fail_live_jobs(self, reason: str) -> list[str]:
+        """At startup: jobs still `live` were cut off by a crash; mark them failed, keep their segments."""
+        err = json.dumps({"code": "INTERNAL", "message": reason})
+        with self._lock, self._tx():
+            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ?", (JobStatus.LIVE.value,))]
+            for jid in ids:
+                end = self._db.execute('SELECT MAX("end") AS e FROM segments WHERE job_id = ?', (jid,)).fetchone()["e"]
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, error = ?, ended_at = COALESCE(ended_at, ?),"
+                    " duration_s = MAX(duration_s, ?) WHERE id = ?",
+                    (JobStatus.FAILED.value, err, time.time(), end or 0.0, jid))
+        return ids
+
+    # -- segments --------------------------------------------------------------------------
+
+    def add_segment(self, job_id: str, final: dict[str, Any]) -> Segment:
+        """Store one `final` event (Final.to_dict() shape); committed before returning."""
+        words = [dict(w) for w in final.get("words") or []]
+        with self._lock, self._tx():
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 AS n FROM segments WHERE job_id = ?",
+                                   (job_id,)).fetchone()["n"]
+            cur = self._db.execute(
+                'INSERT INTO segments (job_id, seq, channel, speaker, start, "end", text, words, speech_final,'
+                " language, confidence) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, seq, int(final.get("channel", 0)), str(final.get("speaker", "")), float(final["start"]),
+                 float(final["end"]), str(final.get("text", "")), json.dumps(words),
+                 1 if final.get("speech_final", True) else 0, final.get("language"), final.get("confidence")))
+            seg_id = cur.lastrowid
+        return Segment(id=seg_id, job_id=job_id, seq=seq, channel=int(final.get("channel", 0)),
+                       speaker=str(final.get("speaker", "")), start=float(final["start"]), end=float(final["end"]),
+                       text=str(final.get("text", "")), words=words, speech_final=bool(final.get("speech_final", True)),
+                       language=final.get("language"), confidence=final.get("confidence"))
+
+    def segments(self, job_id: str) -> list[Segment]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM segments WHERE job_id = ? ORDER BY start, channel, seq",
+                                    (job_id,)).fetchall()
+        return [_row_seg(r) for r in rows]
+
+    def edit_segment(self, job_id: str, segment_id: int, text: str | None = None,
+                     speaker: str | None = None) -> Segment:
+        """Human correction; the first original_text/original_speaker are kept so edits can be audited."""
+        with self._lock, self._tx():
+            r = self._db.execute("SELECT * FROM segments WHERE job_id = ? AND id = ?",
+                                 (job_id, segment_id)).fetchone()
+            if r is None:
+                raise KeyError(segment_id)
+            if text is not None or speaker is not None:
+                self._db.execute(
+                    "UPDATE segments SET original_text = COALESCE(original_text, text),"
+                    " original_speaker = COALESCE(original_speaker, speaker),"
+                    " text = COALESCE(?, text), speaker = COALESCE(?, speaker), edited_at = ? WHERE id = ?",
+                    (text, speaker, time.time(), segment_id))
+                r = self._db.execute("SELECT * FROM segments WHERE id = ?", (segment_id,)).fetchone()
+        return _row_seg(r)
+
+    def rename_speaker(self, job_id: str, old: str, new: str) -> int:
+        """Relabel a speaker everywhere in the job; returns how many segments changed."""
+        with self._lock, self._tx():
+            r = self._db.execute("SELECT speakers FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if r is None:
+                raise KeyError(job_id)
+            speakers = [new if s == old else s for s in json.loads(r["speakers"])]
+            self._db.execute("UPDATE jobs SET speakers = ? WHERE id = ?", (json.dumps(speakers), job_id))
+            cur = self._db.execute(
+                "UPDATE segments SET original_text = COALESCE(original_text, text),"
+                " original_speaker = COALESCE(original_speaker, speaker), speaker = ?, edited_at = ?"
+                " WHERE job_id = ? AND speaker = ?", (new, time.time(), job_id, old))
+            return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
