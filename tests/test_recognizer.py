@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from bench import corpus
-from bench.calls import speech_bounds
+from bench.calls import speech_bounds, to_mulaw_roundtrip
 from bench.drive import new_leg, play, wait_for
-from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.events.types import Final, Partial
 from bridge.recognizer.agreement import norm
 from bridge.recognizer.engine import DecodeOptions
@@ -61,9 +60,7 @@ def assert_no_partial_after_final(events) -> None:
 async def test_mulaw_8k_sentences_transcribe(pool):
     """G.711 mu-law at 8 kHz, as a SIP trunk sends it, through the front-end into the leg."""
     pcm = np.concatenate([sil(0.5)] + [np.concatenate([speech(t, rate=140), sil(1.2)]) for t in PHONE])
-    mulaw = corpus.to_mulaw_8k(pcm)
-    fe = AudioFrontEnd(AudioFormat("pcm_mulaw", 8000, 1))
-    pcm16 = np.concatenate([fe.feed(mulaw[i : i + 160])[0] for i in range(0, len(mulaw), 160)] + fe.flush())
+    pcm16 = to_mulaw_roundtrip(pcm)  # 20 ms mu-law frames through AudioFrontEnd
     run = new_leg(pool)
     await play(run, pcm16, pace=4.0)
     ref = " ".join(PHONE)

@@ -17,7 +17,6 @@ import os
 import re
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -463,11 +462,12 @@ def resolve(
 
 def load_wav(path: str | Path) -> np.ndarray:
     """16-bit PCM WAV -> mono float32 at 16 kHz (what whisper.cpp takes)."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ModelError(f"{path}: expected 16-bit PCM")
-        rate, channels = w.getframerate(), w.getnchannels()
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    from ..audio.wav import read_wav
+
+    try:
+        pcm, rate, channels = read_wav(path)
+    except ValueError as e:
+        raise ModelError(str(e)) from e
     audio = pcm.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0
     if rate != 16000:
         import soxr

@@ -283,9 +283,13 @@ class StreamingRecognizer:
         if u.speech_samples < self.config.min_speech_ms * SAMPLE_RATE // 1000 and not u.committed:
             self.stats["noise_bursts"] += 1
             return
-        end = min(u.end_sample, u.last_speech_end + self.config.trailing_ms * SAMPLE_RATE // 1000)
+        end = self._decode_end(u)
         self._finals.append(_FinalJob(u, end, speech_final))
         self._wake.set()
+
+    def _decode_end(self, u: _Utterance) -> int:
+        """Where a final's audio ends: the last speech plus a little of the silence after it."""
+        return min(u.end_sample, u.last_speech_end + self.config.trailing_ms * SAMPLE_RATE // 1000)
 
     # -- decoding task -------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -338,7 +342,7 @@ class StreamingRecognizer:
         assert u is not None
         u.speculated_for = u.last_speech_end
         start, lse, uid = u.start_sample, u.last_speech_end, u.id
-        end = min(u.end_sample, lse + self.config.trailing_ms * SAMPLE_RATE // 1000)
+        end = self._decode_end(u)
         hyp = await self.pool.decode(u.audio(end), self._opts(False, u.committed), Priority.FINAL)
         self._spec = _Spec(uid, start, lse, hyp)
 
