@@ -141,9 +141,14 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 
-PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [add_models_parser]
+from .commands import serve as _serve, stream as _stream  # noqa: E402  (they import lazily)
+
+PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _serve.add_serve_parser, _stream.add_stream_parser, add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve.cmd_serve,
+    "stream": _stream.cmd_stream,
     "models.install": cmd_models_install,
     "models.list": cmd_models_list,
     "models.verify": cmd_models_verify,
@@ -161,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .client.errors import ApiError
+    from .client.stream import StreamError
+    from .config import ConfigError
     from .models.registry import ModelError
     from .models.store import VerifyError
 
@@ -174,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except VerifyError as e:
         print(f"{PROG}: verification failed: {e}", file=sys.stderr)
         return 1
-    except (UsageError, ModelError) as e:
+    except (UsageError, ModelError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except (ApiError, StreamError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

@@ -95,12 +95,22 @@ class LimitsConfig:
     max_duration_s: float = _f(10800.0, "longest session", gt=0)
     max_sessions_per_key: int = _f(10, "concurrent sessions per API key", min=1)
     max_frame_bytes: int = _f(1048576, "largest WebSocket frame accepted", min=1)
+    drain_timeout_s: float = _f(30.0, "on SIGTERM, how long live sessions get to finish", gt=0)
 
 
 @dataclass(frozen=True)
 class CreditsConfig:
     per_minute: int = _f(220, "credits charged per minute of audio", min=0)
     usage_interval_s: float = _f(5.0, "seconds between usage messages", gt=0)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt_hs256_secret: str = _f("", "shared secret accepting HS256 JWTs; empty: HS256 off")
+    jwt_rs256_public_key: str = _f("", "PEM file of the key accepting RS256 JWTs; empty: RS256 off")
+    jwt_audience: str = _f("callbridge", "required `aud` claim of JWTs")
+    jwt_issuer: str = _f("", "required `iss` claim of JWTs; empty: any issuer")
+    jwt_leeway_s: float = _f(30.0, "clock skew allowed on exp/nbf", min=0)
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ class Config:
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     credits: CreditsConfig = field(default_factory=CreditsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self, mask_keys: bool = True) -> dict[str, dict[str, Any]]:
@@ -131,6 +142,8 @@ class Config:
                 v = getattr(getattr(self, sec.name), f.name)
                 if isinstance(v, tuple):
                     v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
+                elif mask_keys and f.name == "jwt_hs256_secret" and v:
+                    v = _mask(v)
                 values[f.name] = v
             out[sec.name] = values
         return out
@@ -148,6 +161,7 @@ _SECTIONS: dict[str, type] = {
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
     "credits": CreditsConfig,
+    "auth": AuthConfig,
     "logging": LoggingConfig,
 }
 # With `from __future__ import annotations` field types are strings; map them to kinds.

@@ -28,3 +28,13 @@ def pool(model_path):
     p.start()
     yield p
     p.close()
+
+
+@pytest.fixture
+async def server(tmp_path, pool):
+    """The real service (SQLite under tmp_path, the shared model pool) on a free loopback port."""
+    from tests.serving import start_server
+
+    srv = await start_server(tmp_path / "data", pool)
+    yield srv
+    await srv.stop()

@@ -72,7 +72,52 @@ class Final:
         return d
 
 
-Event = Partial | Final
+@dataclass(frozen=True)
+class Usage:
+    """Running totals of a session: audio seconds received and credits they cost (all channels)."""
+
+    streamed_seconds: float
+    credits_used: float
+    type: EventType = field(default=EventType.USAGE, init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type.value, "streamed_seconds": round(self.streamed_seconds, 3),
+                "credits_used": round(self.credits_used, 2)}
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    """A job went live: which ingress, and the speaker label of each channel."""
+
+    source: str
+    speakers: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    type: EventType = field(default=EventType.CALL_STARTED, init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type.value, "source": self.source, "speakers": list(self.speakers),
+                "config": self.config}
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    """A job ended: its final status, length, and the error that ended it, if any."""
+
+    status: str
+    streamed_seconds: float
+    credits_used: float
+    error: dict[str, Any] | None = None
+    type: EventType = field(default=EventType.CALL_ENDED, init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"type": self.type.value, "status": self.status, "streamed_seconds": round(self.streamed_seconds, 3),
+             "credits_used": round(self.credits_used, 2)}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+Event = Partial | Final | Usage | CallStarted | CallEnded
 
 
 def event_dict(ev: Any) -> dict[str, Any]:

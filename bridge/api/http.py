@@ -1,0 +1,40 @@
+"""Shared HTTP plumbing: JSON errors (every 4xx/5xx has a JSON body) and the caller's identity."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from bridge.auth import AuthError, Principal
+
+
+def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": {"code": code, "message": message, **extra}}
+    return web.json_response(body, status=status)
+
+
+def http_error(cls: type[web.HTTPException], code: str, message: str) -> web.HTTPException:
+    """An aiohttp exception carrying our JSON body, for raising from deep inside a handler."""
+    return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json")
+
+
+def require_principal(request: web.Request, *, allow_temp: bool = False) -> Principal:
+    """Authenticate or raise 401 with a JSON body. REST calls never take single-use tokens:
+    those exist for browsers opening sockets, and a REST call would burn them."""
+    from bridge.service import SERVICE
+
+    try:
+        return request.app[SERVICE].auth.authenticate(request, allow_temp=allow_temp)
+    except AuthError as e:
+        raise web.HTTPUnauthorized(text=json.dumps(e.to_dict()), content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or 400 with a JSON body saying why."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"body is not valid JSON: {e}") from None

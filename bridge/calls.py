@@ -1,0 +1,291 @@
+"""The call model every ingress shares: a Call is one job, a Leg one channel with its recognizer.
+
+An ingress (WebSocket stream, SIP, WebRTC) creates a Call, opens it, pushes 16 kHz PCM16 per
+channel into `feed`, and ends it with `finish`. The Call records the audio (one WAV channel per
+leg, written as it arrives), persists each final before publishing it ("saved before seen": a
+final a client has received survives a crash), publishes everything on the bus, and ticks usage.
+It knows nothing about sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.audio.wav import WavRecorder
+from bridge.events.bus import EventBus
+from bridge.events.types import CallEnded, CallStarted, Final, Usage
+from bridge.jobs.model import Job, JobStatus
+from bridge.jobs.store import JobStore
+from bridge.logs import get_logger
+from bridge.recognizer.pool import RecognizerPool
+from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig, StreamingRecognizer
+
+__all__ = ["Call", "CallRegistry", "Leg", "credits_for"]
+
+log = get_logger("bridge.calls")
+
+
+def credits_for(seconds: float, channels: int, per_minute: float) -> float:
+    """Credits are charged per minute of audio, each channel counted."""
+    return seconds * channels * per_minute / 60.0
+
+
+@dataclass
+class Leg:
+    channel: int
+    speaker: str
+    recognizer: StreamingRecognizer
+
+
+class Call:
+    """One live job. Not thread-safe: use it from the event loop only."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        store: JobStore,
+        bus: EventBus,
+        pool: RecognizerPool,
+        streamer_config: StreamerConfig,
+        recordings_dir: Path,
+        credits_per_minute: float,
+        usage_interval_s: float,
+    ) -> None:
+        if not job.speakers:
+            raise ValueError("a call needs at least one speaker label")
+        self.job = job
+        self.store = store
+        self.bus = bus
+        self.pool = pool
+        self.streamer_config = streamer_config
+        self.recordings_dir = Path(recordings_dir)
+        self.credits_per_minute = credits_per_minute
+        self.usage_interval_s = usage_interval_s
+        self.session_id = "sess_" + secrets.token_hex(8)
+        self.legs: list[Leg] = []
+        self.samples = 0  # 16 kHz samples per channel received
+        self.finals = 0
+        self.started_at = time.monotonic()
+        self.stop_requested = asyncio.Event()  # set by drain (SIGTERM): the ingress should end the call
+        self.stop_reason = ""
+        self.failure: asyncio.Future[BaseException] | None = None
+        self.log = log.bind(job_id=job.id, session_id=self.session_id)
+        self._recorder: WavRecorder | None = None
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._pump: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
+        self._finished: asyncio.Future[Job] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def channels(self) -> int:
+        return len(self.job.speakers)
+
+    async def open(self) -> None:
+        """Create the job row and the recording, start one recognizer per leg."""
+        loop = asyncio.get_running_loop()
+        self.failure = loop.create_future()
+        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        path = self.recordings_dir / f"{self.job.id}.wav"
+        self.job.audio_path = str(path)
+        self._recorder = WavRecorder(path, channels=self.channels)
+        await asyncio.to_thread(self.store.create_job, self.job)
+        for ch, speaker in enumerate(self.job.speakers):
+            rec = StreamingRecognizer(
+                self.pool, self._events.put_nowait, channel=ch, speaker=speaker,
+                config=replace(self.streamer_config),
+                logger=self.log.bind(channel=ch, speaker=speaker))
+            self.legs.append(Leg(ch, speaker, rec))
+        for leg in self.legs:
+            leg.recognizer.start()
+            leg.recognizer._task.add_done_callback(self._leg_done)  # type: ignore[union-attr]
+        self._pump = loop.create_task(self._pump_events(), name=f"events-{self.job.id}")
+        self._ticker = loop.create_task(self._tick_usage(), name=f"usage-{self.job.id}")
+        self.bus.publish(self.job.id, CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config))
+        self.log.info("call_started", source=self.job.source.value, speakers=self.job.speakers)
+
+    def _leg_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.failure is None or self.failure.done():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.log.error("leg_failed", error=repr(exc))
+            self.failure.set_result(exc)
+
+    # -- audio and control ---------------------------------------------------------------------
+    def feed(self, chans: list[np.ndarray]) -> None:
+        """One frame of 16 kHz int16 audio per channel (as `AudioFrontEnd.feed` returns)."""
+        if len(chans) != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {len(chans)}")
+        assert self._recorder is not None, "open() first"
+        self._recorder.write_frames(chans)
+        for leg, pcm in zip(self.legs, chans):
+            if len(pcm):
+                leg.recognizer.feed(pcm)
+        self.samples += len(chans[0])
+
+    def force_endpoint(self) -> None:
+        for leg in self.legs:
+            leg.recognizer.force_endpoint()
+
+    def configure(self, endpointing_ms: int) -> None:
+        self.streamer_config = replace(self.streamer_config, endpointing_ms=endpointing_ms)
+        for leg in self.legs:
+            leg.recognizer.configure(endpointing_ms=endpointing_ms)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.stop_requested.set()
+
+    @property
+    def streamed_seconds(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    @property
+    def credits_used(self) -> float:
+        return credits_for(self.streamed_seconds, self.channels, self.credits_per_minute)
+
+    def usage(self) -> Usage:
+        return Usage(self.streamed_seconds, self.credits_used)
+
+    # -- events --------------------------------------------------------------------------------
+    async def _pump_events(self) -> None:
+        """Persist finals, then publish, in the order the legs emitted them."""
+        while True:
+            ev = await self._events.get()
+            if ev is None:
+                return
+            if isinstance(ev, Final):
+                try:
+                    await asyncio.to_thread(self.store.add_segment, self.job.id, ev.to_dict())
+                    self.finals += 1
+                except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
+                    self.log.error("final_not_saved", error=repr(e))
+            self.bus.publish(self.job.id, ev)
+
+    async def _tick_usage(self) -> None:
+        while True:
+            await asyncio.sleep(self.usage_interval_s)
+            self.bus.publish(self.job.id, self.usage())
+            if self._recorder is not None:
+                await asyncio.to_thread(self._recorder.flush)
+
+    # -- end -----------------------------------------------------------------------------------
+    async def finish(self, status: JobStatus = JobStatus.COMPLETED, error: dict[str, Any] | None = None) -> Job:
+        """Flush every leg, wait for its finals to be saved and published, close the recording,
+        and mark the job. Idempotent: later calls return the first result."""
+        if self._finished is not None:
+            return await asyncio.shield(self._finished)
+        self._finished = asyncio.get_running_loop().create_future()
+        try:
+            job = await self._finish(status, error)
+        except BaseException as e:
+            self._finished.set_exception(e)
+            raise
+        self._finished.set_result(job)
+        return job
+
+    async def _finish(self, status: JobStatus, error: dict[str, Any] | None) -> Job:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        results = await asyncio.gather(*(leg.recognizer.finish() for leg in self.legs), return_exceptions=True)
+        for leg, r in zip(self.legs, results):
+            if isinstance(r, BaseException):
+                self.log.error("leg_flush_failed", channel=leg.channel, error=repr(r))
+                if status is JobStatus.COMPLETED:
+                    status = JobStatus.FAILED
+                    error = error or {"code": "INTERNAL", "message": f"recognizer of channel {leg.channel} failed"}
+        self._events.put_nowait(None)
+        if self._pump is not None:
+            await self._pump
+        if self._recorder is not None:
+            await asyncio.to_thread(self._recorder.close)
+        self.job.status = status
+        self.job.error = error
+        self.job.duration_s = self.streamed_seconds
+        await asyncio.to_thread(self.store.finish_job, self.job.id, status, self.streamed_seconds, error)
+        self.bus.publish(self.job.id, self.usage())
+        self.bus.publish(self.job.id, CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
+        self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
+                      finals=self.finals, error=(error or {}).get("code"))
+        return self.job
+
+    async def abort(self) -> None:
+        """Stop the recognizers without flushing (server shutdown past its drain deadline)."""
+        for leg in self.legs:
+            await leg.recognizer.aclose()
+        if self._ticker is not None:
+            self._ticker.cancel()
+
+
+class CallRegistry:
+    """Live calls, concurrent sessions per owner, and drain on shutdown."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, Call] = {}
+        self._owners: dict[str, int] = {}
+        self._owner_of: dict[str, str] = {}
+        self.draining = False
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def admit(self, owner: str, limit: int | None) -> bool:
+        """Take a session slot for `owner`, or return False when at `limit`."""
+        if self.draining:
+            return False
+        n = self._owners.get(owner, 0)
+        if limit is not None and n >= limit:
+            return False
+        self._owners[owner] = n + 1
+        return True
+
+    def release(self, owner: str) -> None:
+        n = self._owners.get(owner, 0) - 1
+        if n > 0:
+            self._owners[owner] = n
+        else:
+            self._owners.pop(owner, None)
+
+    def active(self, owner: str) -> int:
+        return self._owners.get(owner, 0)
+
+    def add(self, call: Call, owner: str) -> None:
+        self.calls[call.id] = call
+        self._owner_of[call.id] = owner
+        self._empty.clear()
+        if self.draining:
+            call.request_stop("server is shutting down")
+
+    def remove(self, call: Call) -> None:
+        self.calls.pop(call.id, None)
+        self._owner_of.pop(call.id, None)
+        if not self.calls:
+            self._empty.set()
+
+    @property
+    def legs(self) -> int:
+        return sum(c.channels for c in self.calls.values())
+
+    async def drain(self, timeout_s: float) -> list[str]:
+        """Refuse new sessions, ask live ones to end (finalized and saved), wait up to `timeout_s`.
+        Returns the ids of calls still live at the deadline."""
+        self.draining = True
+        for call in list(self.calls.values()):
+            call.request_stop("server is shutting down")
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        return list(self.calls)

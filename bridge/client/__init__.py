@@ -1,0 +1,1 @@
+"""Python client for a callbridge server: streaming sessions and the jobs REST API."""

@@ -1,0 +1,1 @@
+"""`callbridge` command groups that live outside bridge/cli.py (one module per group)."""

@@ -1,0 +1,61 @@
+"""`callbridge serve`: the service on embedded defaults, until SIGTERM/SIGINT drains it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+from bridge.config import Config, add_config_flags, config_from_args
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the service (HTTP+WebSocket API; first start converts the model)")
+    add_config_flags(p)
+    p.set_defaults(command="serve")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.logs import configure_logging
+
+    config = config_from_args(args)
+    configure_logging(config.logging.format, config.logging.level)
+    return asyncio.run(run_service(config))
+
+
+async def run_service(config: Config) -> int:
+    from bridge.logs import get_logger
+    from bridge.service import Service
+
+    log = get_logger("bridge.serve")
+    svc = Service(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await svc.start()
+    runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
+    await runner.setup()
+    host, port = config.server.host, config.server.http_port
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        print(f"callbridge: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+        await runner.cleanup()
+        await svc.stop()
+        return 1
+    if svc.generated_key:
+        # printed once, on the start that created it; later starts find it in data_dir/api_key
+        print(f"Created an API key (saved in {svc.data_dir / 'api_key'}):\n  {svc.generated_key}", flush=True)
+    print(f"callbridge listening on http://{host}:{port}  (WebSocket ws://{host}:{port}/v1/transcription/stream)",
+          flush=True)
+    log.info("listening", host=host, http_port=port)
+    await stop.wait()
+    left = await svc.drain()
+    await runner.cleanup()
+    await svc.stop()
+    log.info("exited", unfinished_calls=len(left))
+    return 0

@@ -1,0 +1,105 @@
+"""One publish path for every job's events, fanned out to subscribers that never block a leg.
+
+`publish` is synchronous and never awaits: it numbers the event (`seq`, per job, from 1) and
+puts it on each matching subscriber's queue. A subscriber whose queue is full loses partials
+first (they are superseded anyway) and is cut off with `overflowed` set if even a final, usage
+or lifecycle event does not fit, so one stalled dashboard cannot grow memory without bound.
+Finals are written to the job store before they are published (see bridge/calls.py), so a
+subscriber that joins late reads the earlier ones from the store and never misses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from .types import EventType
+
+__all__ = ["EventBus", "Envelope", "Subscription"]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    job_id: str
+    seq: int
+    event: Any
+
+    def to_dict(self, with_job: bool = True) -> dict[str, Any]:
+        d = self.event.to_dict()
+        if with_job:
+            d["job_id"] = self.job_id
+            d["seq"] = self.seq
+        return d
+
+
+class Subscription:
+    """An async iterator of Envelopes; `None` job_id means every job."""
+
+    def __init__(self, bus: "EventBus", job_id: str | None, maxsize: int) -> None:
+        self._bus = bus
+        self.job_id = job_id
+        self.maxsize = maxsize
+        self._q: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        self.dropped_partials = 0
+        self.overflowed = False
+        self.closed = False
+
+    def _offer(self, env: Envelope) -> None:
+        if self.closed:
+            return
+        if self._q.qsize() >= self.maxsize:
+            if env.event.type is EventType.PARTIAL:
+                self.dropped_partials += 1
+                return
+            self.overflowed = True
+            self.close()
+            return
+        self._q.put_nowait(env)
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends after what is already queued."""
+        if not self.closed:
+            self.closed = True
+            self._bus._remove(self)
+            self._q.put_nowait(None)
+
+    def __aiter__(self) -> "Subscription":
+        return self
+
+    async def __anext__(self) -> Envelope:
+        env = await self._q.get()
+        if env is None:
+            raise StopAsyncIteration
+        return env
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subs: dict[str | None, list[Subscription]] = {}
+        self._seq: dict[str, itertools.count] = {}
+        self.published = 0
+
+    def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
+        sub = Subscription(self, job_id, maxsize)
+        self._subs.setdefault(job_id, []).append(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.job_id)
+        if subs and sub in subs:
+            subs.remove(sub)
+            if not subs:
+                del self._subs[sub.job_id]
+
+    def publish(self, job_id: str, event: Any) -> Envelope:
+        counter = self._seq.setdefault(job_id, itertools.count(1))
+        env = Envelope(job_id, next(counter), event)
+        self.published += 1
+        for key in (job_id, None):
+            for sub in list(self._subs.get(key, ())):
+                sub._offer(env)
+        if event.type is EventType.CALL_ENDED:
+            self._seq.pop(job_id, None)
+        return env

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one service: counters it increments, gauges and histograms read at scrape.
+
+A registry per Service (not prometheus_client's global one) so tests and several services in
+one process do not share counts. The recognizer pool keeps its own cumulative histograms; they
+are exported as they are at scrape time rather than double-booked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from bridge.service import Service
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, service: "Service") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.sessions = Counter("callbridge_sessions", "Sessions (jobs) started", ["source"], registry=self.registry)
+        self.errors = Counter("callbridge_errors", "Sessions ended by a protocol error, by code", ["code"],
+                              registry=self.registry)
+        self.audio_seconds = Counter("callbridge_audio_seconds", "Audio received, seconds per channel summed",
+                                     ["source"], registry=self.registry)
+        self.auth_failures = Counter("callbridge_auth_failures", "Refused credentials", ["code"],
+                                     registry=self.registry)
+        self.registry.register(_LiveCollector(service))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    def __init__(self, service: "Service") -> None:
+        self.service = service
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        g = GaugeMetricFamily("callbridge_sessions_active", "Live sessions", labels=["source"])
+        by_source: dict[str, int] = {}
+        for call in svc.calls.calls.values():
+            by_source[call.job.source.value] = by_source.get(call.job.source.value, 0) + 1
+        for src, n in sorted(by_source.items()):
+            g.add_metric([src], n)
+        yield g
+        yield GaugeMetricFamily("callbridge_legs_active", "Live call legs (one recognizer each)", value=svc.calls.legs)
+        yield GaugeMetricFamily("callbridge_ready", "1 once the model is loaded", value=1 if svc.ready else 0)
+        yield GaugeMetricFamily("callbridge_draining", "1 while shutting down", value=1 if svc.draining else 0)
+        if svc.pool is None:
+            return
+        stats = svc.pool.stats()
+        yield GaugeMetricFamily("callbridge_pool_contexts", "whisper.cpp contexts", value=stats["size"])
+        yield GaugeMetricFamily("callbridge_pool_busy", "Contexts decoding now", value=stats["busy"])
+        q = GaugeMetricFamily("callbridge_queue_depth", "Decodes waiting for a context", labels=["kind"])
+        for kind, n in stats["queue_depth"].items():
+            q.add_metric([kind], n)
+        yield q
+        yield from _histograms("callbridge_decode_seconds", "whisper.cpp decode time", stats["decode_seconds"])
+        yield from _histograms("callbridge_queue_wait_seconds", "Time a decode waited for a context",
+                               stats["queue_wait_seconds"])
+
+
+def _histograms(name: str, doc: str, by_kind: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    h = HistogramMetricFamily(name, doc, labels=["kind"])
+    for kind, snap in by_kind.items():
+        buckets = [("+Inf" if b == "inf" else b, n) for b, n in snap["buckets"].items()]
+        h.add_metric([kind], buckets, snap["sum"])
+    yield h

@@ -1,0 +1,128 @@
+"""The service process: config, stores, auth, recognizer pool, bus and live calls, plus the app.
+
+`Service` is what `callbridge serve` runs and what the tests start on a free port. Construction
+is cheap; `start()` opens the stores, recovers jobs a crash left live, loads the model, and
+only then does /healthz answer 200. `drain()` is SIGTERM: no new sessions, live ones end as if
+the client had sent `end` (finalized, saved, `completed`), then `stop()` releases everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bridge.calls import CallRegistry
+from bridge.config import Config
+from bridge.events.bus import EventBus
+from bridge.logs import get_logger
+from bridge.metrics import Metrics
+
+__all__ = ["SERVICE", "Service", "DB_NAME"]
+
+log = get_logger("bridge.service")
+DB_NAME = "callbridge.db"
+
+
+class Service:
+    def __init__(self, config: Config, *, pool: Any = None) -> None:
+        self.config = config
+        self.data_dir = Path(config.server.data_dir)
+        self.recordings_dir = self.data_dir / "recordings"
+        self.bus = EventBus()
+        self.calls = CallRegistry()
+        self.metrics = Metrics(self)
+        self.store: Any = None
+        self.keys: Any = None
+        self.auth: Any = None
+        self.pool = pool
+        self._own_pool = pool is None
+        self.model_path: str | None = None
+        self.generated_key: str | None = None
+        self.recovered_jobs: list[str] = []
+        self.ready = False
+        self.started_at = time.time()
+
+    @property
+    def draining(self) -> bool:
+        return self.calls.draining
+
+    async def start(self) -> None:
+        from bridge.auth import Authenticator, KeyStore, bootstrap_key
+        from bridge.jobs.store import SqliteJobStore
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        db = self.data_dir / DB_NAME
+        self.store = SqliteJobStore(db)
+        self.recovered_jobs = self.store.fail_live_jobs("the server stopped while this job was live")
+        if self.recovered_jobs:
+            log.warning("recovered_live_jobs", count=len(self.recovered_jobs), job_ids=self.recovered_jobs)
+        self.keys = KeyStore(str(db))
+        self.keys.ensure_keys(self.config.server.api_keys)
+        self.generated_key = bootstrap_key(self.keys, str(self.data_dir))
+        self.keys.settle_orphans(self._orphan_usage)
+        self.auth = Authenticator(self.keys, self.config.auth)
+        if self.pool is None:
+            from bridge.models.store import resolve
+            from bridge.recognizer.pool import RecognizerPool
+
+            self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
+            self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,
+                                       threads=self.config.model.threads_per_context)
+            await asyncio.to_thread(self.pool.start)
+        else:
+            self.model_path = getattr(self.pool, "model_path", None)
+        self.ready = True
+        log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
+
+    def _orphan_usage(self, job_id: str) -> int:
+        """Credits a job that crashed mid-session actually used (its saved duration x channels)."""
+        import math
+
+        job = self.store.get_job(job_id)
+        if job is None:
+            return 0
+        from bridge.calls import credits_for
+
+        return math.ceil(credits_for(job.duration_s, max(1, len(job.speakers)), self.config.credits.per_minute))
+
+    async def drain(self) -> list[str]:
+        timeout = self.config.limits.drain_timeout_s
+        log.info("draining", live_calls=len(self.calls.calls), timeout_s=timeout)
+        left = await self.calls.drain(timeout)
+        for job_id in left:
+            call = self.calls.calls.get(job_id)
+            if call is not None:
+                log.warning("drain_deadline_passed", job_id=job_id)
+                await call.abort()
+        return left
+
+    async def stop(self) -> None:
+        if self.calls.calls:
+            await self.drain()
+        self.ready = False
+        if self._own_pool and self.pool is not None:
+            await asyncio.to_thread(self.pool.close)
+        if self.keys is not None:
+            self.keys.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("service_stopped")
+
+    # -- the aiohttp application ------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        from bridge.api import health, jobs, tokens
+        from bridge.ingress import stream
+
+        app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536)
+        app[SERVICE] = self
+        for module in (health, stream, jobs, tokens):
+            module.add_routes(app)
+        return app
+
+
+SERVICE = web.AppKey("service", Service)

@@ -1,0 +1,51 @@
+"""Start the real service on a free loopback port for a test (real SQLite, real model pool)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bridge.config import load_config
+from bridge.service import Service
+
+API_KEY = "cbk_test_0123456789abcdef0123456789"
+OTHER_KEY = "cbk_test_fedcba9876543210fedcba9876"
+
+
+@dataclass
+class RunningServer:
+    service: Service
+    runner: web.AppRunner
+    port: int
+    api_key: str = API_KEY
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/transcription/stream"
+
+    async def stop(self) -> None:
+        await self.service.drain()
+        await self.runner.cleanup()
+        await self.service.stop()
+
+
+async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningServer:
+    """`overrides` are dotted config keys as text, e.g. {"limits.idle_timeout_s": "2"}."""
+    ov = {"data_dir": str(data_dir), "server.api_keys": f"{API_KEY},{OTHER_KEY}", "logging.format": "console"}
+    ov.update({k: str(v) for k, v in overrides.items()})
+    config = load_config(ov, env={})
+    service = Service(config, pool=pool)
+    await service.start()
+    runner = web.AppRunner(service.build_app(), shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return RunningServer(service, runner, port)
