@@ -1,0 +1,144 @@
+"""`callbridge serve` as a real process: first-start key, SIGTERM drain, kill -9 recovery, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import wave
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from bench import corpus
+from bridge.client.stream import StreamClient
+from tests.serving import API_KEY, start_server
+from tests.test_stream_api import EN, SR, collect, finals, send_paced, sil, speech, text_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`python -m bridge serve` on a free port with its own data dir; logs go to a file."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        base = {k: v for k, v in os.environ.items() if k != "CALLBRIDGE_API_KEYS"}
+        self.env = {**base, "CALLBRIDGE_MODEL_POOL_SIZE": "1", "CALLBRIDGE_LOGGING_FORMAT": "json",
+                    "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "20", **(env or {})}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        self.out = data_dir.parent / f"serve-{self.port}.out"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "Serve":
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "serve", "--data-dir", str(self.data_dir), "--http-port", str(self.port),
+            cwd=str(ROOT), env=self.env, stdout=open(self.out, "wb"), stderr=open(self.log, "wb"))
+        deadline = time.monotonic() + 90
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                try:
+                    async with http.get(self.url + "/healthz") as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError("serve did not become healthy in 90 s")
+
+    async def __aexit__(self, *exc) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+
+async def test_first_start_creates_key_and_sigterm_drains(tmp_path):
+    data = tmp_path / "data"
+    async with Serve(data) as srv:
+        assert "Created an API key" in srv.stdout()
+        key = (data / "api_key").read_text().strip()
+        assert key in srv.stdout() and (data / "api_key").stat().st_mode & 0o777 == 0o600
+        pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(0.4)])
+        async with StreamClient(srv.url, api_key=key) as s:
+            await send_paced(s, pcm.tobytes(), SR * 2)
+            srv.proc.send_signal(signal.SIGTERM)
+            events = await asyncio.wait_for(collect(s), 30)
+        # drained: the open utterance was finalized and sent, then completed, then "going away"
+        assert events[-1]["type"] == "completed" and s.close_code == 1001
+        assert corpus.wer(EN[0], text_of(finals(events))) < 0.2
+        assert await asyncio.wait_for(srv.proc.wait(), 30) == 0
+        # JSON logs; every line about the session carries its job_id
+        lines = [json.loads(x) for x in srv.log.read_text().splitlines() if x.startswith("{")]
+        session = [x for x in lines if x.get("logger", "").startswith(("bridge.calls", "bridge.ingress", "bridge.recognizer.streamer"))]
+        assert {x["event"] for x in session} >= {"call_started", "session_ready", "call_ended"}
+        assert all(x.get("job_id") == s.job_id for x in session), session
+    async with Serve(data) as again:  # restart: the key is kept and not printed again
+        assert "Created an API key" not in again.stdout()
+        async with aiohttp.ClientSession() as http:
+            hdr = {"Authorization": f"Bearer {key}"}
+            async with http.get(f"{again.url}/v1/jobs/{s.job_id}", headers=hdr) as r:
+                job = await r.json()
+        assert r.status == 200 and job["status"] == "completed"
+        assert [g["text"] for g in job["segments"]] == [e["text"] for e in finals(events)]
+
+
+async def test_kill_9_mid_session_keeps_audio_and_finals(tmp_path, pool):
+    data = tmp_path / "data"
+    env = {"CALLBRIDGE_API_KEYS": API_KEY}
+    async with Serve(data, env) as srv:
+        # one finished job before the crash
+        async with StreamClient(srv.url, api_key=API_KEY) as done:
+            await send_paced(done, np.concatenate([sil(0.3), speech(EN[1]), sil(1.0)]).tobytes(), SR * 2)
+        assert done.completed
+        # the live one: two sentences, killed once the first final has arrived
+        live = StreamClient(srv.url, api_key=API_KEY)
+        await live.__aenter__()
+        pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1][:30])])
+        await send_paced(live, pcm.tobytes(), SR * 2, speed=4.0)
+        seen = []
+        while not finals(seen):
+            seen.append(await asyncio.wait_for(live._next(), 20))
+        await asyncio.sleep(1.2)  # the recorder rewrites its header every second of audio
+        srv.proc.send_signal(signal.SIGKILL)
+        await srv.proc.wait()
+        await live.aclose()
+    # restart on the same data dir (in-process server, same SQLite file and recordings)
+    srv2 = await start_server(data, pool)
+    try:
+        assert live.job_id in srv2.service.recovered_jobs
+        store = srv2.service.store
+        job = store.get_job(live.job_id)
+        assert job.status.value == "failed" and job.error["code"] == "INTERNAL"
+        saved = [g.text for g in store.segments(live.job_id)]
+        assert saved[: len(finals(seen))] == [e["text"] for e in finals(seen)]
+        assert corpus.wer(EN[0], saved[0]) < 0.2
+        with wave.open(job.audio_path) as w:  # the recording is readable and holds what was received
+            got = w.getnframes() / w.getframerate()
+        sent_before_final = finals(seen)[0]["end"]
+        assert got >= sent_before_final, (got, sent_before_final)
+        assert store.get_job(done.job_id).status.value == "completed"
+        assert [g.text for g in store.segments(done.job_id)]
+    finally:
+        await srv2.stop()
