@@ -335,3 +335,41 @@ async def test_healthz_and_metrics(server):
     assert 'callbridge_sessions_total{source="stream"} 1.0' in text
     assert 'callbridge_errors_total{code="INVALID_AUDIO"} 1.0' in text
     assert "callbridge_decode_seconds_bucket" in text and "callbridge_queue_depth" in text
+
+
+async def test_disconnect_without_end_still_saves_everything(server):
+    pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(0.2)])
+    s = StreamClient(server.url, api_key=API_KEY)
+    await s.__aenter__()
+    await send_paced(s, pcm.tobytes(), SR * 2)
+    await s.aclose()  # gone, no `end`
+    store = server.service.store
+    for _ in range(200):
+        job = store.get_job(s.job_id)
+        if job.status.value != "live":
+            break
+        await asyncio.sleep(0.05)
+    assert job.status.value == "completed" and job.duration_s == pytest.approx(len(pcm) / SR, abs=0.01)
+    assert corpus.wer(EN[0], " ".join(g.text for g in store.segments(s.job_id))) < 0.2
+
+
+async def test_cli_stream_prints_finals(server, tmp_path):
+    """`callbridge stream FILE` against the live server, as a user runs it."""
+    import sys
+
+    wav = tmp_path / "two.wav"
+    corpus.write_wav(wav, np.concatenate([sil(0.3), speech(EN[0]), sil(1.0)]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "stream", str(wav), "--url", server.url, "--api-key", API_KEY,
+        "--speed", "8", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines and lines[0].startswith("[00:00.") and "ch0:" in lines[0]
+    assert corpus.wer(EN[0], lines[0].split(":", 2)[2]) < 0.2
+    assert "completed: job job_" in err.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "stream", str(wav), "--url", server.url, "--api-key", "wrong",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "401" in err.decode(), err.decode()
