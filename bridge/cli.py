@@ -141,10 +141,10 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 
-from .commands import serve as _serve, stream as _stream  # noqa: E402  (they import lazily)
+from .commands import jobs as _jobs, serve as _serve, stream as _stream  # noqa: E402  (they import lazily)
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _serve.add_serve_parser, _stream.add_stream_parser, add_models_parser]
+    _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve.cmd_serve,
@@ -153,6 +153,7 @@ DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "models.list": cmd_models_list,
     "models.verify": cmd_models_verify,
     "models.path": cmd_models_path,
+    **_jobs.DISPATCH,
 }
 
 

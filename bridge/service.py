@@ -118,7 +118,8 @@ class Service:
         from bridge.api import health, jobs, tokens
         from bridge.ingress import stream
 
-        app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536)
+        app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
+                              middlewares=[_json_errors])
         app[SERVICE] = self
         for module in (health, stream, jobs, tokens):
             module.add_routes(app)
@@ -126,3 +127,19 @@ class Service:
 
 
 SERVICE = web.AppKey("service", Service)
+
+_REASON_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own errors (unknown path, wrong method, body too large) get our JSON body too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        code = _REASON_CODES.get(e.status, f"HTTP_{e.status}")
+        body = {"error": {"code": code, "message": f"{e.reason}: {request.method} {request.path}"}}
+        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        return web.json_response(body, status=e.status, headers=headers)

@@ -373,3 +373,13 @@ async def test_cli_stream_prints_finals(server, tmp_path):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and "401" in err.decode(), err.decode()
+
+
+async def test_unknown_routes_and_plain_get_answer_json(server):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/v1/nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
+        async with http.delete(server.url + "/healthz") as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
+        async with http.get(server.ws_url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status == 426 and (await r.json())["error"]["code"] == "UPGRADE_REQUIRED"

@@ -1,1 +1,7 @@
 """Python client for a callbridge server: streaming sessions and the jobs REST API."""
+
+from .errors import ApiError
+from .rest import JobsClient
+from .stream import StreamClient, StreamError
+
+__all__ = ["ApiError", "JobsClient", "StreamClient", "StreamError"]

@@ -7,37 +7,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import wave
 from pathlib import Path
 from typing import IO, Iterator
 
+from bridge.commands.remote import DEFAULT_URL, resolve_api_key, resolve_url
+
 CHUNK_S = 0.1
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
-    """--url and --api-key, shared by the commands that talk to a running server."""
-    p.add_argument("--url", default=os.environ.get("CALLBRIDGE_URL", "http://127.0.0.1:8080"),
-                   help="server base URL (default $CALLBRIDGE_URL or http://127.0.0.1:8080)")
-    p.add_argument("--api-key", default=None,
-                   help="API key (default $CALLBRIDGE_API_KEY, else DATA_DIR/api_key written by `serve`)")
-    p.add_argument("--data-dir", default=None, help="where to find api_key (default $CALLBRIDGE_DATA_DIR or ./data)")
-
-
-def resolve_api_key(args: argparse.Namespace) -> str:
-    from bridge.cli import UsageError
-
-    if args.api_key:
-        return args.api_key
-    if os.environ.get("CALLBRIDGE_API_KEY"):
-        return os.environ["CALLBRIDGE_API_KEY"]
-    data_dir = Path(args.data_dir or os.environ.get("CALLBRIDGE_DATA_DIR") or "./data")
-    key_file = data_dir / "api_key"
-    if key_file.is_file():
-        return key_file.read_text().strip()
-    raise UsageError(f"no API key: pass --api-key, set CALLBRIDGE_API_KEY, or run where {key_file} exists")
+    p.add_argument("--url", help=f"server base URL (default $CALLBRIDGE_URL or {DEFAULT_URL})")
+    p.add_argument("--api-key", help="API key (default $CALLBRIDGE_API_KEY, else <data_dir>/api_key, "
+                                     "data_dir being $CALLBRIDGE_DATA_DIR or ./data)")
 
 
 def add_stream_parser(sub: argparse._SubParsersAction) -> None:
@@ -129,16 +113,16 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     if args.speed <= 0:
         raise UsageError("--speed must be > 0")
+    url, key = resolve_url(args.url), resolve_api_key(args.api_key)
     src, fmt = _open_source(args)
-    key = resolve_api_key(args)
-    return asyncio.run(_stream(args, src, fmt, key))
+    return asyncio.run(_stream(args, url, src, fmt, key))
 
 
-async def _stream(args: argparse.Namespace, src: IO[bytes], fmt: dict, key: str) -> int:
+async def _stream(args: argparse.Namespace, url: str, src: IO[bytes], fmt: dict, key: str) -> int:
     from bridge.client.stream import StreamClient
 
     speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
-    client = StreamClient(args.url, api_key=key, language=args.language, interim_results=not args.no_interim,
+    client = StreamClient(url, api_key=key, language=args.language, interim_results=not args.no_interim,
                           endpointing_ms=args.endpointing_ms,
                           metadata={"speakers": speakers} if speakers else None, **fmt)
     printer = _Printer(args.json)

@@ -506,8 +506,9 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
     ws = web.WebSocketResponse(max_msg_size=4 * svc.config.limits.max_frame_bytes, heartbeat=30.0)
     if not ws.can_prepare(request).ok:
-        return json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client",
-                          headers_hint="Connection: Upgrade, Upgrade: websocket")
+        resp = json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client")
+        resp.headers["Upgrade"] = "websocket"
+        return resp
     await ws.prepare(request)
     session = StreamSession(svc, ws, principal)
     try:

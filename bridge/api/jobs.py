@@ -1,0 +1,329 @@
+"""The jobs REST API: list, get, edit, delete, transcript exports and the recorded audio.
+
+Every route is scoped to the caller's owner: another key's job answers 404 exactly like an
+unknown id, so ids cannot be probed. Bodies never contain local filesystem paths; the audio and
+transcript are named by their REST paths. A job that is still live can be read (its finals so
+far, saved before they were sent) but not edited or deleted (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from bridge.api.http import http_error, json_error, read_json, require_principal
+from bridge.jobs import export
+from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+from bridge.logs import get_logger
+
+__all__ = ["DEFAULT_LIMIT", "MAX_LABEL_CHARS", "MAX_LIMIT", "add_routes", "parse_since"]
+
+log = get_logger("bridge.api.jobs")
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+MAX_LABEL_CHARS = 100  # speaker labels end up in subtitle cues; keep them label-sized
+_EXTENSIONS = {"json": "json", "txt": "txt", "srt": "srt", "vtt": "vtt"}
+
+
+def _service(request: web.Request) -> Any:
+    from bridge.service import SERVICE
+
+    return request.app[SERVICE]
+
+
+def _bad(message: str) -> web.HTTPException:
+    return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
+
+
+def _not_found(job_id: str) -> web.HTTPException:
+    return http_error(web.HTTPNotFound, "NOT_FOUND", f"job {job_id!r} not found")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in {"1", "true", "yes"}
+
+
+# -- query parsing ------------------------------------------------------------------------------
+
+
+def parse_since(value: str) -> float:
+    """Unix seconds, or ISO 8601 (`2024-05-01`, `2024-05-01T12:00:00Z`, with offset); naive = UTC.
+
+    Both forms because scripts have epoch numbers and people type dates.
+    """
+    text = value.strip()
+    try:
+        ts = float(text)
+    except ValueError:
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"since={value!r} is neither unix seconds nor an ISO 8601 time") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    if not math.isfinite(ts):
+        raise ValueError(f"since={value!r} is not a finite number")
+    return ts
+
+
+def _enum_param(query: Any, name: str, enum: type[JobStatus | JobSource]) -> str | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    allowed = [e.value for e in enum]
+    if raw not in allowed:
+        raise _bad(f"{name}={raw!r} is not one of {allowed}")
+    return raw
+
+
+def _limit_param(query: Any) -> int:
+    raw = query.get("limit")
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise _bad(f"limit={raw!r} is not an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise _bad(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    return limit
+
+
+# -- job lookups and views ----------------------------------------------------------------------
+
+
+def _is_live(svc: Any, job: Job) -> bool:
+    """Live while its call runs; the row says `live` too from the moment the call opens."""
+    return job.status is JobStatus.LIVE or job.id in svc.calls.calls
+
+
+def _with_live_timing(svc: Any, job: Job) -> Job:
+    """A live job's stored duration is 0 until it ends; report the audio received so far."""
+    call = svc.calls.calls.get(job.id)
+    if call is not None:
+        job.duration_s = round(call.streamed_seconds, 3)
+    return job
+
+
+async def _load(request: web.Request) -> tuple[Any, Job]:
+    """(service, the caller's job) or 404: a foreign job is indistinguishable from a missing one."""
+    svc = _service(request)
+    principal = require_principal(request)
+    job_id = request.match_info["job_id"]
+    job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
+    if job is None:
+        raise _not_found(job_id)
+    return svc, _with_live_timing(svc, job)
+
+
+def _has_audio(job: Job) -> bool:
+    return bool(job.audio_path) and os.path.isfile(job.audio_path)  # type: ignore[arg-type]
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "status": job.status.value, "source": job.source.value,
+            "created_at": job.created_at, "ended_at": job.ended_at, "duration_s": job.duration_s,
+            "speakers": list(job.speakers), "error": job.error}
+
+
+def _job_view(job: Job, segs: list[Segment], has_audio: bool) -> dict[str, Any]:
+    d = job.to_dict()
+    d["segments"] = [s.to_dict() for s in segs]
+    d["transcript_path"] = f"/v1/jobs/{job.id}/transcript"
+    d["audio_path"] = f"/v1/jobs/{job.id}/audio" if has_audio else None
+    return d
+
+
+async def _full_view(svc: Any, job: Job) -> dict[str, Any]:
+    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    has_audio = await asyncio.to_thread(_has_audio, job)
+    return _job_view(job, segs, has_audio)
+
+
+def _refuse_live(svc: Any, job: Job, action: str) -> None:
+    if _is_live(svc, job):
+        raise http_error(web.HTTPConflict, "JOB_LIVE",
+                         f"job {job.id} is live; it can be {action} once it has ended")
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /v1/jobs: the caller's jobs, newest first, keyset-paginated by `cursor`."""
+    svc = _service(request)
+    principal = require_principal(request)
+    q = request.query
+    status = _enum_param(q, "status", JobStatus)
+    source = _enum_param(q, "source", JobSource)
+    limit = _limit_param(q)
+    since = None
+    if q.get("since"):
+        try:
+            since = parse_since(q["since"])
+        except ValueError as e:
+            raise _bad(str(e)) from None
+    cursor = q.get("cursor") or None
+    try:
+        jobs, nxt = await asyncio.to_thread(svc.store.list_jobs, principal.owner, status, source, since,
+                                            limit, cursor)
+    except ValueError:
+        raise _bad(f"cursor={cursor!r} is not a cursor this API returned") from None
+    return web.json_response({"jobs": [_summary(_with_live_timing(svc, j)) for j in jobs], "next": nxt})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}: the job with every segment (a live job: the finals so far)."""
+    svc, job = await _load(request)
+    return web.json_response(await _full_view(svc, job))
+
+
+def _validate_patch(body: Any, job: Job, segs: list[Segment]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Check the whole edit before anything changes, so a bad request leaves the job untouched."""
+    if not isinstance(body, dict):
+        raise _bad("body must be a JSON object with `segments` and/or `speakers`")
+    unknown = set(body) - {"segments", "speakers"}
+    if unknown:
+        raise _bad(f"unknown fields {sorted(unknown)}; expected `segments` and/or `speakers`")
+    edits = body.get("segments") or []
+    renames = body.get("speakers") or {}
+    if not isinstance(edits, list):
+        raise _bad("`segments` must be a list of {\"id\", \"text\"?, \"speaker\"?}")
+    if not isinstance(renames, dict):
+        raise _bad("`speakers` must be an object mapping old label to new label")
+    if not edits and not renames:
+        raise _bad("nothing to change: give `segments` and/or `speakers`")
+
+    by_id = {s.id: s for s in segs}
+    seen: set[int] = set()
+    for i, e in enumerate(edits):
+        where = f"segments[{i}]"
+        if not isinstance(e, dict):
+            raise _bad(f"{where} must be an object")
+        extra = set(e) - {"id", "text", "speaker"}
+        if extra:
+            raise _bad(f"{where} has unknown fields {sorted(extra)}")
+        sid = e.get("id")
+        if not isinstance(sid, int) or isinstance(sid, bool):
+            raise _bad(f"{where}.id must be an integer segment id")
+        if sid not in by_id:
+            raise _bad(f"{where}.id {sid} is not a segment of job {job.id}")
+        if sid in seen:
+            raise _bad(f"{where}.id {sid} appears twice")
+        seen.add(sid)
+        if "text" not in e and "speaker" not in e:
+            raise _bad(f"{where} changes nothing: give `text` and/or `speaker`")
+        if "text" in e and not isinstance(e["text"], str):
+            raise _bad(f"{where}.text must be a string")
+        if "speaker" in e:
+            _check_label(e["speaker"], f"{where}.speaker")
+
+    labels = set(job.speakers) | {s.speaker for s in segs}
+    for old, new in renames.items():
+        if old not in labels:
+            raise _bad(f"speakers: {old!r} is not a speaker label of job {job.id} (labels: {sorted(labels)})")
+        _check_label(new, f"speakers[{old!r}]")
+    return edits, renames
+
+
+def _check_label(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(f"{where} must be a non-empty string")
+    if len(value) > MAX_LABEL_CHARS or any(c in value for c in "\r\n\t"):
+        raise _bad(f"{where} must be one line of at most {MAX_LABEL_CHARS} characters")
+
+
+def _apply_patch(store: Any, job_id: str, edits: list[dict[str, Any]], renames: dict[str, str]) -> None:
+    """Renames first (they relabel the whole job), then per-segment edits, so the more specific wins.
+
+    Renames go through unique temporary labels when one rename's target is another's source, so
+    a swap ({"caller": "agent", "agent": "caller"}) works instead of merging both into one label.
+    """
+    renames = {old: new for old, new in renames.items() if old != new}
+    if set(renames.values()) & set(renames):
+        temp = {old: f"\x00rename-{i}" for i, old in enumerate(renames)}
+        for old, tmp in temp.items():
+            store.rename_speaker(job_id, old, tmp)
+        for old, tmp in temp.items():
+            store.rename_speaker(job_id, tmp, renames[old])
+    else:
+        for old, new in renames.items():
+            store.rename_speaker(job_id, old, new)
+    for e in edits:
+        store.edit_segment(job_id, e["id"], text=e.get("text"), speaker=e.get("speaker"))
+
+
+async def patch_job(request: web.Request) -> web.Response:
+    """PATCH /v1/jobs/{id}: correct segment text/speaker and relabel speakers; originals are kept."""
+    svc, job = await _load(request)
+    _refuse_live(svc, job, "edited")
+    body = await read_json(request)
+    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    edits, renames = _validate_patch(body, job, segs)
+    await asyncio.to_thread(_apply_patch, svc.store, job.id, edits, renames)
+    log.info("job_edited", job_id=job.id, segments=len(edits), renames=len(renames))
+    updated = await asyncio.to_thread(svc.store.get_job, job.id)
+    if updated is None:  # deleted concurrently
+        raise _not_found(job.id)
+    return web.json_response(await _full_view(svc, updated))
+
+
+def _delete(store: Any, job: Job) -> None:
+    """Audio first, rows second: if anything fails the job is still listed, and DELETE can be retried
+    (the other order could leave an orphaned recording nobody can reach any more)."""
+    if job.audio_path:
+        try:
+            os.remove(job.audio_path)
+        except FileNotFoundError:
+            pass
+    store.delete_job(job.id)
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """DELETE /v1/jobs/{id}: the job, its segments and its recording; 204."""
+    svc, job = await _load(request)
+    _refuse_live(svc, job, "deleted")
+    await asyncio.to_thread(_delete, svc.store, job)
+    log.info("job_deleted", job_id=job.id)
+    return web.Response(status=204)
+
+
+async def transcript(request: web.Request) -> web.Response:
+    """GET /v1/jobs/{id}/transcript?format=json|txt|srt|vtt[&download=1]."""
+    svc, job = await _load(request)
+    fmt = (request.query.get("format") or "json").lower()
+    if fmt not in _EXTENSIONS:
+        raise _bad(f"format={fmt!r} is not one of {sorted(_EXTENSIONS)}")
+    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    body, ctype = export.render(fmt, job, segs)
+    headers = {"Content-Type": ctype, "Cache-Control": "no-store"}
+    if _truthy(request.query.get("download")):
+        headers["Content-Disposition"] = f'attachment; filename="{job.id}.{_EXTENSIONS[fmt]}"'
+    return web.Response(body=body.encode("utf-8") if isinstance(body, str) else body, headers=headers)
+
+
+async def audio(request: web.Request) -> web.StreamResponse:
+    """GET /v1/jobs/{id}/audio: the WAV (one channel per leg); Range requests work for players."""
+    _, job = await _load(request)
+    if not await asyncio.to_thread(_has_audio, job):
+        return json_error(404, "NOT_FOUND", f"job {job.id} has no recorded audio")
+    disposition = "attachment" if _truthy(request.query.get("download")) else "inline"
+    return web.FileResponse(job.audio_path, headers={  # type: ignore[arg-type]
+        "Content-Type": "audio/wav", "Cache-Control": "no-store",
+        "Content-Disposition": f'{disposition}; filename="{job.id}.wav"'})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_patch("/v1/jobs/{job_id}", patch_job)
+    app.router.add_delete("/v1/jobs/{job_id}", delete_job)
+    app.router.add_get("/v1/jobs/{job_id}/transcript", transcript)
+    app.router.add_get("/v1/jobs/{job_id}/audio", audio)
