@@ -383,3 +383,25 @@ async def test_unknown_routes_and_plain_get_answer_json(server):
             assert r.status == 405 and (await r.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
         async with http.get(server.ws_url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
             assert r.status == 426 and (await r.json())["error"]["code"] == "UPGRADE_REQUIRED"
+
+
+async def test_readme_raw_websocket_example_runs(server, tmp_path):
+    """The README's raw-WebSocket example, run as written (port and paths pointed at this server)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import asyncio, json, wave, websockets.*?)```", readme, re.S).group(1)
+    code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
+    cwd = tmp_path / "user"
+    (cwd / "data").mkdir(parents=True)
+    (cwd / "data" / "api_key").write_text(API_KEY + "\n")
+    corpus.write_wav(cwd / "call.wav", np.concatenate([sil(0.3), speech(EN[0]), sil(1.0)]))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=str(cwd),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert "'type': 'ready'" in lines[0]
+    assert lines[1].startswith("ch0 [0.") and corpus.wer(EN[0], lines[1].split("] ", 1)[1]) < 0.2
