@@ -141,10 +141,11 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 
-from .commands import jobs as _jobs, serve as _serve, stream as _stream  # noqa: E402  (they import lazily)
+from .commands import jobs as _jobs, keys as _keys, serve as _serve, stream as _stream  # noqa: E402
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, add_models_parser]
+    _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, _keys.add_keys_parser,
+    add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve.cmd_serve,
@@ -154,6 +155,7 @@ DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "models.verify": cmd_models_verify,
     "models.path": cmd_models_path,
     **_jobs.DISPATCH,
+    **_keys.DISPATCH,
 }
 
 

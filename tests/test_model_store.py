@@ -336,4 +336,8 @@ def test_build_parser_dispatch_is_extensible():
     parser = cli_mod.build_parser()
     args = parser.parse_args(["models", "path", "tiny.en", "--type", "f16"])
     assert args.command == "models.path" and cli_mod.DISPATCH[args.command] is cli_mod.cmd_models_path
-    assert all(c.startswith("models.") for c in cli_mod.DISPATCH)
+    groups = {c.split(".")[0] for c in cli_mod.DISPATCH}
+    assert groups == {"serve", "stream", "jobs", "keys", "models"}
+    for group in groups:  # every registered command parses and has its handler
+        sub = [c for c in cli_mod.DISPATCH if c.split(".")[0] == group]
+        assert all(callable(cli_mod.DISPATCH[c]) for c in sub)

@@ -497,15 +497,17 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     from bridge.service import SERVICE
 
     svc: Service = request.app[SERVICE]
-    try:
-        principal = svc.auth.authenticate(request, allow_temp=True)
-    except AuthError as e:
-        svc.metrics.auth_failures.labels(e.code).inc()
-        return web.json_response(e.to_dict(), status=401, headers={"WWW-Authenticate": "Bearer"})
     if not svc.ready or svc.draining:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
     ws = web.WebSocketResponse(max_msg_size=4 * svc.config.limits.max_frame_bytes, heartbeat=30.0)
-    if not ws.can_prepare(request).ok:
+    upgrade = ws.can_prepare(request).ok
+    try:
+        # A plain GET never spends a single-use token: 401 for a bad credential, else 426.
+        principal = await asyncio.to_thread(svc.auth.authenticate, request, spend_temp=upgrade)
+    except AuthError as e:
+        svc.metrics.auth_failures.labels(e.code).inc()
+        return web.json_response(e.to_dict(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    if not upgrade:
         resp = json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client")
         resp.headers["Upgrade"] = "websocket"
         return resp
