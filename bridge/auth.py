@@ -35,6 +35,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from bridge.db import Tx as _Tx
+from bridge.db import connect
+
 __all__ = [
     "KEY_FILE_NAME",
     "KEY_PREFIX",
@@ -199,15 +202,9 @@ class KeyStore:
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
         self.path = str(path)
         self.clock = clock
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # check_same_thread=False: asyncio.to_thread uses several worker threads; the lock serializes.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
+        self._db = connect(self.path)
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             with _Tx(self._db):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -416,19 +413,6 @@ class KeyStore:
         for job_id in orphans:
             self.settle(job_id, used_for(job_id))  # used_for reads the job store: not under our lock
         return len(orphans)
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 # --------------------------------------------------------------------------- authenticator

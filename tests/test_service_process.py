@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import pytest
 
 from bench import corpus
 from bridge.client.stream import StreamClient

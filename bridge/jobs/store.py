@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from bridge.db import Tx, connect
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 
 SCHEMA_VERSION = 1
@@ -144,16 +145,9 @@ class SqliteJobStore(JobStore):
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # check_same_thread=False: asyncio.to_thread uses different worker threads; the lock serializes.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
+        self._db = connect(self.path)
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
 
     # -- internals -------------------------------------------------------------------------
@@ -174,8 +168,8 @@ class SqliteJobStore(JobStore):
             self._db.execute("ROLLBACK")
             raise
 
-    def _tx(self):
-        return _Tx(self._db)
+    def _tx(self) -> Tx:
+        return Tx(self._db)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -339,16 +333,3 @@ class SqliteJobStore(JobStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
