@@ -405,3 +405,21 @@ async def test_readme_raw_websocket_example_runs(server, tmp_path):
     lines = out.decode().splitlines()
     assert "'type': 'ready'" in lines[0]
     assert lines[1].startswith("ch0 [0.") and corpus.wer(EN[0], lines[1].split("] ", 1)[1]) < 0.2
+
+
+async def test_cli_stream_raw_mulaw_from_stdin(server):
+    """`sox ... | callbridge stream - --sample-rate 8000 --encoding pcm_mulaw`: raw audio on stdin."""
+    import sys
+
+    raw = corpus.to_mulaw_8k(np.concatenate([sil(0.3), speech(CALLER, rate=140), sil(1.0)]))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "stream", "-", "--sample-rate", "8000", "--encoding", "pcm_mulaw",
+        "--url", server.url, "--api-key", API_KEY, "--fast", "--json",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(raw), 60)
+    assert proc.returncode == 0, err.decode()
+    events = [json.loads(x) for x in out.decode().splitlines()]
+    assert events[0]["type"] == "ready" and events[0]["config"]["encoding"] == "pcm_mulaw"
+    assert events[-1]["type"] == "completed"
+    assert events[-1]["streamed_seconds"] == pytest.approx(len(raw) / 8000, abs=0.01)
+    assert corpus.wer(CALLER, text_of(finals(events))) < 0.2

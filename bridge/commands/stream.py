@@ -129,6 +129,9 @@ async def _stream(args: argparse.Namespace, url: str, src: IO[bytes], fmt: dict,
     bps = {"pcm_s16le": 2, "pcm_mulaw": 1, "pcm_alaw": 1}[fmt["encoding"]] * fmt["channels"]
     chunk = max(bps, int(fmt["sample_rate"] * CHUNK_S) * bps)
     async with client as s:
+        if args.json:
+            printer.event(s.ready or {})
+
         async def send() -> None:
             t0, sent = time.monotonic(), 0.0
             loop = asyncio.get_running_loop()
