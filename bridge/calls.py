@@ -20,7 +20,7 @@ import numpy as np
 
 from bridge.audio.wav import WavRecorder
 from bridge.events.bus import EventBus
-from bridge.events.types import CallEnded, CallStarted, Final, Usage
+from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Usage
 from bridge.jobs.model import Job, JobStatus
 from bridge.jobs.store import JobStore
 from bridge.logs import get_logger
@@ -71,8 +71,9 @@ class Call:
         self.usage_interval_s = usage_interval_s
         self.session_id = "sess_" + secrets.token_hex(8)
         self.legs: list[Leg] = []
-        self.samples = 0  # 16 kHz samples per channel received
+        self.leg_samples: list[int] = [0] * len(job.speakers)  # 16 kHz samples received per leg
         self.finals = 0
+        self.dtmf: list[dict[str, Any]] = []
         self.started_at = time.monotonic()
         self.stop_requested = asyncio.Event()  # set by drain (SIGTERM): the ingress should end the call
         self.stop_reason = ""
@@ -113,7 +114,8 @@ class Call:
             leg.recognizer._task.add_done_callback(self._leg_done)  # type: ignore[union-attr]
         self._pump = loop.create_task(self._pump_events(), name=f"events-{self.job.id}")
         self._ticker = loop.create_task(self._tick_usage(), name=f"usage-{self.job.id}")
-        self.bus.publish(self.job.id, CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config))
+        self.bus.publish(self.job.id, CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config,
+                                                  self.job.metadata))
         self.log.info("call_started", source=self.job.source.value, speakers=self.job.speakers)
 
     def _leg_done(self, task: asyncio.Task) -> None:
@@ -134,7 +136,19 @@ class Call:
         for leg, pcm in zip(self.legs, chans):
             if len(pcm):
                 leg.recognizer.feed(pcm)
-        self.samples += len(chans[0])
+                self.leg_samples[leg.channel] += len(pcm)
+
+    def feed_leg(self, channel: int, pcm: np.ndarray) -> None:
+        """16 kHz int16 audio of one leg, for ingresses whose legs arrive separately (SIP, WebRTC)."""
+        assert self._recorder is not None, "open() first"
+        self._recorder.write(channel, pcm)
+        if len(pcm):
+            self.legs[channel].recognizer.feed(pcm)
+            self.leg_samples[channel] += len(pcm)
+
+    def publish(self, event: Any) -> None:
+        """An ingress event that is not audio (e.g. DTMF), in order with the legs' events."""
+        self._events.put_nowait(event)
 
     def force_endpoint(self) -> None:
         for leg in self.legs:
@@ -151,7 +165,8 @@ class Call:
 
     @property
     def streamed_seconds(self) -> float:
-        return self.samples / SAMPLE_RATE
+        """Audio received, per channel: the longest leg (legs of one call run side by side)."""
+        return max(self.leg_samples) / SAMPLE_RATE
 
     @property
     def credits_used(self) -> float:
@@ -167,12 +182,16 @@ class Call:
             ev = await self._events.get()
             if ev is None:
                 return
-            if isinstance(ev, Final):
-                try:
+            try:
+                if isinstance(ev, Final):
                     await asyncio.to_thread(self.store.add_segment, self.job.id, ev.to_dict())
                     self.finals += 1
-                except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
-                    self.log.error("final_not_saved", error=repr(e))
+                elif isinstance(ev, Dtmf):
+                    self.dtmf.append(ev.to_dict())
+                    self.job.metadata = {**self.job.metadata, "dtmf": list(self.dtmf)}
+                    await asyncio.to_thread(self.store.update_job, self.job.id, metadata=self.job.metadata)
+            except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
+                self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
             self.bus.publish(self.job.id, ev)
 
     async def _tick_usage(self) -> None:

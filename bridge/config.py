@@ -105,6 +105,24 @@ class CreditsConfig:
 
 
 @dataclass(frozen=True)
+class SipConfig:
+    enabled: bool = _f(True, "answer SIP calls (UDP and TCP on server.sip_port)")
+    workers: int = _f(4, "pjsua2 worker processes; each holds calls_per_worker calls", min=1, max=64)
+    calls_per_worker: int = _f(4, "calls per worker (the pjsua2 wheel allows 4; a bridged call takes 2)",
+                               min=1, max=4)
+    worker_base_port: int = _f(0, "SIP port of worker 0 (then +1 each); 0 = sip_port + 1", min=0, max=65535)
+    rtp_port_start: int = _f(20000, "first RTP port; each worker takes a block of 100", min=1024, max=65000)
+    rtp_timeout_s: float = _f(30.0, "end a call after this long without RTP from the caller", gt=0)
+    codecs: tuple[str, ...] = _f(("PCMU/8000", "PCMA/8000", "G722/16000"), "codecs offered, in priority order")
+    routes: tuple[str, ...] = _f((), "bridge mode: USER=SIP_URI entries by request-URI user; * matches any")
+    target_header: str = _f("X-Callbridge-Target", "INVITE header that names the bridge target")
+    allow_target_header: bool = _f(False, "let callers pick the bridge target with target_header (trusted networks only)")
+    transcribe_agent: bool = _f(True, "transcribe the bridged (agent) leg too")
+    public_address: str = _f("", "address put in SDP and Contact; empty = server.host")
+    owner_key: str = _f("", "API key id that owns SIP jobs; empty = the oldest active key")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     jwt_hs256_secret: str = _f("", "shared secret accepting HS256 JWTs; empty: HS256 off")
     jwt_rs256_public_key: str = _f("", "PEM file of the key accepting RS256 JWTs; empty: RS256 off")
@@ -130,6 +148,7 @@ class Config:
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     credits: CreditsConfig = field(default_factory=CreditsConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -161,6 +180,7 @@ _SECTIONS: dict[str, type] = {
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
     "credits": CreditsConfig,
+    "sip": SipConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
 }

@@ -43,6 +43,7 @@ class Service:
         self.model_path: str | None = None
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
+        self.sip: Any = None
         self.ready = False
         self.started_at = time.time()
 
@@ -76,6 +77,15 @@ class Service:
             await asyncio.to_thread(self.pool.start)
         else:
             self.model_path = getattr(self.pool, "model_path", None)
+        if self.config.sip.enabled:
+            from bridge.ingress.sip import SipIngress
+
+            self.sip = SipIngress(self)
+            try:
+                await self.sip.start()
+            except BaseException:
+                await self.sip.stop()
+                raise
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
 
@@ -93,6 +103,8 @@ class Service:
     async def drain(self) -> list[str]:
         timeout = self.config.limits.drain_timeout_s
         log.info("draining", live_calls=len(self.calls.calls), timeout_s=timeout)
+        if self.sip is not None:
+            await self.sip.drain(timeout)
         left = await self.calls.drain(timeout)
         for job_id in left:
             call = self.calls.calls.get(job_id)
@@ -105,6 +117,8 @@ class Service:
         if self.calls.calls:
             await self.drain()
         self.ready = False
+        if self.sip is not None:
+            await self.sip.stop()
         if self._own_pool and self.pool is not None:
             await asyncio.to_thread(self.pool.close)
         if self.keys is not None:

@@ -38,7 +38,8 @@ class RunningServer:
 
 async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningServer:
     """`overrides` are dotted config keys as text, e.g. {"limits.idle_timeout_s": "2"}."""
-    ov = {"data_dir": str(data_dir), "server.api_keys": f"{API_KEY},{OTHER_KEY}", "logging.format": "console"}
+    ov = {"data_dir": str(data_dir), "server.api_keys": f"{API_KEY},{OTHER_KEY}", "logging.format": "console",
+          "sip.enabled": "false"}  # SIP tests turn it on (workers are processes: slower to start)
     ov.update({k: str(v) for k, v in overrides.items()})
     config = load_config(ov, env={})
     service = Service(config, pool=pool)

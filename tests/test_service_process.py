@@ -37,7 +37,7 @@ class Serve:
         self.port = free_port()
         base = {k: v for k, v in os.environ.items() if k != "CALLBRIDGE_API_KEYS"}
         self.env = {**base, "CALLBRIDGE_MODEL_POOL_SIZE": "1", "CALLBRIDGE_LOGGING_FORMAT": "json",
-                    "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "20", **(env or {})}
+                    "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "20", "CALLBRIDGE_SIP_ENABLED": "false", **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.out = data_dir.parent / f"serve-{self.port}.out"

@@ -16,6 +16,7 @@ class EventType(str, Enum):
     USAGE = "usage"
     CALL_STARTED = "call_started"
     CALL_ENDED = "call_ended"
+    DTMF = "dtmf"
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,12 @@ class CallStarted:
     source: str
     speakers: tuple[str, ...]
     config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # e.g. SIP identity: from, to, call_id, headers
     type: EventType = field(default=EventType.CALL_STARTED, init=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type.value, "source": self.source, "speakers": list(self.speakers),
-                "config": self.config}
+                "config": self.config, "metadata": self.metadata}
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,23 @@ class CallEnded:
         return d
 
 
-Event = Partial | Final | Usage | CallStarted | CallEnded
+@dataclass(frozen=True)
+class Dtmf:
+    """A telephone keypad digit (RFC 2833/4733) pressed on a leg, `at` seconds from call start."""
+
+    digit: str
+    channel: int
+    speaker: str
+    at: float
+    duration_ms: int = 0
+    type: EventType = field(default=EventType.DTMF, init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type.value, "digit": self.digit, "channel": self.channel, "speaker": self.speaker,
+                "at": round(self.at, 3), "duration_ms": self.duration_ms}
+
+
+Event = Partial | Final | Usage | CallStarted | CallEnded | Dtmf
 
 
 def event_dict(ev: Any) -> dict[str, Any]:
