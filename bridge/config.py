@@ -55,7 +55,7 @@ def _f(default: Any, help: str, **check: Any) -> Any:
 class ServerConfig:
     host: str = _f("127.0.0.1", "address the HTTP/WS and SIP listeners bind to", nonempty=True)
     http_port: int = _f(8080, "HTTP + WebSocket port", min=1, max=65535)
-    sip_port: int = _f(5060, "SIP port (UDP and TCP)", min=1, max=65535)
+    sip_port: int = _f(5060, "SIP port (UDP and TCP); 0 = any free port", min=0, max=65535)
     data_dir: str = _f("./data", "SQLite database, recordings and the generated API key", nonempty=True)
     api_keys: tuple[str, ...] = _f((), "accepted API keys; empty: `serve` creates one in data_dir")
 

@@ -1,0 +1,240 @@
+"""SIP calls end to end: the service with its dispatcher and pjsua2 workers, callers and callees
+in separate processes (pjsua2 via sip.peer, and Debian's baresip), the real model, the real store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import sys
+import time
+import uuid
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import corpus
+from bench.calls import speech_bounds
+from tests.serving import start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 16000
+CALLER = "Let me transfer you to the billing department, one moment please."
+AGENT = "I need to cancel my subscription before the next billing cycle."
+
+
+def speech_wav(path: Path, text: str, rate: int = 8000, lead: float = 0.5, tail: float = 1.0) -> Path:
+    s = corpus.synthesize(text, rate=140)
+    a, b = speech_bounds(s)
+    pcm = np.concatenate([np.zeros(int(lead * SR), np.int16), s[a:b], np.zeros(int(tail * SR), np.int16)])
+    if rate != SR:
+        pcm = corpus._resample(pcm, SR, rate)
+    corpus.write_wav(path, pcm, rate)
+    return path
+
+
+async def peer(*args: str, timeout: float = 60) -> tuple[int, dict | None, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sip.peer", *args, cwd=str(ROOT),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    lines = [x for x in out.decode().splitlines() if x.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else None), err.decode()
+
+
+async def wait_job_done(store, timeout: float = 30.0, n: int = 1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        jobs, _ = store.list_jobs()
+        done = [j for j in jobs if j.status.value != "live"]
+        if len(done) >= n:
+            return done
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no finished SIP job in {timeout} s: {store.list_jobs()[0]}")
+
+
+def leg_text(store, job_id: str, speaker: str) -> str:
+    return " ".join(g.text for g in store.segments(job_id) if g.speaker == speaker and g.text)
+
+
+@pytest.fixture
+async def sip_server(tmp_path, pool):
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                         "sip.workers": "2"})
+    yield srv
+    await srv.stop()
+
+
+async def test_pjsua2_caller_transcribed_and_bye_completes(sip_server, tmp_path):
+    svc = sip_server.service
+    wav = speech_wav(tmp_path / "caller.wav", CALLER)
+    rc, info, err = await peer("call", f"sip:support@127.0.0.1:{svc.sip.port}", "--play", str(wav),
+                               "--header", "X-Ticket: 4711")
+    assert rc == 0, err
+    assert info["sip_code"] == 200 and info["hangup_by"] == "us" and info["codec"].startswith("PCMU")
+    job = (await wait_job_done(svc.store))[0]
+    assert job.source.value == "sip" and job.status.value == "completed" and job.speakers == ["caller"]
+    assert job.metadata["ended_by"] == "bye_caller"
+    sip = job.metadata["sip"]
+    assert sip["call_id"] == info["call_id"] and "X-Ticket" in sip["headers"] and "support@" in sip["to"]
+    text = leg_text(svc.store, job.id, "caller")
+    assert corpus.wer(CALLER, text) <= 0.15, text
+    with wave.open(job.audio_path) as w:
+        assert w.getnchannels() == 1 and abs(w.getnframes() / SR - info["sent_seconds"]) < 1.0
+
+
+@pytest.mark.skipif(shutil.which("baresip") is None, reason="Debian baresip not installed")
+async def test_baresip_caller(sip_server, tmp_path):
+    svc = sip_server.service
+    wav = speech_wav(tmp_path / "caller.wav", CALLER)
+    conf = tmp_path / "baresip"
+    conf.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (conf / "config").write_text(
+        f"sip_listen 127.0.0.1:{port}\nnet_interface 127.0.0.1\naudio_source aufile,{wav}\n"
+        "audio_player aubridge,nil\naudio_alert aubridge,nil\naudio_srate 8000\naudio_channels 1\n"
+        f"rtp_ports {port + 2}-{port + 40}\nmodule_path /usr/lib/baresip/modules\n"
+        "module stdio.so\nmodule g711.so\nmodule aufile.so\nmodule aubridge.so\nmodule account.so\nmodule menu.so\n")
+    (conf / "accounts").write_text(f"<sip:test@127.0.0.1:{port}>;regint=0\n")
+    proc = await asyncio.create_subprocess_exec(
+        "baresip", "-f", str(conf), "-e", f"/dial sip:baresip@127.0.0.1:{svc.sip.port}", "-t", "20",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(conf))
+    out, _ = await asyncio.wait_for(proc.communicate(), 40)
+    job = (await wait_job_done(svc.store))[0]
+    assert job.status.value == "completed", out.decode()[-2000:]
+    text = leg_text(svc.store, job.id, "caller")
+    assert corpus.wer(CALLER, text) <= 0.15, (text, out.decode()[-1500:])
+
+
+async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, pool):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        callee_port = s.getsockname()[1]
+    srv = await start_server(tmp_path / "data", pool, **{
+        "sip.enabled": "true", "server.sip_port": "0", "sip.workers": "1",
+        "sip.routes": f"agent=sip:agent@127.0.0.1:{callee_port}"})
+    try:
+        svc = srv.service
+        caller_wav = speech_wav(tmp_path / "caller.wav", CALLER, lead=0.5, tail=4.5)
+        agent_wav = speech_wav(tmp_path / "agent.wav", AGENT, lead=5.0, tail=1.0)
+        heard = tmp_path / "callee-heard.wav"
+        callee = asyncio.create_task(peer("answer", "--port", str(callee_port), "--play", str(agent_wav),
+                                          "--record", str(heard), "--timeout", "40"))
+        await asyncio.sleep(1.0)  # the callee's endpoint is up
+        rc, info, err = await peer("call", f"sip:agent@127.0.0.1:{svc.sip.port}", "--play", str(caller_wav),
+                                   "--hold-s", "5")
+        assert rc == 0, err
+        await asyncio.wait_for(callee, 30)
+        job = (await wait_job_done(svc.store))[0]
+        assert job.speakers == ["caller", "agent"] and job.config["target"].startswith("sip:agent@")
+        assert corpus.wer(CALLER, leg_text(svc.store, job.id, "caller")) <= 0.2
+        assert corpus.wer(AGENT, leg_text(svc.store, job.id, "agent")) <= 0.2
+        with wave.open(job.audio_path) as w:
+            assert w.getnchannels() == 2
+        # the callee heard the caller: transcribe its recording offline with the same model
+        pcm, rate = corpus.read_wav(heard)
+        if rate != SR:
+            pcm = corpus._resample(pcm, rate, SR)
+        hyp = await pool.decode(pcm, _offline_opts())
+        assert corpus.wer(CALLER, hyp.text) <= 0.25, hyp.text
+    finally:
+        await srv.stop()
+
+
+def _offline_opts():
+    from bridge.recognizer.engine import DecodeOptions
+
+    return DecodeOptions(full_ctx=True)
+
+
+def _invite(port: int, local_port: int, *, sdp: str | None, call_id: str | None = None, bad: bool = False) -> bytes:
+    call_id = call_id or uuid.uuid4().hex
+    body = sdp.encode() if sdp is not None else b""
+    lines = [f"INVITE sip:test@127.0.0.1:{port} SIP/2.0",
+             f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport",
+             "Max-Forwards: 70", f"From: <sip:probe@127.0.0.1:{local_port}>;tag=abc", f"To: <sip:test@127.0.0.1:{port}>",
+             f"Contact: <sip:probe@127.0.0.1:{local_port}>"]
+    if not bad:
+        lines += [f"Call-ID: {call_id}", "CSeq: 1 INVITE"]
+    if sdp is not None:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _sdp(local_port: int, pts: str, rtpmap: str) -> str:
+    return (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {local_port + 2} RTP/AVP {pts}\r\n{rtpmap}")
+
+
+async def _udp_exchange(port: int, data: bytes, want_final: bool = True, timeout: float = 5.0) -> list[str]:
+    """Send one datagram to the service's SIP port and collect the status lines that come back."""
+    loop = asyncio.get_running_loop()
+    got: list[str] = []
+    done = loop.create_future()
+
+    class P(asyncio.DatagramProtocol):
+        def datagram_received(self, d, addr):
+            line = d.split(b"\r\n", 1)[0].decode(errors="replace")
+            got.append(line)
+            code = int(line.split()[1]) if line.startswith("SIP/2.0 ") else 0
+            if code >= 200 and not done.done():
+                done.set_result(None)
+
+    tr, _ = await loop.create_datagram_endpoint(P, local_addr=("127.0.0.1", 0))
+    local_port = tr.get_extra_info("sockname")[1]
+    tr.sendto(data.replace(b"LOCALPORT", str(local_port).encode()), ("127.0.0.1", port))
+    try:
+        await asyncio.wait_for(done, timeout)
+    except asyncio.TimeoutError:
+        pass
+    tr.close()
+    return got
+
+
+async def test_bad_sip_input_gets_sip_errors_and_service_keeps_answering(sip_server, tmp_path):
+    port = sip_server.service.sip.port
+    gsm = _sdp(40000, "3", "a=rtpmap:3 GSM/8000\r\n")
+    replies = {
+        "garbage": await _udp_exchange(port, b"\x00\x01hello not sip\r\n\r\n", timeout=1.0),
+        "no_call_id": await _udp_exchange(port, _invite(port, 40000, sdp=_sdp(40000, "0", ""), bad=True)),
+        "no_sdp": await _udp_exchange(port, _invite(port, 40000, sdp=None)),
+        "gsm_only": await _udp_exchange(port, _invite(port, 40000, sdp=gsm)),
+    }
+    assert replies["garbage"] == []
+    assert replies["no_call_id"][-1].startswith("SIP/2.0 400")
+    assert replies["no_sdp"][-1].startswith("SIP/2.0 488")
+    assert replies["gsm_only"][-1].startswith("SIP/2.0 488")
+    # and a proper call still works afterwards
+    wav = speech_wav(tmp_path / "ok.wav", CALLER)
+    rc, info, err = await peer("call", f"sip:after@127.0.0.1:{port}", "--play", str(wav))
+    assert rc == 0 and info["sip_code"] == 200, err
+    job = (await wait_job_done(sip_server.service.store))[0]
+    assert corpus.wer(CALLER, leg_text(sip_server.service.store, job.id, "caller")) <= 0.15
+
+
+async def test_dtmf_and_max_duration(tmp_path, pool):
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                         "sip.workers": "1", "limits.max_duration_s": "4"})
+    try:
+        svc = srv.service
+        wav = speech_wav(tmp_path / "long.wav", CALLER, tail=6.0)
+        rc, info, err = await peer("call", f"sip:x@127.0.0.1:{svc.sip.port}", "--play", str(wav),
+                                   "--dtmf", "42#", "--dtmf-at", "1.0")
+        assert rc == 0, err
+        assert info["hangup_by"] == "remote"  # the service hung up at the maximum duration
+        job = (await wait_job_done(svc.store))[0]
+        assert job.status.value == "completed" and job.metadata["ended_by"] == "max_duration"
+        assert 3.5 <= job.duration_s <= 5.0
+        assert "".join(d["digit"] for d in job.metadata["dtmf"]) == "42#"
+    finally:
+        await srv.stop()
