@@ -108,9 +108,14 @@ async def test_baresip_caller(sip_server, tmp_path):
     proc = await asyncio.create_subprocess_exec(
         "baresip", "-f", str(conf), "-e", f"/dial sip:baresip@127.0.0.1:{svc.sip.port}", "-t", "20",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(conf))
-    out, _ = await asyncio.wait_for(proc.communicate(), 40)
-    job = (await wait_job_done(svc.store))[0]
-    assert job.status.value == "completed", out.decode()[-2000:]
+    try:
+        job = (await wait_job_done(svc.store, timeout=30))[0]
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert job.status.value == "completed" and job.metadata["ended_by"] == "bye_caller", out.decode()[-2000:]
+    assert "baresip" in job.metadata["sip"]["to"]
     text = leg_text(svc.store, job.id, "caller")
     assert corpus.wer(CALLER, text) <= 0.15, (text, out.decode()[-1500:])
 
