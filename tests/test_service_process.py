@@ -141,3 +141,45 @@ async def test_kill_9_mid_session_keeps_audio_and_finals(tmp_path, pool):
         assert [g.text for g in store.segments(done.job_id)]
     finally:
         await srv2.stop()
+
+
+async def test_serve_with_sip_call_then_sigterm_hangs_up_and_leaves_no_workers(tmp_path):
+    """`serve` with SIP on: `callbridge call` reaches it; SIGTERM ends the live call cleanly
+    (BYE to the caller, job completed with what was said) and no worker process outlives it."""
+    from tests.test_sip_service import CALLER, speech_wav
+
+    data = tmp_path / "data"
+    sip_port = free_port()
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_SIP_ENABLED": "true", "CALLBRIDGE_SIP_PORT": str(sip_port),
+           "CALLBRIDGE_SIP_WORKERS": "2", "CALLBRIDGE_SIP_WORKER_BASE_PORT": "0"}
+    wav = speech_wav(tmp_path / "c.wav", CALLER, tail=8.0)
+    async with Serve(data, env) as srv:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(srv.url + "/healthz") as r:
+                health = await r.json()
+        assert health["sip"]["listening"] and len(health["sip"]["workers"]) == 2
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "call", f"sip:support@127.0.0.1:{sip_port}", "--play", str(wav), "--json",
+            cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await asyncio.sleep(6.0)  # the sentence has been said; the call is still up (8 s of silence follow)
+        logs = [json.loads(x) for x in srv.log.read_text().splitlines() if x.startswith("{")]
+        worker_pids = [x["pid"] for x in logs if x.get("event") == "sip_worker_spawned"]
+        assert len(worker_pids) == 2
+        srv.proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(caller.communicate(), 30)
+        assert await asyncio.wait_for(srv.proc.wait(), 30) == 0
+    info = json.loads([x for x in out.decode().splitlines() if x.startswith("{")][-1])
+    assert info["sip_code"] == 200 and info["hangup_by"] == "remote", err.decode()
+    for pid in worker_pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    from bridge.jobs.store import SqliteJobStore
+
+    store = SqliteJobStore(data / "callbridge.db")
+    try:
+        (job,), _ = store.list_jobs()
+        assert job.source.value == "sip" and job.status.value == "completed"
+        assert job.metadata["ended_by"] == "shutdown"
+        text = " ".join(g.text for g in store.segments(job.id))
+        assert corpus.wer(CALLER, text) <= 0.15, text
+    finally:
+        store.close()

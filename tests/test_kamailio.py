@@ -1,0 +1,81 @@
+"""The production topology: Kamailio (Debian 5.6) with the shipped config in front of the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.serving import start_server
+from tests.test_service_process import free_port
+from tests.test_sip_service import CALLER, leg_text, peer, speech_wav
+
+from bench import corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "config" / "kamailio" / "kamailio.cfg"
+pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="Debian kamailio not installed")
+
+
+def local_config(tmp: Path, port: int, worker_ports: list[int], maxload: int) -> Path:
+    """The shipped config with this test's port and worker list substituted (nothing else changed)."""
+    lst = tmp / "dispatcher.list"
+    lst.write_text("".join(f"1 sip:127.0.0.1:{p} 0 0 duid=w{i};maxload={maxload}\n" for i, p in enumerate(worker_ports)))
+    text = CFG.read_text()
+    text = text.replace('"!LISTEN_PORT!5060!g"', f'"!LISTEN_PORT!{port}!g"')
+    text = text.replace('"!DISPATCHER_LIST!config/kamailio/dispatcher.list!g"', f'"!DISPATCHER_LIST!{lst}!g"')
+    cfg = tmp / "kamailio.cfg"
+    cfg.write_text(text)
+    return cfg
+
+
+async def test_shipped_config_parses():
+    proc = await asyncio.create_subprocess_exec("kamailio", "-c", "-f", str(CFG), cwd=str(ROOT),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode()[-2000:]
+
+
+async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_path, pool):
+    """2 workers x maxload 1 behind Kamailio: two concurrent calls are answered on different
+    workers and transcribed, a third gets 503, and the load counters come back after BYE."""
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                         "sip.workers": "2"})
+    kam = None
+    try:
+        svc = srv.service
+        port = free_port()
+        cfg = local_config(tmp_path, port, [w.port for w in svc.sip.workers], maxload=1)
+        run = tmp_path / "run"
+        run.mkdir()
+        kam = await asyncio.create_subprocess_exec(
+            "kamailio", "-f", str(cfg), "-Y", str(run), "-P", str(run / "kamailio.pid"), "-DD", "-E", "-m", "32", "-M", "4",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        await asyncio.sleep(3.0)  # listening, and the workers answered the first OPTIONS probes
+        assert kam.returncode is None
+        wav = speech_wav(tmp_path / "c.wav", CALLER, tail=3.0)
+        results = await asyncio.gather(*(
+            peer("call", f"sip:k{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30") for i in range(3)))
+        codes = sorted(info["sip_code"] for _, info, _ in results)
+        assert codes == [200, 200, 503], results
+        jobs, _ = svc.store.list_jobs()
+        assert len(jobs) == 2 and {j.config["worker"] for j in jobs} == {0, 1}
+        for _ in range(100):
+            if all(svc.store.get_job(j.id).status.value == "completed" for j in jobs):
+                break
+            await asyncio.sleep(0.1)
+        for j in jobs:
+            assert svc.store.get_job(j.id).status.value == "completed"
+            assert corpus.wer(CALLER, leg_text(svc.store, j.id, "caller")) <= 0.15
+        # the slots are free again: the next call is answered
+        rc, info, err = await peer("call", f"sip:again@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
+        assert rc == 0 and info["sip_code"] == 200, err
+    finally:
+        if kam is not None and kam.returncode is None:
+            os.killpg(kam.pid, signal.SIGTERM)  # kamailio forks children into its own session
+            await asyncio.wait_for(kam.wait(), 10)
+        await srv.stop()
