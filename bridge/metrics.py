@@ -53,6 +53,21 @@ class _LiveCollector:
         yield GaugeMetricFamily("callbridge_legs_active", "Live call legs (one recognizer each)", value=svc.calls.legs)
         yield GaugeMetricFamily("callbridge_ready", "1 once the model is loaded", value=1 if svc.ready else 0)
         yield GaugeMetricFamily("callbridge_draining", "1 while shutting down", value=1 if svc.draining else 0)
+        if svc.sip is not None:
+            st = svc.sip.stats()
+            alive = GaugeMetricFamily("callbridge_sip_workers_alive", "SIP worker processes connected")
+            alive.add_metric([], sum(1 for w in st["workers"] if w["alive"]))
+            yield alive
+            yield GaugeMetricFamily("callbridge_sip_worker_restarts", "SIP worker restarts since start",
+                                    value=sum(w["restarts"] for w in st["workers"]))
+            rej = GaugeMetricFamily("callbridge_sip_rejected", "INVITEs and requests refused by the dispatcher, by status",
+                                    labels=["status"])
+            for code, n in sorted((st.get("dispatcher") or {}).get("rejected", {}).items()):
+                rej.add_metric([str(code)], n)
+            yield rej
+            d = st.get("dispatcher") or {}
+            yield GaugeMetricFamily("callbridge_sip_invites", "INVITEs received on the public SIP port",
+                                    value=d.get("invites", 0))
         if svc.pool is None:
             return
         stats = svc.pool.stats()

@@ -199,7 +199,7 @@ def test_env_errors_name_variable():
 
 
 def test_flag_errors_name_flag():
-    with pytest.raises(ConfigError, match=r"server\.sip_port must be in 1\.\.65535.*flag --sip-port"):
+    with pytest.raises(ConfigError, match=r"server\.sip_port must be in 0\.\.65535.*flag --sip-port"):
         load_config({"sip_port": "70000"}, env={})
     with pytest.raises(ConfigError, match=r"server\.http_port must be an integer.*flag --http-port"):
         load_config({"http_port": "x"}, env={})

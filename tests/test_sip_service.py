@@ -225,6 +225,19 @@ async def test_bad_sip_input_gets_sip_errors_and_service_keeps_answering(sip_ser
     assert rc == 0 and info["sip_code"] == 200, err
     job = (await wait_job_done(sip_server.service.store))[0]
     assert corpus.wer(CALLER, leg_text(sip_server.service.store, job.id, "caller")) <= 0.15
+    metrics = sip_server.service.metrics.render().decode()
+    assert 'callbridge_sip_rejected{status="488"} 2.0' in metrics and 'callbridge_sip_rejected{status="400"} 1.0' in metrics
+    assert "callbridge_sip_workers_alive 2.0" in metrics
+
+
+async def test_tcp_caller_through_the_dispatcher(sip_server, tmp_path):
+    svc = sip_server.service
+    wav = speech_wav(tmp_path / "caller.wav", CALLER)
+    rc, info, err = await peer("call", f"sip:tcp@127.0.0.1:{svc.sip.port};transport=tcp", "--play", str(wav))
+    assert rc == 0 and info["sip_code"] == 200, err
+    job = (await wait_job_done(svc.store))[0]
+    assert job.metadata["ended_by"] == "bye_caller"
+    assert corpus.wer(CALLER, leg_text(svc.store, job.id, "caller")) <= 0.15
 
 
 async def test_dtmf_and_max_duration(tmp_path, pool):

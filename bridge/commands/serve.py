@@ -52,6 +52,9 @@ async def run_service(config: Config) -> int:
         print(f"Created an API key (saved in {svc.data_dir / 'api_key'}):\n  {svc.generated_key}", flush=True)
     print(f"callbridge listening on http://{host}:{port}  (WebSocket ws://{host}:{port}/v1/transcription/stream)",
           flush=True)
+    if svc.sip is not None:
+        print(f"SIP on {host}:{svc.sip.port} (UDP and TCP), {len(svc.sip.workers)} workers x "
+              f"{config.sip.calls_per_worker} calls", flush=True)
     log.info("listening", host=host, http_port=port)
     await stop.wait()
     left = await svc.drain()
