@@ -58,10 +58,15 @@ async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_pat
         await asyncio.sleep(3.0)  # listening, and the workers answered the first OPTIONS probes
         assert kam.returncode is None
         wav = speech_wav(tmp_path / "c.wav", CALLER, tail=3.0)
-        results = await asyncio.gather(*(
-            peer("call", f"sip:k{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30") for i in range(3)))
+        async def call(i: int):
+            await asyncio.sleep(1.0 * i)  # one after another, while the earlier ones are still talking
+            return await peer("call", f"sip:k{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
+
+        results = await asyncio.gather(*(call(i) for i in range(3)))
         codes = sorted(info["sip_code"] for _, info, _ in results)
-        assert codes == [200, 200, 503], results
+        jobs, _ = svc.store.list_jobs()
+        assert codes == [200, 200, 503], (codes, [(j.config.get("worker"), j.created_at, j.ended_at) for j in jobs],
+                                          svc.sip.dispatcher.stats().get("workers"))
         jobs, _ = svc.store.list_jobs()
         assert len(jobs) == 2 and {j.config["worker"] for j in jobs} == {0, 1}
         for _ in range(100):
