@@ -123,6 +123,17 @@ class SipConfig:
 
 
 @dataclass(frozen=True)
+class WebRtcConfig:
+    enabled: bool = _f(True, "accept browser calls at POST /v1/webrtc/offer")
+    ice_servers: tuple[str, ...] = _f((), "STUN/TURN URLs (stun:host:port, turn:host:port); none by default")
+    turn_username: str = _f("", "username for the turn: servers")
+    turn_credential: str = _f("", "credential for the turn: servers")
+    loopback_candidates: bool = _f(True, "offer 127.0.0.1 as an ICE host candidate (browsers on this machine)")
+    media_timeout_s: float = _f(10.0, "end a call after this long without audio from the browser", gt=0)
+    connect_timeout_s: float = _f(30.0, "end a call whose peer connection is not up after this long", gt=0)
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     jwt_hs256_secret: str = _f("", "shared secret accepting HS256 JWTs; empty: HS256 off")
     jwt_rs256_public_key: str = _f("", "PEM file of the key accepting RS256 JWTs; empty: RS256 off")
@@ -149,6 +160,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     credits: CreditsConfig = field(default_factory=CreditsConfig)
     sip: SipConfig = field(default_factory=SipConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -161,7 +173,7 @@ class Config:
                 v = getattr(getattr(self, sec.name), f.name)
                 if isinstance(v, tuple):
                     v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
-                elif mask_keys and f.name == "jwt_hs256_secret" and v:
+                elif mask_keys and f.name in ("jwt_hs256_secret", "turn_credential") and v:
                     v = _mask(v)
                 values[f.name] = v
             out[sec.name] = values
@@ -181,6 +193,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "credits": CreditsConfig,
     "sip": SipConfig,
+    "webrtc": WebRtcConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
 }

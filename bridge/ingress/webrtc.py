@@ -1,0 +1,7 @@
+"""STUB: being written (WebRTC ingress)."""
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    pass
