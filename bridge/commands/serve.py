@@ -36,7 +36,12 @@ async def run_service(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await svc.start()
+    try:
+        await svc.start()
+    except RuntimeError as e:  # e.g. SIP workers that cannot start: say why in one line
+        print(f"callbridge: error: {e}", file=sys.stderr)
+        await svc.stop()
+        return 1
     runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
     await runner.setup()
     host, port = config.server.host, config.server.http_port

@@ -112,6 +112,11 @@ class SipIngress:
         from sip.routing import Router
 
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
+        import importlib.util
+
+        if importlib.util.find_spec("pjsua2") is None:
+            raise RuntimeError("SIP needs the pjsua2-python wheel (Python 3.11, `pip install pjsua2-python`); "
+                               "install it or turn SIP off with CALLBRIDGE_SIP_ENABLED=false / [sip] enabled = false")
         self._sock_dir = tempfile.mkdtemp(prefix="callbridge-sip-")  # Unix socket paths max out at 108 bytes
         self.sock_path = os.path.join(self._sock_dir, "control.sock")
         self._server = await asyncio.start_unix_server(self._on_worker, path=self.sock_path)
