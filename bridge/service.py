@@ -44,6 +44,7 @@ class Service:
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
         self.sip: Any = None
+        self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
         self.ready = False
         self.started_at = time.time()
 
@@ -86,6 +87,10 @@ class Service:
             except BaseException:
                 await self.sip.stop()
                 raise
+        if self.config.webrtc.enabled:
+            from bridge.ingress.webrtc import WebRtcIngress
+
+            self.webrtc = WebRtcIngress(self)
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
 
@@ -117,6 +122,8 @@ class Service:
         if self.calls.calls:
             await self.drain()
         self.ready = False
+        if self.webrtc is not None:  # peer connections left after the drain are closed here
+            await self.webrtc.close()
         if self.sip is not None:
             await self.sip.stop()
         if self._own_pool and self.pool is not None:

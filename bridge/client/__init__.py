@@ -3,5 +3,6 @@
 from .errors import ApiError
 from .rest import JobsClient
 from .stream import StreamClient, StreamError
+from .webrtc import WebRtcClient, WebRtcError
 
-__all__ = ["ApiError", "JobsClient", "StreamClient", "StreamError"]
+__all__ = ["ApiError", "JobsClient", "StreamClient", "StreamError", "WebRtcClient", "WebRtcError"]

@@ -36,7 +36,8 @@ from bridge.recognizer.streamer import ENDPOINTING_RANGE, StreamerConfig
 if TYPE_CHECKING:
     from bridge.service import Service
 
-__all__ = ["ErrorCode", "CLOSE_CODES", "StartConfig", "SessionError", "add_routes"]
+__all__ = ["ErrorCode", "CLOSE_CODES", "StartConfig", "SessionError", "add_routes", "admit_call", "apply_control",
+           "completed_frame", "settle_call", "wire_frame"]
 
 log = get_logger("bridge.ingress.stream")
 PATH = "/v1/transcription/stream"
@@ -293,45 +294,8 @@ class StreamSession:
             max_duration_s=self.limits.max_duration_s, multilingual=bool(getattr(self.svc.pool, "multilingual", False)))
 
     async def _admit(self, start: StartConfig) -> None:
-        """Session slot, credit reservation, then the job. Each refusal undoes the steps before it."""
-        svc, owner = self.svc, self.principal.owner
-        limit = self.limits.max_sessions_per_key
-        if svc.draining:
-            raise SessionError(ErrorCode.UPSTREAM_ERROR, "the server is shutting down; retry on another node")
-        if not svc.calls.admit(owner, limit):
-            raise SessionError(ErrorCode.RATE_LIMITED,
-                               f"{svc.calls.active(owner)} sessions already live for this key (limit {limit})")
-        job_id = new_job_id()
-        try:
-            reserve = math.ceil(credits_for(start.max_duration_seconds, start.channels, svc.config.credits.per_minute))
-            try:
-                await asyncio.to_thread(svc.keys.reserve, owner, job_id, reserve)
-            except InsufficientCredits as e:
-                raise SessionError(
-                    ErrorCode.INSUFFICIENT_CREDITS,
-                    f"balance {e.balance} credits is short of the {e.needed} reserved for a session of up to "
-                    f"{start.max_duration_seconds:g} s x {start.channels} channel(s) at "
-                    f"{svc.config.credits.per_minute} credits/min; lower max_duration_seconds or add credits") from None
-            streamer = StreamerConfig(**svc.config.recognizer.streamer_kwargs())
-            streamer = replace(streamer, endpointing_ms=start.endpointing_ms, interim_results=start.interim_results,
-                               language=start.language, word_boost=start.word_boost)
-            job = Job(id=job_id, owner=owner, source=JobSource.STREAM, config=start.effective(),
-                      speakers=list(start.speakers), metadata=start.metadata)
-            call = Call(job, store=svc.store, bus=svc.bus, pool=svc.pool, streamer_config=streamer,
-                        recordings_dir=svc.recordings_dir, credits_per_minute=svc.config.credits.per_minute,
-                        usage_interval_s=svc.config.credits.usage_interval_s)
-            self.front = AudioFrontEnd(start.audio_format)
-            self._sub = svc.bus.subscribe(job_id)
-            await call.open()
-        except BaseException:
-            svc.calls.release(owner)
-            if self._sub is not None:
-                self._sub.close()
-            await asyncio.to_thread(svc.keys.settle, job_id, 0)
-            raise
-        self.call = call
-        svc.calls.add(call, owner)
-        svc.metrics.sessions.labels(JobSource.STREAM.value).inc()
+        self.front = AudioFrontEnd(start.audio_format)
+        self.call, self._sub = await admit_call(self.svc, self.principal.owner, start, source=JobSource.STREAM)
 
     async def _run_call(self, call: Call, start: StartConfig) -> None:
         ready = {"type": "ready", "job_id": call.id, "session_id": call.session_id,
@@ -409,7 +373,7 @@ class StreamSession:
                     last_activity = time.monotonic()
                     try:
                         ctl = _parse_text(msg.data)
-                        if self._control(call, ctl):
+                        if apply_control(call, ctl):
                             return _Outcome.END
                     except SessionError as e:
                         return e
@@ -423,37 +387,12 @@ class StreamSession:
         finally:
             stop.cancel()
 
-    def _control(self, call: Call, ctl: dict[str, Any]) -> bool:
-        """Apply a control frame; True when it ends the session (`end`)."""
-        kind = ctl["type"]
-        if kind == "keep_alive":
-            return False
-        if kind == "force_endpoint":
-            call.force_endpoint()
-            return False
-        if kind == "configure":
-            v = ctl.get("endpointing_ms")
-            lo, hi = ENDPOINTING_RANGE
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise SessionError(ErrorCode.INVALID_CONFIG,
-                                   f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {json.dumps(v)}")
-            call.configure(v)
-            call.log.info("configured", endpointing_ms=v)
-            return False
-        if kind == "end":
-            return True
-        if kind == "start":
-            raise SessionError(ErrorCode.INVALID_CONFIG, "start was already received; one start per session")
-        raise SessionError(ErrorCode.INVALID_CONFIG,
-                           f"unknown frame type {kind!r}; expected keep_alive, force_endpoint, configure or end")
-
     async def _forward(self, interim: bool) -> None:
         """Bus -> socket for this job: partials (if asked), finals, usage. Ends when the sub closes."""
         async for env in self._sub:
-            t = env.event.type
-            if t in (EventType.CALL_STARTED, EventType.CALL_ENDED) or (t is EventType.PARTIAL and not interim):
-                continue
-            await self._send(env.event.to_dict())
+            frame = wire_frame(env.event, interim)
+            if frame is not None:
+                await self._send(frame)
 
     async def _conclude(self, call: Call, outcome: _Outcome | SessionError) -> None:
         """Flush the audio, save the job, let every final out, then the last frame and the close."""
@@ -466,9 +405,7 @@ class StreamSession:
             except Exception:  # noqa: BLE001
                 call.log.warning("resampler_flush_failed")
         job = await call.finish(status, error)
-        used = math.ceil(call.credits_used)
-        await asyncio.to_thread(self.svc.keys.settle, call.id, used)
-        self.svc.metrics.audio_seconds.labels(JobSource.STREAM.value).inc(call.streamed_seconds * call.channels)
+        await settle_call(self.svc, call)
         self._sub.close()
         if self._sender is not None:
             await self._sender
@@ -481,13 +418,111 @@ class StreamSession:
         if outcome is _Outcome.DISCONNECT:
             call.log.info("client_disconnected", status=job.status.value)
             return
-        await self._send({"type": "completed", "job_id": call.id, "streamed_seconds": round(call.streamed_seconds, 3),
-                          "credits_used": round(call.credits_used, 2),
-                          "transcript_path": f"/v1/jobs/{call.id}/transcript", "job_path": f"/v1/jobs/{call.id}"})
+        await self._send(completed_frame(call))
         if outcome is _Outcome.DRAIN:
             await self._close(CLOSE_GOING_AWAY, "server shutting down")
         else:
             await self._close(CLOSE_NORMAL)
+
+
+# --------------------------------------------------------------------------- shared by every live ingress
+# (the WebRTC ingress, bridge/ingress/webrtc.py, runs its sessions through these too)
+
+
+def streamer_config(svc: "Service", start: StartConfig) -> StreamerConfig:
+    """The recognizer settings of a session: the server's defaults with the start fields applied."""
+    base = StreamerConfig(**svc.config.recognizer.streamer_kwargs())
+    return replace(base, endpointing_ms=start.endpointing_ms, interim_results=start.interim_results,
+                   language=start.language, word_boost=start.word_boost)
+
+
+async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: JobSource,
+                     config: dict[str, Any] | None = None) -> tuple[Call, Any]:
+    """Session slot, credit reservation, then the opened Call and a bus subscription to its events.
+
+    Raises SessionError (UPSTREAM_ERROR while draining, RATE_LIMITED, INSUFFICIENT_CREDITS); each
+    refusal undoes the steps before it, so a refused session leaves no job and no reservation.
+    `config` is what the job records as its config (default: `start.effective()`)."""
+    limit = svc.config.limits.max_sessions_per_key
+    if svc.draining:
+        raise SessionError(ErrorCode.UPSTREAM_ERROR, "the server is shutting down; retry on another node")
+    if not svc.calls.admit(owner, limit):
+        raise SessionError(ErrorCode.RATE_LIMITED,
+                           f"{svc.calls.active(owner)} sessions already live for this key (limit {limit})")
+    job_id = new_job_id()
+    sub = None
+    try:
+        reserve = math.ceil(credits_for(start.max_duration_seconds, start.channels, svc.config.credits.per_minute))
+        try:
+            await asyncio.to_thread(svc.keys.reserve, owner, job_id, reserve)
+        except InsufficientCredits as e:
+            raise SessionError(
+                ErrorCode.INSUFFICIENT_CREDITS,
+                f"balance {e.balance} credits is short of the {e.needed} reserved for a session of up to "
+                f"{start.max_duration_seconds:g} s x {start.channels} channel(s) at "
+                f"{svc.config.credits.per_minute} credits/min; lower max_duration_seconds or add credits") from None
+        job = Job(id=job_id, owner=owner, source=source, config=config if config is not None else start.effective(),
+                  speakers=list(start.speakers), metadata=start.metadata)
+        call = Call(job, store=svc.store, bus=svc.bus, pool=svc.pool, streamer_config=streamer_config(svc, start),
+                    recordings_dir=svc.recordings_dir, credits_per_minute=svc.config.credits.per_minute,
+                    usage_interval_s=svc.config.credits.usage_interval_s)
+        sub = svc.bus.subscribe(job_id)
+        await call.open()
+    except BaseException:
+        svc.calls.release(owner)
+        if sub is not None:
+            sub.close()
+        await asyncio.to_thread(svc.keys.settle, job_id, 0)
+        raise
+    svc.calls.add(call, owner)
+    svc.metrics.sessions.labels(source.value).inc()
+    return call, sub
+
+
+def apply_control(call: Call, ctl: dict[str, Any]) -> bool:
+    """Apply a client control message; True when it ends the session (`end`).
+    Raises SessionError(INVALID_CONFIG) for a bad value or an unknown type."""
+    kind = ctl["type"]
+    if kind == "keep_alive":
+        return False
+    if kind == "force_endpoint":
+        call.force_endpoint()
+        return False
+    if kind == "configure":
+        v = ctl.get("endpointing_ms")
+        lo, hi = ENDPOINTING_RANGE
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise SessionError(ErrorCode.INVALID_CONFIG,
+                               f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {json.dumps(v)}")
+        call.configure(v)
+        call.log.info("configured", endpointing_ms=v)
+        return False
+    if kind == "end":
+        return True
+    if kind == "start":
+        raise SessionError(ErrorCode.INVALID_CONFIG, "start was already received; one start per session")
+    raise SessionError(ErrorCode.INVALID_CONFIG,
+                       f"unknown frame type {kind!r}; expected keep_alive, force_endpoint, configure or end")
+
+
+def wire_frame(event: Any, interim: bool) -> dict[str, Any] | None:
+    """A bus event as the client sees it (partials only if asked), or None for lifecycle events."""
+    t = event.type
+    if t in (EventType.CALL_STARTED, EventType.CALL_ENDED) or (t is EventType.PARTIAL and not interim):
+        return None
+    return event.to_dict()
+
+
+def completed_frame(call: Call) -> dict[str, Any]:
+    return {"type": "completed", "job_id": call.id, "streamed_seconds": round(call.streamed_seconds, 3),
+            "credits_used": round(call.credits_used, 2),
+            "transcript_path": f"/v1/jobs/{call.id}/transcript", "job_path": f"/v1/jobs/{call.id}"}
+
+
+async def settle_call(svc: "Service", call: Call) -> None:
+    """Charge what the finished session used (releasing the rest of its reservation) and count its audio."""
+    await asyncio.to_thread(svc.keys.settle, call.id, math.ceil(call.credits_used))
+    svc.metrics.audio_seconds.labels(call.job.source.value).inc(call.streamed_seconds * call.channels)
 
 
 # --------------------------------------------------------------------------- route

@@ -1,0 +1,426 @@
+"""WebRTC client: a call from Python that looks to the server exactly like a browser's.
+
+    async with WebRtcClient(url, api_key=KEY, wav="call.wav", config={"endpointing_ms": 500}) as c:
+        async def hang_up():
+            await c.wait_played()              # the whole WAV has been sent
+            await c.bye()                      # flush, finalize, save, then `completed`
+        ender = asyncio.create_task(hang_up())
+        async for ev in c:                     # dicts: the server's "events" data channel messages
+            if ev["type"] == "final":
+                print(ev["text"])
+
+It offers Opus audio plus an ordered data channel "events" (as ../shared/spec/stream-protocol.md
+asks of browsers), POSTs the offer to /v1/webrtc/offer, plays the WAV at real time from a
+MediaStreamTrack paced like a microphone (20 ms frames at 48 kHz), and yields every message the
+server sends (`ready` first, then `partial`/`final`/`usage`, then `completed` or `error`).
+Iteration ends after `completed`/`error` or when the connection closes.
+
+Run `python -m bridge.client.webrtc FILE.wav --url URL --api-key KEY [--json]` to print finals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import functools
+import ipaddress
+import json
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+
+from .errors import ApiError
+
+__all__ = ["OFFER_PATH", "WavTrack", "WebRtcClient", "WebRtcError", "allow_loopback_candidates", "read_wav_48k"]
+
+OFFER_PATH = "/v1/webrtc/offer"
+RATE = 48000  # what WebRTC audio runs at (Opus)
+FRAME = 960  # 20 ms, a browser's packetization
+
+
+def allow_loopback_candidates() -> None:
+    """Make aioice offer 127.0.0.1 as a host candidate, process-wide and idempotent.
+
+    aioice drops 127.0.0.1 from the addresses it gathers and has no option to keep it, so two
+    peers on one machine (a browser and the service, or this client and a local server) could not
+    meet over loopback, and in a network namespace with only `lo` they would have no candidate at
+    all. The only hook is the module function it calls, `aioice.ice.get_host_addresses`: wrap it.
+    The service does this when `webrtc.loopback_candidates` is on; the client when its server is
+    on a loopback address."""
+    import aioice.ice
+
+    orig = aioice.ice.get_host_addresses
+    if getattr(orig, "_callbridge_loopback", False):
+        return
+
+    @functools.wraps(orig)
+    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        addresses = list(orig(use_ipv4=use_ipv4, use_ipv6=use_ipv6))
+        if use_ipv4 and "127.0.0.1" not in addresses:
+            addresses.insert(0, "127.0.0.1")
+        return addresses
+
+    with_loopback._callbridge_loopback = True  # type: ignore[attr-defined]
+    aioice.ice.get_host_addresses = with_loopback
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_wav_48k(path: str | Path) -> np.ndarray:
+    """A 16-bit PCM WAV (any rate, mono or stereo) as int16 mono at 48 kHz, as a microphone gives it."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: {8 * w.getsampwidth()}-bit WAV; only 16-bit PCM is read")
+        rate, channels = w.getframerate(), w.getnchannels()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int16)
+    return to_48k_mono(pcm, rate, channels)
+
+
+def to_48k_mono(pcm: np.ndarray, rate: int, channels: int = 1) -> np.ndarray:
+    import soxr
+
+    x = np.asarray(pcm, np.int16)
+    if channels > 1:
+        x = x[: len(x) // channels * channels].reshape(-1, channels).mean(axis=1)
+    x = x.astype(np.float32) / 32768.0
+    if rate != RATE:
+        x = soxr.resample(x, rate, RATE, quality="HQ")
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+class WavTrack(MediaStreamTrack):
+    """Audio from memory, paced in real time like a microphone: 20 ms mono s16 frames at 48 kHz.
+
+    The clock starts at the first frame aiortc asks for (when media is up), kept in `started_at`
+    (time.monotonic()), so "spoken at t seconds into the file" is `started_at + t`. After the
+    audio, `then="silence"` goes on sending silence as an open microphone does (the call ends by
+    `bye`), `then="end"` ends the track so the server stops receiving media."""
+
+    kind = "audio"
+
+    def __init__(self, pcm48: np.ndarray, *, then: Literal["silence", "end"] = "silence") -> None:
+        super().__init__()
+        self.pcm = np.asarray(pcm48, np.int16)
+        self.then = then
+        self.started_at: float | None = None
+        self.started = asyncio.Event()
+        self.played = asyncio.Event()  # every sample of the audio has been handed to the encoder
+        self._pts = 0
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / RATE
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+            self.started.set()
+        else:
+            wait = self.started_at + self._pts / RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        chunk = self.pcm[self._pts : self._pts + FRAME]
+        if len(chunk) < FRAME:
+            if self._pts >= len(self.pcm):
+                self.played.set()
+                if self.then == "end":
+                    self.stop()
+                    raise MediaStreamError
+            chunk = np.concatenate([chunk, np.zeros(FRAME - len(chunk), np.int16)])
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, RATE)
+        self._pts += FRAME
+        return frame
+
+
+class WebRtcError(Exception):
+    """The server ended the call with an `error` message on the events channel."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class WebRtcClient:
+    """One browser-like call. `wav` (a path) or `audio` (int16 mono at `sample_rate`) is what is said.
+
+    `config` holds the stream start fields (language, endpointing_ms, interim_results, word_boost,
+    metadata, max_duration_seconds). `ice_servers` are STUN/TURN URLs; none by default, so nothing
+    leaves the network unless asked. Attributes after entering: `ready`, `answer` (the POST's JSON),
+    `job_id`, `track` (its `started_at` and `played`), and at the end `completed` or `error`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        wav: str | Path | None = None,
+        audio: np.ndarray | None = None,
+        sample_rate: int = 16000,
+        config: dict[str, Any] | None = None,
+        then: Literal["silence", "end"] = "silence",
+        ice_servers: list[str] | None = None,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+        self.base_url = f"{scheme}://{parts.netloc}"
+        self.host = parts.hostname or ""
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._params = {"token": token} if token else {}
+        if wav is not None:
+            pcm48 = read_wav_48k(wav)
+        elif audio is not None:
+            pcm48 = to_48k_mono(audio, sample_rate)
+        else:
+            raise ValueError("give the audio to send: wav=PATH or audio=int16 array")
+        self.track = WavTrack(pcm48, then=then)
+        self.config = dict(config or {})
+        self.ice_servers = list(ice_servers or [])
+        self.connect_timeout_s = connect_timeout_s
+        self.pc: RTCPeerConnection | None = None
+        self.channel: RTCDataChannel | None = None
+        self.answer: dict[str, Any] | None = None
+        self.ready: dict[str, Any] | None = None
+        self.completed: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self._messages: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._bye_sent = False
+        self._done = False
+
+    @property
+    def job_id(self) -> str | None:
+        return self.answer["job_id"] if self.answer else None
+
+    @property
+    def played(self) -> asyncio.Event:
+        return self.track.played
+
+    # -- setup ---------------------------------------------------------------------------------
+    async def __aenter__(self) -> "WebRtcClient":
+        try:
+            await self.connect()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def connect(self) -> None:
+        """Offer, POST, answer, then wait for `ready` (raises WebRtcError/ApiError/TimeoutError)."""
+        if _is_loopback_host(self.host):
+            allow_loopback_candidates()
+        servers = [RTCIceServer(urls=u) for u in self.ice_servers]
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))  # [] = no public STUN default
+        self.channel = pc.createDataChannel("events", ordered=True)  # before the offer, as a browser does
+        self.channel.on("message", self._on_message)
+        self.channel.on("close", lambda: self._messages.put_nowait(None))
+        pc.on("connectionstatechange", self._on_state)
+        pc.addTrack(self.track)  # sendrecv, like getUserMedia + addTrack; the server answers recvonly
+        await pc.setLocalDescription(await pc.createOffer())  # waits for host candidates: no trickle
+        body = {"sdp": pc.localDescription.sdp, "type": "offer", "config": self.config}
+        timeout = aiohttp.ClientTimeout(total=self.connect_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.post(self.base_url + OFFER_PATH, json=body, headers=self._headers,
+                                 params=self._params) as r:
+                text = await r.text()
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    data = None
+                if r.status != 200 or not isinstance(data, dict) or "sdp" not in data:
+                    raise ApiError.from_body(r.status, data, text)
+        self.answer = data
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["sdp"], type=data["type"]))
+        first = await asyncio.wait_for(self._messages.get(), self.connect_timeout_s)
+        if first is None or first.get("type") != "ready":
+            if first and first.get("type") == "error":
+                raise WebRtcError(first.get("code", "?"), first.get("message", ""))
+            raise WebRtcError("PROTOCOL", f"expected ready first, got {first!r}")
+        self.ready = first
+
+    def _on_message(self, data: str | bytes) -> None:
+        try:
+            msg = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if isinstance(msg, dict):
+            self._messages.put_nowait(msg)
+
+    def _on_state(self) -> None:
+        if self.pc is not None and self.pc.connectionState in ("failed", "closed"):
+            self._messages.put_nowait(None)
+
+    # -- sending -------------------------------------------------------------------------------
+    async def send_json(self, obj: dict[str, Any]) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps(obj))
+
+    async def bye(self) -> None:
+        """End the call: the server flushes, finalizes and saves, then sends `completed`."""
+        if not self._bye_sent:
+            self._bye_sent = True
+            await self.send_json({"type": "bye"})
+
+    async def force_endpoint(self) -> None:
+        await self.send_json({"type": "force_endpoint"})
+
+    async def configure(self, endpointing_ms: int) -> None:
+        await self.send_json({"type": "configure", "endpointing_ms": endpointing_ms})
+
+    async def keep_alive(self) -> None:
+        await self.send_json({"type": "keep_alive"})
+
+    # -- receiving -----------------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
+        while not self._done:
+            msg = await self._messages.get()
+            if msg is None:
+                self._done = True
+                return
+            t = msg.get("type")
+            if t == "completed":
+                self.completed = msg
+            elif t == "error":
+                self.error = msg
+            yield msg
+            if t in ("completed", "error"):
+                self._done = True
+
+    async def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next message within `timeout` seconds (None when the call is over)."""
+        if self._done:
+            return None
+        msg = await asyncio.wait_for(self._messages.get(), timeout)
+        if msg is None:
+            self._done = True
+        return msg
+
+    async def wait_played(self, timeout: float | None = None) -> None:
+        """Until the whole audio has been sent."""
+        await asyncio.wait_for(self.track.played.wait(), timeout)
+
+    # -- teardown ------------------------------------------------------------------------------
+    async def __aexit__(self, exc_type: Any, *_: Any) -> None:
+        """A clean exit says `bye` and waits (bounded) for `completed`; any exit closes the connection."""
+        try:
+            if exc_type is None and not self._done and self.ready is not None:
+                await self.bye()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with asyncio.timeout(30):
+                        async for _ in self:
+                            pass
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Hang up without `bye` (the server still completes the job with what it received)."""
+        if self.pc is not None:
+            await self.pc.close()
+        self.track.stop()
+        self._messages.put_nowait(None)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from bridge.commands.remote import resolve_api_key, resolve_url
+    from bridge.commands.stream import _Printer
+
+    url, key = resolve_url(args.url), resolve_api_key(args.api_key)
+    config: dict[str, Any] = {}
+    if args.language:
+        config["language"] = args.language
+    if args.endpointing_ms is not None:
+        config["endpointing_ms"] = args.endpointing_ms
+    if args.no_interim:
+        config["interim_results"] = False
+    printer = _Printer(args.json)
+    try:
+        async with WebRtcClient(url, api_key=key, wav=args.wav, config=config) as c:
+            if args.json:
+                printer.event(c.ready or {})
+            ender = asyncio.create_task(_bye_after_playing(c, args.tail))
+            try:
+                async for ev in c:
+                    printer.event(ev)
+            finally:
+                ender.cancel()
+    except ApiError as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    except WebRtcError as e:
+        print(f"error {e}", file=sys.stderr)
+        return 1
+    except asyncio.TimeoutError:
+        print("no connection: the server's answer or the events channel did not come up in time", file=sys.stderr)
+        return 1
+    return 0 if c.completed else 1
+
+
+async def _bye_after_playing(c: WebRtcClient, tail_s: float) -> None:
+    await c.wait_played()
+    await asyncio.sleep(tail_s)
+    await c.bye()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bridge.client.webrtc",
+                                 description="Play a WAV into a callbridge server over WebRTC, as a browser "
+                                             "microphone would, and print the transcript.")
+    ap.add_argument("wav", help="16-bit PCM WAV, any rate, mono or stereo")
+    ap.add_argument("--url", help="server base URL (default $CALLBRIDGE_URL or http://127.0.0.1:8080)")
+    ap.add_argument("--api-key", help="API key (default $CALLBRIDGE_API_KEY, else <data_dir>/api_key)")
+    ap.add_argument("--language", default=None)
+    ap.add_argument("--endpointing-ms", type=int, default=None)
+    ap.add_argument("--no-interim", action="store_true", help="finals only")
+    ap.add_argument("--tail", type=float, default=0.5, help="seconds of silence sent after the file, before bye")
+    ap.add_argument("--json", action="store_true", help="print every server message as one JSON line")
+    args = ap.parse_args(argv)
+    if not Path(args.wav).is_file():
+        ap.error(f"no such file: {args.wav}")
+    from bridge.cli import UsageError
+
+    try:
+        return asyncio.run(_main(args))
+    except (UsageError, ValueError, wave.Error) as e:  # no key or URL, or a WAV that is not 16-bit PCM
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
