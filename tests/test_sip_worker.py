@@ -409,7 +409,7 @@ async def test_rtp_timeout(worker, speech):
     finally:
         os.kill(peer.pid, signal.SIGCONT)
     assert ended["reason"] == "rtp_timeout"
-    assert 1.5 < time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 > 1.5  # not before rtp_timeout_s (the wait above bounds it from above)
     r = await finish_peer(peer, 10)  # the BYE is retransmitted until the caller answers it
     assert r.rc == 0 and r.result["hangup_by"] == "remote", r.stderr[-1000:]
 

@@ -230,9 +230,7 @@ def _drive_captions(url: str, tmp: Path, wav: Path) -> dict[str, Any]:
 async def test_browser_captions_from_fake_microphone(server, tmp_path):
     wav = tmp_path / "speech.wav"
     _speech_wav(wav)
-    t0 = time.monotonic()
     got = await asyncio.to_thread(_drive_captions, f"{server.url}/?api_key={API_KEY}", tmp_path, wav)
-    elapsed = time.monotonic() - t0
 
     assert corpus.wer(TEXT, got["page_text"]) <= 0.15, got["page_text"]
     assert len(got["lines"]) >= 2, got["lines"]  # one final per sentence, at least
@@ -253,7 +251,6 @@ async def test_browser_captions_from_fake_microphone(server, tmp_path):
     assert job.speakers == ["caller"]
     saved = " ".join(s.text for s in server.service.store.segments(job.id))
     assert corpus.wer(TEXT, saved) <= 0.15, saved
-    assert elapsed < 45, f"page session took {elapsed:.1f}s"
 
 
 def _drive_refusal(url: str, tmp: Path, *, deny_mic: bool = False, key: str | None = None,
