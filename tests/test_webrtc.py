@@ -20,9 +20,12 @@ from bridge.client.webrtc import WebRtcClient
 from tests.serving import API_KEY, start_server
 
 SR = 16000
+# Opus shifts where the audio starts by a few ms depending on when the connection comes up, and
+# tiny.en's decode of some sentences flips with that offset ("the status of my order" failed 2 of
+# 4 runs). These two held at 8 offsets through an Opus encode/decode (tests/test_webrtc_page.py).
 EN = [
-    "I would like to check the status of my order, please.",
-    "My card was charged twice for the same purchase last week.",
+    "The technician will arrive between nine and eleven tomorrow morning.",
+    "Let me transfer you to the billing department, one moment please.",
 ]
 OFFER = "/v1/webrtc/offer"
 
