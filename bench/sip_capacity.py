@@ -24,15 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from bridge.config import load_config
 from bridge.events.types import EventType
 
 from . import corpus
 from .calls import Call, standard_calls
 from .metrics import pct
 from .report import emit_table
+from .service import BENCH_KEY, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -150,35 +149,15 @@ async def run_socket(svc, url: str, key: str, calls: list[Call]) -> dict:
 
 
 async def bench(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
-    from bridge.service import Service
-
-    from bridge.logs import configure_logging
-
-    configure_logging("console", "warning")
     calls = standard_calls(args.calls, args.seconds)
     with tempfile.TemporaryDirectory(prefix="cb-sipbench-") as tmp:
         wav_dir = Path(tmp)
         for i, c in enumerate(calls):
             corpus.write_wav(wav_dir / f"call{i}.wav", corpus._resample(c.pcm, 16000, 8000), 8000)
-        key = "cbk_bench_0123456789abcdef0123456789"
-        config = load_config({"data_dir": str(wav_dir / "data"), "server.api_keys": key,
-                              "server.sip_port": "0", "sip.workers": str(args.workers), "limits.max_sessions_per_key": "100",
-                              "logging.level": "warning"}, env={})
-        svc = Service(config)
-        await svc.start()
-        runner = web.AppRunner(svc.build_app())
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        try:
+        async with running_service(wav_dir / "data", **{"server.sip_port": "0", "sip.workers": str(args.workers)}) \
+                as (svc, url):
             sip = await run_sip(svc, calls, wav_dir)
-            ws = await run_socket(svc, url, key, calls)
-        finally:
-            await runner.cleanup()
-            await svc.stop()
+            ws = await run_socket(svc, url, BENCH_KEY, calls)
     rows = []
     for name, r in (("SIP (PCMU via dispatcher + workers)", sip), ("WebSocket baseline (8 kHz mu-law)", ws)):
         rows.append([name, f"{r['answered']}/{len(calls)}", f"{r['completed']}/{len(calls)}", f"{100 * r['wer']:.1f}",

@@ -28,12 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bridge.config import load_config
 
 from . import corpus
 from .calls import Call, standard_calls
 from .metrics import pct
 from .report import emit_table
+from .service import BENCH_KEY, running_service
 from .sip_capacity import latencies, proc_cpu_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,34 +213,16 @@ async def run_phase(kind: str, svc, url: str, key: str, calls: list[Call], wav_d
 
 
 async def bench(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
-    from bridge.logs import configure_logging
-    from bridge.service import Service
-
-    configure_logging("console", "warning")
     calls = standard_calls(args.calls, args.seconds)
     with tempfile.TemporaryDirectory(prefix="cb-webrtcbench-") as tmp:
         wav_dir = Path(tmp)
         for i, c in enumerate(calls):
             corpus.write_wav(wav_dir / f"call{i}.wav", c.pcm, 16000)
-        key = "cbk_bench_0123456789abcdef0123456789"
-        config = load_config({"data_dir": str(wav_dir / "data"), "server.api_keys": key, "sip.enabled": "false",
-                              "limits.max_sessions_per_key": "100", "logging.level": "warning"}, env={})
-        svc = Service(config)
-        await svc.start()
-        runner = web.AppRunner(svc.build_app())
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-        try:
+        key = BENCH_KEY
+        async with running_service(wav_dir / "data", **{"sip.enabled": "false"}) as (svc, url):
             rtc = await run_phase("webrtc", svc, url, key, calls, wav_dir)
             ws = await run_phase("socket", svc, url, key, calls, wav_dir)
             pool = svc.pool.size
-        finally:
-            await runner.cleanup()
-            await svc.stop()
         media_url, close_media = await media_only_site()
         try:
             media = await run_phase("webrtc", None, media_url, key, calls, wav_dir)

@@ -1,0 +1,36 @@
+"""The real service, in this process, on a free loopback port: what the ingress benchmarks call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+BENCH_KEY = "cbk_bench_0123456789abcdef0123456789"
+
+
+@contextlib.asynccontextmanager
+async def running_service(data_dir: Path, **overrides: str) -> AsyncIterator[tuple[Any, str]]:
+    """(Service, base URL), on embedded defaults plus `overrides` (dotted config keys as text),
+    with the bench key and no per-key session cap; logs at warning so tables stay readable."""
+    from aiohttp import web
+
+    from bridge.config import load_config
+    from bridge.logs import configure_logging
+    from bridge.service import Service
+
+    configure_logging("console", "warning")
+    config = load_config({"data_dir": str(data_dir), "server.api_keys": BENCH_KEY,
+                          "limits.max_sessions_per_key": "100", "logging.level": "warning", **overrides}, env={})
+    svc = Service(config)
+    await svc.start()
+    runner = web.AppRunner(svc.build_app())
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield svc, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+        await svc.stop()
