@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .types import EventType
 
@@ -79,7 +79,13 @@ class EventBus:
     def __init__(self) -> None:
         self._subs: dict[str | None, list[Subscription]] = {}
         self._seq: dict[str, itertools.count] = {}
+        self._taps: list[Callable[[Envelope], None]] = []
         self.published = 0
+
+    def add_tap(self, tap: Callable[[Envelope], None]) -> None:
+        """Call `tap(envelope)` synchronously on every publish, before the subscribers are offered
+        it: for in-memory indexes (e.g. seq of each final) that must never lag or drop. Keep it cheap."""
+        self._taps.append(tap)
 
     def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
         sub = Subscription(self, job_id, maxsize)
@@ -97,6 +103,8 @@ class EventBus:
         counter = self._seq.setdefault(job_id, itertools.count(1))
         env = Envelope(job_id, next(counter), event)
         self.published += 1
+        for tap in self._taps:
+            tap(env)
         for key in (job_id, None):
             for sub in list(self._subs.get(key, ())):
                 sub._offer(env)

@@ -1,0 +1,253 @@
+"""Dashboard sockets end to end: real server on loopback, real model, real streams (docs/events.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from bench import corpus
+from bridge.api import events as events_api
+from bridge.client.stream import StreamClient
+from tests.serving import API_KEY, OTHER_KEY, start_server
+from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WAIT = 60.0  # bound on any one wait for a frame
+
+
+def ws_base(server) -> str:
+    return f"ws://127.0.0.1:{server.port}"
+
+
+async def read_until_ended(ws: aiohttp.ClientWebSocketResponse, job_id: str | None = None) -> list[dict]:
+    """Frames until `call_ended` (of `job_id` if given) or the close; each bounded by WAIT."""
+    out: list[dict] = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), WAIT)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return out
+        ev = json.loads(msg.data)
+        out.append(ev)
+        if ev["type"] == "call_ended" and (job_id is None or ev["job_id"] == job_id):
+            return out
+
+
+async def next_final(it) -> list[dict]:
+    """Stream-client events up to and including the next final."""
+    got = []
+    while True:
+        ev = await asyncio.wait_for(it.__anext__(), WAIT)
+        got.append(ev)
+        if ev["type"] == "final" and ev["text"]:
+            return got
+
+
+def finals(evs: list[dict]) -> list[dict]:
+    return [e for e in evs if e["type"] == "final"]
+
+
+async def test_mid_call_subscriber_gets_earlier_finals_then_live(server):
+    async with aiohttp.ClientSession() as http:
+        async with StreamClient(server.url, api_key=API_KEY) as s:
+            it = s.__aiter__()
+            await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
+            before = await next_final(it)  # the first final is saved and sent: now a dashboard joins
+            async with http.ws_connect(f"{ws_base(server)}/v1/calls/{s.job_id}/events", headers=AUTH) as dash:
+                first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
+                reader = asyncio.ensure_future(read_until_ended(dash, s.job_id))
+                await send_paced(s, np.concatenate([speech(EN[1]), sil(1.2)]).tobytes(), SR * 2)
+                await s.end()
+                after = [ev async for ev in it]
+                seen = [first] + await asyncio.wait_for(reader, WAIT)
+                close = await asyncio.wait_for(dash.receive(), WAIT)
+        assert close.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and dash.close_code == 1000
+    stream_finals = finals(before + after)
+    assert len(stream_finals) >= 2 and corpus.wer(" ".join(EN), text_of(stream_finals)) < 0.2
+    # the earlier final first (from the store), then the live ones, in order, each exactly once
+    assert first["type"] == "final" and first["text"] == stream_finals[0]["text"]
+    assert [e["text"] for e in finals(seen)] == [e["text"] for e in stream_finals]
+    assert [(e["start"], e["end"]) for e in finals(seen)] == [(e["start"], e["end"]) for e in stream_finals]
+    assert all(e["job_id"] == s.job_id for e in seen)
+    assert "call_started" not in [e["type"] for e in seen]  # it happened before the dashboard joined
+    assert seen[-1]["type"] == "call_ended" and seen[-1]["status"] == "completed"
+    live = [e for e in seen[1:] if e["type"] != "call_ended"]
+    assert live and all("seq" in e for e in live)
+    assert [e["seq"] for e in live] == sorted(e["seq"] for e in live)
+    assert first.get("seq", 0) < min(e["seq"] for e in finals(seen)[1:])
+
+
+async def test_owner_wide_socket_sees_own_jobs_only(server):
+    async def talk(key: str, text: str) -> str:
+        async with StreamClient(server.url, api_key=key) as s:
+            await send_paced(s, np.concatenate([sil(0.3), speech(text), sil(1.2)]).tobytes(), SR * 2)
+            await s.end()
+            async for _ in s:
+                pass
+        return s.job_id
+
+    base = f"{ws_base(server)}/v1/events"
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(base, headers=AUTH) as dash, \
+            http.ws_connect(f"{base}?types=final,call_ended&source=stream", headers=AUTH) as finals_only, \
+            http.ws_connect(f"{base}?source=sip", headers=AUTH) as sip_only:
+        mine, theirs = await asyncio.gather(talk(API_KEY, EN[0]), talk(OTHER_KEY, EN[1]))
+        seen = await read_until_ended(dash, mine)
+        filtered = await read_until_ended(finals_only, mine)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(sip_only.receive(), 0.5)
+    assert theirs != mine
+    assert {e["job_id"] for e in seen} == {mine}
+    kinds = [e["type"] for e in seen]
+    assert kinds[0] == "call_started" and kinds[-1] == "call_ended" and "final" in kinds and "usage" in kinds
+    assert seen[0]["source"] == "stream"
+    assert corpus.wer(EN[0], text_of(finals(seen))) < 0.2
+    assert {e["type"] for e in filtered} == {"final", "call_ended"}
+    assert {e["job_id"] for e in filtered} == {mine}
+
+
+async def test_auth_and_ownership_refused_before_upgrade(server):
+    async with aiohttp.ClientSession() as http:
+        async with StreamClient(server.url, api_key=OTHER_KEY) as s:
+            await s.send_audio(sil(0.2))
+        theirs = s.job_id
+        for path in ("/v1/events", f"/v1/calls/{theirs}/events"):
+            async with http.get(server.url + path) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"]
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await http.ws_connect(ws_base(server) + path, headers={"Authorization": "Bearer cbk_nope"})
+            assert e.value.status == 401
+        for job in (theirs, "job_unknown"):
+            async with http.get(f"{server.url}/v1/calls/{job}/events", headers=AUTH) as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await http.ws_connect(f"{ws_base(server)}/v1/calls/{job}/events", headers=AUTH)
+            assert e.value.status == 404
+        async with http.get(f"{server.url}/v1/events?types=nope", headers=AUTH) as r:
+            assert r.status == 400
+        # the owner itself may follow it (a query api_key works too)
+        async with http.ws_connect(f"{ws_base(server)}/v1/calls/{theirs}/events?api_key={OTHER_KEY}") as ws:
+            evs = await read_until_ended(ws)
+        assert evs[-1]["type"] == "call_ended"
+
+
+async def test_finished_job_sends_finals_then_call_ended(server):
+    async with StreamClient(server.url, api_key=API_KEY) as s:
+        await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.0), speech(EN[1]), sil(1.2)]).tobytes(),
+                         SR * 2)
+        await s.end()
+        streamed = [ev async for ev in s]
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{ws_base(server)}/v1/calls/{s.job_id}/events", headers=AUTH) as ws:
+            evs = await read_until_ended(ws)
+            close = await asyncio.wait_for(ws.receive(), WAIT)
+            assert close.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1000
+            # ?after= skips what a reconnecting dashboard already has (seqs known while the server runs)
+        first_seq = evs[0]["seq"]
+        async with http.ws_connect(f"{ws_base(server)}/v1/calls/{s.job_id}/events?after={first_seq}",
+                                   headers=AUTH) as ws:
+            later = await read_until_ended(ws)
+    assert [e["type"] for e in evs] == ["final"] * (len(evs) - 1) + ["call_ended"]
+    assert [e["text"] for e in evs[:-1]] == [e["text"] for e in finals(streamed)]
+    assert all(e["job_id"] == s.job_id for e in evs)
+    ended = evs[-1]
+    assert ended["status"] == "completed"
+    assert ended["streamed_seconds"] == s.completed["streamed_seconds"]
+    assert ended["credits_used"] == s.completed["credits_used"]
+    assert [e["text"] for e in later[:-1]] == [e["text"] for e in evs[1:-1]]
+
+
+# --------------------------------------------------------------------------- slow subscriber
+
+
+class RawSubscriber:
+    """A WebSocket client that can stop reading: tiny receive buffer, frames parsed by hand."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.port, self.path = port, path
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        self.sock.setblocking(False)
+        self.buf = b""
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(self.sock, ("127.0.0.1", self.port)), 10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        req = (f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+               f"Authorization: Bearer {API_KEY}\r\n\r\n")
+        await loop.sock_sendall(self.sock, req.encode())
+        while b"\r\n\r\n" not in self.buf:
+            await self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    async def _fill(self) -> None:
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 65536), WAIT)
+        if not data:
+            raise ConnectionError("closed")
+        self.buf += data
+
+    async def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    async def frame(self) -> tuple[int, bytes]:
+        b0, b1 = await self._take(2)
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", await self._take(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", await self._take(8))
+        return b0 & 0x0F, await self._take(n)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch):
+    monkeypatch.setattr(events_api, "SUBSCRIBER_QUEUE", 8)
+    monkeypatch.setattr(events_api, "SEND_BUFFER_BYTES", 4096)
+    monkeypatch.setattr(events_api, "CLOSE_TIMEOUT_S", 30.0)
+    srv = await start_server(tmp_path / "data", pool, **{"credits.usage_interval_s": "0.01"})
+    slow = RawSubscriber(srv.port, "/v1/events")
+    try:
+        await slow.connect()  # ... and then never reads while the call runs
+        pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1]), sil(1.2)])
+        t0 = time.monotonic()
+        async with StreamClient(srv.url, api_key=API_KEY) as s:
+            await send_paced(s, pcm.tobytes(), SR * 2, speed=2.0)
+            sent_at = time.monotonic()
+            await s.end()
+            streamed = [ev async for ev in s]
+        done_at = time.monotonic()
+        # the stream completed normally: its finals came, promptly after the audio was sent
+        assert s.completed is not None and s.close_code == 1000
+        assert corpus.wer(" ".join(EN), text_of(finals(streamed))) < 0.2
+        assert done_at - sent_at < 10 and done_at - t0 < len(pcm) / SR / 2 + 15
+        # now read what the slow subscriber was sent: events, then `error`, then close 4008
+        frames = []
+        while True:
+            op, payload = await slow.frame()
+            if op == 0x8:
+                code = struct.unpack("!H", payload[:2])[0]
+                reason = payload[2:].decode()
+                break
+            frames.append(json.loads(payload))
+        assert code == 4008 and reason.startswith("subscriber too slow:") and "events behind" in reason
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SUBSCRIBER_TOO_SLOW"
+        assert "call_ended" not in [f["type"] for f in frames]  # cut off while the call was running
+    finally:
+        slow.close()
+        await srv.stop()
