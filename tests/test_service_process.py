@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import wave
@@ -24,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free for UDP and TCP, outside the kernel's ephemeral range (see sip/ports.py)."""
+    from sip.ports import free_sip_port
+
+    return free_sip_port()
 
 
 class Serve:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -18,6 +17,7 @@ import pytest
 
 from bench import corpus
 from bench.calls import speech_bounds
+from sip.ports import free_sip_port
 from tests.serving import start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +96,7 @@ async def test_baresip_caller(sip_server, tmp_path):
     wav = speech_wav(tmp_path / "caller.wav", CALLER)
     conf = tmp_path / "baresip"
     conf.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_sip_port(span=41)  # SIP port, then its RTP ports just above
     (conf / "config").write_text(
         f"sip_listen 127.0.0.1:{port}\nnet_interface 127.0.0.1\naudio_source aufile,{wav}\n"
         "audio_player aubridge,nil\naudio_alert aubridge,nil\naudio_srate 8000\naudio_channels 1\n"
@@ -121,9 +119,7 @@ async def test_baresip_caller(sip_server, tmp_path):
 
 
 async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, pool):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        callee_port = s.getsockname()[1]
+    callee_port = free_sip_port()
     srv = await start_server(tmp_path / "data", pool, **{
         "sip.enabled": "true", "server.sip_port": "0", "sip.workers": "1",
         "sip.routes": f"agent=sip:agent@127.0.0.1:{callee_port}"})

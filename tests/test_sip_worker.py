@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from sip.ports import free_sip_port
+
 from bench.corpus import _resample, read_wav, synthesize, write_wav
 from sip.protocol import encode, read_message
 
@@ -34,18 +36,8 @@ FRAME_BYTES = 640
 
 
 def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free for both UDP and TCP (the worker binds both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                t.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
+    """A port free for both UDP and TCP (the worker binds both), outside the ephemeral range."""
+    return free_sip_port()
 
 
 _rtp_base = iter(range(40000, 60000, 200))

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from bridge.events.types import Dtmf
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
+from sip.ports import free_sip_port
 from sip.protocol import MessageError, encode, read_message
 
 if TYPE_CHECKING:
@@ -44,21 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RTP_BLOCK = 100  # RTP ports per worker
 HELLO_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
-
-
-def _free_port(host: str) -> int:
-    """A port free for both UDP and TCP on `host` (SIP listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((host, 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise OSError("no free port for a SIP worker")
 
 
 @dataclass
@@ -123,7 +108,7 @@ class SipIngress:
         base = self.cfg.worker_base_port or (self.port + 1 if self.port else 0)
         wk_host = self.worker_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         for i in range(self.cfg.workers):
-            port = base + i if base else _free_port(wk_host)
+            port = base + i if base else free_sip_port(wk_host)
             self.workers.append(_Worker(i, port, self.cfg.rtp_port_start + i * RTP_BLOCK))
         self.dispatcher = Dispatcher(
             self.host, self.port, [Worker(id=w.id, host=wk_host, port=w.port, capacity=self.cfg.calls_per_worker)
