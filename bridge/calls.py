@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,9 +73,7 @@ class Call:
         self.leg_samples: list[int] = [0] * len(job.speakers)  # 16 kHz samples received per leg
         self.finals = 0
         self.dtmf: list[dict[str, Any]] = []
-        self.started_at = time.monotonic()
         self.stop_requested = asyncio.Event()  # set by drain (SIGTERM): the ingress should end the call
-        self.stop_reason = ""
         self.failure: asyncio.Future[BaseException] | None = None
         self.log = log.bind(job_id=job.id, session_id=self.session_id)
         self._recorder: WavRecorder | None = None
@@ -160,8 +157,13 @@ class Call:
             leg.recognizer.configure(endpointing_ms=endpointing_ms)
 
     def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
+        self.log.info("stop_requested", reason=reason)
         self.stop_requested.set()
+
+    async def annotate(self, **fields: Any) -> None:
+        """Merge `fields` into the job's metadata and save it (DTMF digits, how the call ended)."""
+        self.job.metadata = {**self.job.metadata, **fields}
+        await asyncio.to_thread(self.store.update_job, self.job.id, metadata=self.job.metadata)
 
     @property
     def streamed_seconds(self) -> float:
@@ -188,8 +190,7 @@ class Call:
                     self.finals += 1
                 elif isinstance(ev, Dtmf):
                     self.dtmf.append(ev.to_dict())
-                    self.job.metadata = {**self.job.metadata, "dtmf": list(self.dtmf)}
-                    await asyncio.to_thread(self.store.update_job, self.job.id, metadata=self.job.metadata)
+                    await self.annotate(dtmf=list(self.dtmf))
             except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
                 self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
             self.bus.publish(self.job.id, ev)

@@ -322,10 +322,9 @@ class SipIngress:
         for t in sc.timers:
             t.cancel()
         call = sc.call
-        call.job.metadata = {**call.job.metadata, "ended_by": reason, **({"sip_code": sip_code} if sip_code else {})}
         with bind_job(call.id):
             try:
-                await asyncio.to_thread(self.svc.store.update_job, call.id, metadata=call.job.metadata)
+                await call.annotate(ended_by=reason, **({"sip_code": sip_code} if sip_code else {}))
                 await call.finish(status, error)
             finally:
                 self.svc.calls.remove(call)

@@ -85,6 +85,15 @@ class SessionError(Exception):
         return {"type": "error", "code": self.code.value, "message": self.message}
 
 
+def job_ending(err: SessionError | None) -> tuple[JobStatus, dict[str, Any] | None]:
+    """The job status and saved error for a session that ended with `err` (None: a clean end).
+    Limits reached still leave a complete transcript of what was received: completed."""
+    if err is None:
+        return JobStatus.COMPLETED, None
+    status = JobStatus.COMPLETED if err.code in _COMPLETING else JobStatus.FAILED
+    return status, {"code": err.code.value, "message": err.message}
+
+
 def _whisper_languages() -> frozenset[str]:
     import _pywhispercpp as pw
 
@@ -397,8 +406,7 @@ class StreamSession:
     async def _conclude(self, call: Call, outcome: _Outcome | SessionError) -> None:
         """Flush the audio, save the job, let every final out, then the last frame and the close."""
         err = outcome if isinstance(outcome, SessionError) else None
-        status = JobStatus.COMPLETED if err is None or err.code in _COMPLETING else JobStatus.FAILED
-        error = {"code": err.code.value, "message": err.message} if err else None
+        status, error = job_ending(err)
         if self.front is not None:  # the resampler holds a few ms of received audio: transcribe it too
             try:
                 call.feed(self.front.flush())

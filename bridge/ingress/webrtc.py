@@ -40,7 +40,7 @@ from bridge.audio.resample import StreamResampler
 from bridge.auth import AuthError, Principal
 from bridge.calls import Call
 from bridge.ingress.stream import (
-    _COMPLETING,
+    job_ending,
     ErrorCode,
     SessionError,
     StartConfig,
@@ -50,7 +50,7 @@ from bridge.ingress.stream import (
     settle_call,
     wire_frame,
 )
-from bridge.jobs.model import JobSource, JobStatus
+from bridge.jobs.model import JobSource
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import SAMPLE_RATE
 
@@ -422,14 +422,12 @@ class WebRtcSession:
         """Flush the audio, save the job, let every final out, then the last message and the close."""
         self._concluding = True
         err = outcome if isinstance(outcome, SessionError) else None
-        status = JobStatus.COMPLETED if err is None or err.code in _COMPLETING else JobStatus.FAILED
-        error = {"code": err.code.value, "message": err.message} if err else None
+        status, error = job_ending(err)
         with contextlib.suppress(Exception):  # the resampler holds a few ms of received audio
             call.feed_leg(0, self.audio.flush())
         ended_by = err.code.value if err else outcome.value
-        call.job.metadata = {**call.job.metadata, "ended_by": ended_by}
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self.svc.store.update_job, call.id, metadata=call.job.metadata)
+            await call.annotate(ended_by=ended_by)
         await call.finish(status, error)
         await settle_call(self.svc, call)
         self.sub.close()
