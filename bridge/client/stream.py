@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import aiohttp
 import numpy as np
 
+from .controls import SessionControls
 from .errors import ApiError
 
 __all__ = ["StreamClient", "StreamError", "ws_url"]
@@ -47,7 +48,7 @@ def ws_url(base: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-class StreamClient:
+class StreamClient(SessionControls):
     def __init__(
         self,
         url: str,
@@ -146,15 +147,6 @@ class StreamClient:
     async def send_json(self, obj: dict[str, Any]) -> None:
         assert self._ws is not None, "use `async with`"
         await self._ws.send_str(json.dumps(obj))
-
-    async def keep_alive(self) -> None:
-        await self.send_json({"type": "keep_alive"})
-
-    async def force_endpoint(self) -> None:
-        await self.send_json({"type": "force_endpoint"})
-
-    async def configure(self, endpointing_ms: int) -> None:
-        await self.send_json({"type": "configure", "endpointing_ms": endpointing_ms})
 
     async def end(self) -> None:
         """Ask the server to flush, finalize and save; `completed` follows the last finals."""

@@ -47,6 +47,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from .controls import SessionControls
 from .errors import ApiError
 
 __all__ = ["OFFER_PATH", "WavTrack", "WebRtcClient", "WebRtcError", "allow_loopback_candidates", "read_wav_48k"]
@@ -171,7 +172,7 @@ class WebRtcError(Exception):
         self.message = message
 
 
-class WebRtcClient:
+class WebRtcClient(SessionControls):
     """One browser-like call. `wav` (a path) or `audio` (int16 mono at `sample_rate`) is what is said.
 
     `config` holds the stream start fields (language, endpointing_ms, interim_results, word_boost,
@@ -291,15 +292,6 @@ class WebRtcClient:
         if not self._bye_sent:
             self._bye_sent = True
             await self.send_json({"type": "bye"})
-
-    async def force_endpoint(self) -> None:
-        await self.send_json({"type": "force_endpoint"})
-
-    async def configure(self, endpointing_ms: int) -> None:
-        await self.send_json({"type": "configure", "endpointing_ms": endpointing_ms})
-
-    async def keep_alive(self) -> None:
-        await self.send_json({"type": "keep_alive"})
 
     # -- receiving -----------------------------------------------------------------------------
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
