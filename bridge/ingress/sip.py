@@ -247,7 +247,8 @@ class SipIngress:
             if sc is not None and len(payload) >= 2:
                 leg = int(h.get("leg", 0))
                 if 0 <= leg < sc.call.channels:
-                    sc.call.feed_leg(leg, np.frombuffer(payload[: len(payload) // 2 * 2], dtype="<i2").astype(np.int16))
+                    # a read-only view: the recorder and the recognizer copy what they keep
+                    sc.call.feed_leg(leg, np.frombuffer(payload, dtype="<i2", count=len(payload) // 2))
         elif kind == "call_started":
             await self._start_call(w, h)
         elif kind == "call_ended":
