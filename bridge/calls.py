@@ -111,8 +111,8 @@ class Call:
             leg.recognizer._task.add_done_callback(self._leg_done)  # type: ignore[union-attr]
         self._pump = loop.create_task(self._pump_events(), name=f"events-{self.job.id}")
         self._ticker = loop.create_task(self._tick_usage(), name=f"usage-{self.job.id}")
-        self.bus.publish(self.job.id, CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config,
-                                                  self.job.metadata))
+        self._publish(CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config,
+                                  self.job.metadata))
         self.log.info("call_started", source=self.job.source.value, speakers=self.job.speakers)
 
     def _leg_done(self, task: asyncio.Task) -> None:
@@ -178,6 +178,9 @@ class Call:
         return Usage(self.streamed_seconds, self.credits_used)
 
     # -- events --------------------------------------------------------------------------------
+    def _publish(self, event: Any) -> None:
+        self.bus.publish(self.job.id, event, owner=self.job.owner, source=self.job.source.value)
+
     async def _pump_events(self) -> None:
         """Persist finals, then publish, in the order the legs emitted them."""
         while True:
@@ -193,12 +196,12 @@ class Call:
                     await self.annotate(dtmf=list(self.dtmf))
             except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
                 self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
-            self.bus.publish(self.job.id, ev)
+            self._publish(ev)
 
     async def _tick_usage(self) -> None:
         while True:
             await asyncio.sleep(self.usage_interval_s)
-            self.bus.publish(self.job.id, self.usage())
+            self._publish(self.usage())
             if self._recorder is not None:
                 await asyncio.to_thread(self._recorder.flush)
 
@@ -236,8 +239,8 @@ class Call:
         self.job.error = error
         self.job.duration_s = self.streamed_seconds
         await asyncio.to_thread(self.store.finish_job, self.job.id, status, self.streamed_seconds, error)
-        self.bus.publish(self.job.id, self.usage())
-        self.bus.publish(self.job.id, CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
+        self._publish(self.usage())
+        self._publish(CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
         self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
                       finals=self.finals, error=(error or {}).get("code"))
         return self.job

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tomllib
@@ -134,6 +135,20 @@ class WebRtcConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    enabled: bool = _f(True, "deliver events to webhook endpoints (the outbox keeps filling while off)")
+    timeout_s: float = _f(10.0, "one delivery attempt's time limit (connect + response)", gt=0)
+    retry_period_s: float = _f(86400.0, "keep retrying a delivery this long, then mark it dead", gt=0)
+    backoff_initial_s: float = _f(1.0, "wait after the first failed attempt; doubles each time, with jitter", gt=0)
+    backoff_max_s: float = _f(600.0, "longest wait between attempts", gt=0)
+    concurrency: int = _f(16, "delivery attempts in flight at once (one per job and endpoint)", min=1, max=1000)
+    max_endpoints_per_key: int = _f(20, "webhook endpoints one API key may register", min=0)
+    retention_s: float = _f(604800.0, "delivered and dead deliveries are kept this long", gt=0)
+    endpoints: tuple[dict, ...] = _f((), "operator endpoints: [[webhooks.endpoints]] tables with name, url, "
+                                         "secret, events, sources, owner (env/flag: a JSON list)")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     jwt_hs256_secret: str = _f("", "shared secret accepting HS256 JWTs; empty: HS256 off")
     jwt_rs256_public_key: str = _f("", "PEM file of the key accepting RS256 JWTs; empty: RS256 off")
@@ -161,6 +176,7 @@ class Config:
     credits: CreditsConfig = field(default_factory=CreditsConfig)
     sip: SipConfig = field(default_factory=SipConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -171,7 +187,9 @@ class Config:
             values = {}
             for f in dataclasses.fields(getattr(self, sec.name)):
                 v = getattr(getattr(self, sec.name), f.name)
-                if isinstance(v, tuple):
+                if isinstance(v, tuple) and f.name == "endpoints":
+                    v = [{**e, "secret": _mask(e["secret"])} if mask_keys else dict(e) for e in v]
+                elif isinstance(v, tuple):
                     v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
                 elif mask_keys and f.name in ("jwt_hs256_secret", "turn_credential") and v:
                     v = _mask(v)
@@ -194,11 +212,13 @@ _SECTIONS: dict[str, type] = {
     "credits": CreditsConfig,
     "sip": SipConfig,
     "webrtc": WebRtcConfig,
+    "webhooks": WebhooksConfig,
     "auth": AuthConfig,
     "logging": LoggingConfig,
 }
 # With `from __future__ import annotations` field types are strings; map them to kinds.
-_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": list}
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": list, "tuple[dict, ...]": dict}
+_ENDPOINT_KEYS = {"name", "url", "secret", "events", "sources", "owner", "description"}
 
 # flag dest -> (section, key); these are the only settings with flags (see the spec, "Running it").
 FLAGS: dict[str, tuple[str, str]] = {
@@ -243,6 +263,8 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
                 value = low in ("1", "true", "yes", "on")
             elif kind is list:
                 value = [p.strip() for p in text.split(",") if p.strip()]
+            elif kind is dict:
+                value = json.loads(text) if text else []
         except ValueError:
             raise bad(f"must be {_kind_word(kind)}, got {value!r}") from None
 
@@ -269,6 +291,8 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad(f"must be a list of strings, got {value!r}")
         value = tuple(value)
+    elif kind is dict:
+        return _endpoint_tables(value, bad)
 
     if meta.get("nonempty") and not value.strip():
         raise bad("must not be empty")
@@ -283,7 +307,40 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
 
 
 def _kind_word(kind: type) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", list: "a list"}.get(kind, "a string")
+    return {int: "an integer", float: "a number", bool: "true or false", list: "a list",
+            dict: "a JSON list of tables"}.get(kind, "a string")
+
+
+def _endpoint_tables(value: Any, bad: Any) -> tuple[dict, ...]:
+    """`webhooks.endpoints`: each a table with a unique `name`, `url` and `secret`; the rest is
+    checked by the webhook module's own rules (bridge/webhooks/model.py), the same as the API's."""
+    from bridge.webhooks.model import EndpointError, check_endpoint
+
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise bad(f"must be a list of tables, got {value!r}")
+    out, names = [], set()
+    for i, table in enumerate(value):
+        unknown = set(table) - _ENDPOINT_KEYS
+        if unknown:
+            raise bad(f"[{i}] has unknown keys {sorted(unknown)}")
+        name = table.get("name")
+        if not isinstance(name, str) or not name.strip() or not name.replace("-", "").replace("_", "").isalnum():
+            raise bad(f"[{i}].name must be letters, digits, - or _, got {name!r}")
+        if name in names:
+            raise bad(f"[{i}].name {name!r} is used twice")
+        names.add(name)
+        owner = table.get("owner", "")
+        if not isinstance(owner, str):
+            raise bad(f"[{i}].owner must be an API key id or empty, got {owner!r}")
+        try:
+            spec = check_endpoint({k: v for k, v in table.items() if k not in ("name", "owner")}, creating=True,
+                                  secret_required=True)
+        except EndpointError as e:
+            raise bad(f"[{i}] ({name}): {e}") from None
+        out.append({**spec, "name": name, "owner": owner})
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- layers

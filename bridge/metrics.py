@@ -28,6 +28,8 @@ class Metrics:
                                      ["source"], registry=self.registry)
         self.auth_failures = Counter("callbridge_auth_failures", "Refused credentials", ["code"],
                                      registry=self.registry)
+        self.webhook_attempts = Counter("callbridge_webhook_attempts", "Webhook delivery attempts, by result"
+                                        " (delivered, failed = will retry, dead)", ["result"], registry=self.registry)
         self.registry.register(_LiveCollector(service))
 
     def render(self) -> bytes:
@@ -53,6 +55,12 @@ class _LiveCollector:
         yield GaugeMetricFamily("callbridge_legs_active", "Live call legs (one recognizer each)", value=svc.calls.legs)
         yield GaugeMetricFamily("callbridge_ready", "1 once the model is loaded", value=1 if svc.ready else 0)
         yield GaugeMetricFamily("callbridge_draining", "1 while shutting down", value=1 if svc.draining else 0)
+        if svc.webhooks is not None:
+            wh = svc.webhooks.stats()
+            yield GaugeMetricFamily("callbridge_webhook_pending_chains",
+                                    "Jobs x endpoints with deliveries waiting (as of the worker's last look)",
+                                    value=wh["pending_chains"])
+            yield GaugeMetricFamily("callbridge_webhook_in_flight", "Webhook POSTs in flight", value=wh["in_flight"])
         if svc.sip is not None:
             st = svc.sip.stats()
             alive = GaugeMetricFamily("callbridge_sip_workers_alive", "SIP worker processes connected")

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from bridge.calls import CallRegistry
 from bridge.config import Config
-from bridge.events.bus import EventBus
+from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 
@@ -32,7 +32,7 @@ class Service:
         self.config = config
         self.data_dir = Path(config.server.data_dir)
         self.recordings_dir = self.data_dir / "recordings"
-        self.bus = EventBus()
+        self.bus = InProcessBus()
         self.calls = CallRegistry()
         self.metrics = Metrics(self)
         self.store: Any = None
@@ -45,6 +45,7 @@ class Service:
         self.recovered_jobs: list[str] = []
         self.sip: Any = None
         self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
+        self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
         self.ready = False
         self.started_at = time.time()
 
@@ -68,6 +69,12 @@ class Service:
         self.generated_key = bootstrap_key(self.keys, str(self.data_dir))
         self.keys.settle_orphans(self._orphan_usage)
         self.auth = Authenticator(self.keys, self.config.auth)
+        from bridge.webhooks.dispatcher import WebhookDispatcher
+        from bridge.webhooks.store import SqliteWebhookStore
+
+        self.webhooks = WebhookDispatcher(self.bus, SqliteWebhookStore(db), self.store, self.config.webhooks,
+                                          credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
+        await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
         if self.pool is None:
             from bridge.models.store import resolve
             from bridge.recognizer.pool import RecognizerPool
@@ -126,6 +133,9 @@ class Service:
             await self.webrtc.close()
         if self.sip is not None:
             await self.sip.stop()
+        if self.webhooks is not None:  # after the calls: their last events are in the outbox
+            await self.webhooks.stop()
+            self.webhooks.store.close()
         if self._own_pool and self.pool is not None:
             await asyncio.to_thread(self.pool.close)
         if self.keys is not None:
@@ -136,13 +146,13 @@ class Service:
 
     # -- the aiohttp application ------------------------------------------------------------
     def build_app(self) -> web.Application:
-        from bridge.api import events, health, jobs, tokens, web as web_page
+        from bridge.api import events, health, jobs, tokens, web as web_page, webhooks
         from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[_json_errors])
         app[SERVICE] = self
-        for module in (health, stream, jobs, tokens, events, webrtc, web_page):
+        for module in (health, stream, jobs, tokens, events, webhooks, webrtc, web_page):
             module.add_routes(app)
         return app
 

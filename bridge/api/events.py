@@ -275,17 +275,6 @@ async def all_events(request: web.Request) -> web.StreamResponse:
         return ws
     sub = svc.bus.subscribe(None, maxsize=SUBSCRIBER_QUEUE)
     feed = _Feed(request, ws, sub)
-    owners: dict[str, tuple[str, str] | None] = {}  # job_id -> (owner, source), None when unknown
-
-    async def who(job_id: str) -> tuple[str, str] | None:
-        if job_id not in owners:
-            call = svc.calls.calls.get(job_id)
-            if call is not None:
-                owners[job_id] = (call.job.owner, call.job.source.value)
-            else:
-                job = await asyncio.to_thread(svc.store.get_job, job_id)
-                owners[job_id] = (job.owner, job.source.value) if job is not None else None
-        return owners[job_id]
 
     async def body() -> None:
         async for env in sub:
@@ -294,14 +283,9 @@ async def all_events(request: web.Request) -> web.StreamResponse:
             ev = env.event
             if ev.type not in LIVE_TYPES or (types is not None and ev.type.value not in types):
                 continue
-            info = await who(env.job_id)
-            if info is None or info[0] != principal.owner or (sources is not None and info[1] not in sources):
-                if ev.type is EventType.CALL_ENDED:
-                    owners.pop(env.job_id, None)
+            if env.owner != principal.owner or (sources is not None and env.source not in sources):
                 continue
             await feed.send(env.to_dict())
-            if ev.type is EventType.CALL_ENDED:
-                owners.pop(env.job_id, None)
 
     await feed.run(body)
     return ws

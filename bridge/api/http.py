@@ -38,3 +38,17 @@ async def read_json(request: web.Request) -> Any:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"body is not valid JSON: {e}") from None
+
+
+def limit_param(query: Any, default: int, maximum: int) -> int:
+    """`?limit=` as an integer in 1..maximum, or 400 saying what is wrong."""
+    raw = query.get("limit")
+    if raw is None or raw == "":
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"limit={raw!r} is not an integer") from None
+    if not 1 <= limit <= maximum:
+        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"limit must be between 1 and {maximum}, got {limit}")
+    return limit

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.api.http import http_error, json_error, read_json, require_principal
+from bridge.api.http import http_error, json_error, limit_param, read_json, require_principal
 from bridge.jobs import export
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.logs import get_logger
@@ -84,16 +84,7 @@ def _enum_param(query: Any, name: str, enum: type[JobStatus | JobSource]) -> str
 
 
 def _limit_param(query: Any) -> int:
-    raw = query.get("limit")
-    if raw is None or raw == "":
-        return DEFAULT_LIMIT
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise _bad(f"limit={raw!r} is not an integer") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise _bad(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
-    return limit
+    return limit_param(query, DEFAULT_LIMIT, MAX_LIMIT)
 
 
 # -- job lookups and views ----------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """One publish path for every job's events, fanned out to subscribers that never block a leg.
 
+`EventBus` is the interface the service codes against; `InProcessBus` is the single-node default.
+A shared broker (Redis Streams, NATS) can implement the same three calls for several nodes: each
+envelope carries its routing attributes (`owner`, `source`) so a remote consumer needs no lookup.
+
 `publish` is synchronous and never awaits: it numbers the event (`seq`, per job, from 1) and
 puts it on each matching subscriber's queue. A subscriber whose queue is full loses partials
 first (they are superseded anyway) and is cut off with `overflowed` set if even a final, usage
@@ -12,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .types import EventType
 
-__all__ = ["EventBus", "Envelope", "Subscription"]
+__all__ = ["EventBus", "Envelope", "InProcessBus", "Subscription"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Envelope:
     job_id: str
     seq: int
     event: Any
+    owner: str = ""  # the job's owner (API key id or jwt:<sub>): who may see this event
+    source: str = ""  # the job's ingress: stream, sip or webrtc
 
     def to_dict(self, with_job: bool = True) -> dict[str, Any]:
         d = self.event.to_dict()
@@ -37,7 +44,7 @@ class Envelope:
 class Subscription:
     """An async iterator of Envelopes; `None` job_id means every job."""
 
-    def __init__(self, bus: "EventBus", job_id: str | None, maxsize: int) -> None:
+    def __init__(self, bus: "InProcessBus", job_id: str | None, maxsize: int) -> None:
         self._bus = bus
         self.job_id = job_id
         self.maxsize = maxsize
@@ -75,7 +82,26 @@ class Subscription:
         return env
 
 
-class EventBus:
+class EventBus(ABC):
+    """Where every job's events go out: numbered per job, offered to taps, then to subscribers."""
+
+    @abstractmethod
+    def publish(self, job_id: str, event: Any, *, owner: str = "", source: str = "") -> Envelope:
+        """Number `event` (seq per job, from 1) and fan it out; never blocks, never awaits."""
+
+    @abstractmethod
+    def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
+        """A bounded subscription to one job's events, or to every job's (`None`)."""
+
+    @abstractmethod
+    def add_tap(self, tap: Callable[[Envelope], None]) -> None:
+        """Call `tap(envelope)` synchronously on every publish, before the subscribers are offered
+        it: for in-memory indexes and outboxes that must never lag or drop. Keep it cheap."""
+
+
+class InProcessBus(EventBus):
+    """The embedded bus: plain dicts and asyncio queues in the service process."""
+
     def __init__(self) -> None:
         self._subs: dict[str | None, list[Subscription]] = {}
         self._seq: dict[str, itertools.count] = {}
@@ -83,8 +109,6 @@ class EventBus:
         self.published = 0
 
     def add_tap(self, tap: Callable[[Envelope], None]) -> None:
-        """Call `tap(envelope)` synchronously on every publish, before the subscribers are offered
-        it: for in-memory indexes (e.g. seq of each final) that must never lag or drop. Keep it cheap."""
         self._taps.append(tap)
 
     def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
@@ -99,9 +123,9 @@ class EventBus:
             if not subs:
                 del self._subs[sub.job_id]
 
-    def publish(self, job_id: str, event: Any) -> Envelope:
+    def publish(self, job_id: str, event: Any, *, owner: str = "", source: str = "") -> Envelope:
         counter = self._seq.setdefault(job_id, itertools.count(1))
-        env = Envelope(job_id, next(counter), event)
+        env = Envelope(job_id, next(counter), event, owner, source)
         self.published += 1
         for tap in self._taps:
             tap(env)

@@ -1,0 +1,181 @@
+"""Webhook endpoints of the caller's key: `/v1/webhooks` (create, list, get, update, delete),
+their delivery log and redelivery (../shared/spec/stream-protocol.md, "Webhooks"; docs/events.md).
+
+An endpoint belongs to the key that created it and receives only that key's jobs' events;
+another key's endpoint answers 404 like an unknown id. The secret is shown once, in the answer
+to the create (or the update that sets it); afterwards only its last four characters.
+Operator endpoints from config (`[[webhooks.endpoints]]` with `owner` = a key id) are listed to
+that key with `managed_by: "config"`: their deliveries can be read and redelivered, but they are
+changed in the config file, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from bridge.api.http import http_error, limit_param, read_json, require_principal
+from bridge.logs import get_logger
+from bridge.webhooks.model import DeliveryStatus, Endpoint, EndpointError, check_endpoint, new_secret
+
+__all__ = ["add_routes"]
+
+log = get_logger("bridge.api.webhooks")
+
+
+def _service(request: web.Request) -> Any:
+    from bridge.service import SERVICE
+
+    return request.app[SERVICE]
+
+
+def _bad(message: str) -> web.HTTPException:
+    return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
+
+
+async def _spec(request: web.Request, creating: bool) -> dict[str, Any]:
+    try:
+        return check_endpoint(await read_json(request), creating=creating)
+    except EndpointError as e:
+        raise _bad(str(e)) from None
+
+
+async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, Endpoint]:
+    svc = _service(request)
+    principal = require_principal(request)
+    wid = request.match_info["webhook_id"]
+    ep = await asyncio.to_thread(svc.webhooks.store.get_endpoint, wid, principal.owner)
+    if ep is None:
+        raise http_error(web.HTTPNotFound, "NOT_FOUND", f"webhook {wid!r} not found")
+    if writable and ep.managed_by == "config":
+        raise http_error(web.HTTPConflict, "MANAGED_BY_CONFIG",
+                         f"webhook {wid!r} comes from the service config; change it there")
+    return svc, ep
+
+
+async def create(request: web.Request) -> web.Response:
+    svc = _service(request)
+    principal = require_principal(request)
+    spec = await _spec(request, creating=True)
+    store = svc.webhooks.store
+    cap = svc.config.webhooks.max_endpoints_per_key
+    if await asyncio.to_thread(store.count_endpoints, principal.owner) >= cap:
+        raise http_error(web.HTTPConflict, "TOO_MANY_WEBHOOKS",
+                         f"this key has {cap} webhooks, the most allowed (webhooks.max_endpoints_per_key)")
+    now = time.time()
+    ep = Endpoint(id="wh_" + secrets.token_hex(8), owner=principal.owner, url=spec["url"],
+                  secret=spec.get("secret") or new_secret(), events=spec["events"], sources=spec["sources"],
+                  description=spec.get("description", ""), enabled=spec.get("enabled", True),
+                  created_at=now, updated_at=now)
+    await asyncio.to_thread(store.create_endpoint, ep)
+    await svc.webhooks.reload()
+    log.info("webhook_created", webhook_id=ep.id, owner=ep.owner, events=list(ep.events))
+    return web.json_response(ep.to_dict(with_secret=True), status=201,
+                             headers={"Location": f"/v1/webhooks/{ep.id}"})
+
+
+async def list_all(request: web.Request) -> web.Response:
+    svc = _service(request)
+    principal = require_principal(request)
+    eps = await asyncio.to_thread(svc.webhooks.store.list_endpoints, principal.owner)
+    return web.json_response({"webhooks": [e.to_dict() for e in eps]})
+
+
+async def get_one(request: web.Request) -> web.Response:
+    _, ep = await _load(request)
+    return web.json_response(ep.to_dict())
+
+
+async def update(request: web.Request) -> web.Response:
+    svc, ep = await _load(request, writable=True)
+    spec = await _spec(request, creating=False)
+    if not spec:
+        raise _bad("nothing to change: give url, secret, events, sources, description or enabled")
+    ep = await asyncio.to_thread(svc.webhooks.store.update_endpoint, ep.id, **spec)
+    await svc.webhooks.reload()
+    log.info("webhook_updated", webhook_id=ep.id, fields=sorted(spec))
+    return web.json_response(ep.to_dict(with_secret="secret" in spec))
+
+
+async def delete(request: web.Request) -> web.Response:
+    """The endpoint and its delivery log; events still pending for it are not sent."""
+    svc, ep = await _load(request, writable=True)
+    await asyncio.to_thread(svc.webhooks.store.delete_endpoint, ep.id)
+    await svc.webhooks.reload()
+    log.info("webhook_deleted", webhook_id=ep.id)
+    return web.Response(status=204)
+
+
+async def deliveries(request: web.Request) -> web.Response:
+    """Newest first; `status`, `job_id` filters; `cursor` = the `next` of the previous page."""
+    svc, ep = await _load(request)
+    q = request.query
+    status = q.get("status") or None
+    if status is not None and status not in {s.value for s in DeliveryStatus}:
+        raise _bad(f"status={status!r} is not one of {[s.value for s in DeliveryStatus]}")
+    limit = limit_param(q, 50, 500)
+    before = None
+    if q.get("cursor"):
+        try:
+            before = int(q["cursor"])
+        except ValueError:
+            raise _bad(f"cursor={q['cursor']!r} is not a cursor this API returned") from None
+    rows = await asyncio.to_thread(svc.webhooks.store.list_deliveries, ep.id, status, q.get("job_id") or None,
+                                   limit + 1, before)
+    nxt = str(rows[limit - 1].id) if len(rows) > limit else None
+    return web.json_response({"deliveries": [d.to_dict() for d in rows[:limit]], "next": nxt})
+
+
+def _delivery_id(request: web.Request) -> int:
+    raw = request.match_info["delivery_id"]
+    try:
+        return int(raw)
+    except ValueError:
+        raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {raw!r} not found") from None
+
+
+async def delivery(request: web.Request) -> web.Response:
+    svc, ep = await _load(request)
+    did = _delivery_id(request)
+    d = await asyncio.to_thread(svc.webhooks.store.get_delivery, ep.id, did)
+    if d is None:
+        raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {did} not found")
+    return web.json_response(d.to_dict())
+
+
+async def redeliver_one(request: web.Request) -> web.Response:
+    """Send one delivery again (any status), with a fresh retry period."""
+    svc, ep = await _load(request)
+    did = _delivery_id(request)
+    n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, [did])
+    if not n:
+        raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {did} not found")
+    await svc.webhooks.reload()
+    log.info("webhook_redeliver", webhook_id=ep.id, delivery_id=did)
+    return web.json_response({"redelivered": n}, status=202)
+
+
+async def redeliver_dead(request: web.Request) -> web.Response:
+    """Every dead delivery of the endpoint back to pending (after the receiver is fixed)."""
+    svc, ep = await _load(request)
+    n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, None)
+    await svc.webhooks.reload()
+    log.info("webhook_redeliver_dead", webhook_id=ep.id, count=n)
+    return web.json_response({"redelivered": n}, status=202)
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/webhooks", create)
+    r.add_get("/v1/webhooks", list_all)
+    r.add_get("/v1/webhooks/{webhook_id}", get_one)
+    r.add_patch("/v1/webhooks/{webhook_id}", update)
+    r.add_delete("/v1/webhooks/{webhook_id}", delete)
+    r.add_get("/v1/webhooks/{webhook_id}/deliveries", deliveries)
+    r.add_get("/v1/webhooks/{webhook_id}/deliveries/{delivery_id}", delivery)
+    r.add_post("/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver", redeliver_one)
+    r.add_post("/v1/webhooks/{webhook_id}/redeliver", redeliver_dead)

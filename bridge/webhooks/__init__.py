@@ -1,0 +1,1 @@
+"""Signed webhooks: endpoints, a durable outbox in the job database, and the delivery worker."""

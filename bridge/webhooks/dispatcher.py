@@ -1,0 +1,307 @@
+"""The webhook dispatcher: a bus tap fills the durable outbox, a worker delivers it.
+
+Path of one event: `publish` -> tap (matches endpoints from an in-memory copy, never blocks)
+-> pending list -> writer task (one SQLite transaction per batch) -> outbox row -> delivery
+worker -> signed POST. The worker attempts only the head of each (endpoint, job) chain, so a
+job's events reach an endpoint in order; different jobs and endpoints go out side by side,
+up to `webhooks.concurrency` attempts at once.
+
+A failed attempt (timeout, connection error, non-2xx) is retried after an exponential backoff
+with jitter (`Retry-After` on 429/503 is honoured up to the cap). A row that still fails once
+`retry_period_s` has passed since it was queued is marked dead and the chain moves on.
+
+Restarts: a graceful stop flushes the pending list before it returns, and pending rows are
+simply picked up again by the next start. After a crash (kill -9) the last few milliseconds of
+events may not have reached the outbox; for each job the crash left live, `recover` queues the
+saved finals an endpoint has not got yet, and the `call_ended` (status failed) that job never
+published, so a CRM still sees every final and the end of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from bridge.calls import credits_for
+from bridge.events.bus import Envelope, EventBus
+from bridge.events.types import CallEnded
+from bridge.logs import get_logger
+from bridge.webhooks.model import ANY_OWNER, Delivery, DeliveryStatus, Endpoint
+from bridge.webhooks.signing import sign
+from bridge.webhooks.store import NewDelivery, WebhookStore
+
+if TYPE_CHECKING:
+    from bridge.config import WebhooksConfig
+    from bridge.jobs.store import JobStore
+
+__all__ = ["USER_AGENT", "WebhookDispatcher", "config_endpoints"]
+
+log = get_logger("bridge.webhooks")
+
+USER_AGENT = "callbridge-webhooks/1"
+MAX_ERROR_TEXT = 300
+IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (e.g. redelivered by the CLI)
+PRUNE_EVERY_S = 3600.0
+
+
+def config_endpoints(cfg: "WebhooksConfig") -> list[Endpoint]:
+    now = time.time()
+    return [Endpoint(id=f"wh_cfg_{e['name']}", owner=e.get("owner") or ANY_OWNER, url=e["url"], secret=e["secret"],
+                     events=tuple(e["events"]), sources=tuple(e.get("sources") or ()),
+                     description=e.get("description", ""), managed_by="config", created_at=now, updated_at=now)
+            for e in cfg.endpoints]
+
+
+def _body(d: dict[str, Any]) -> str:
+    return json.dumps(d, separators=(",", ":"), ensure_ascii=False)
+
+
+class WebhookDispatcher:
+    def __init__(self, bus: EventBus, store: WebhookStore, jobs: "JobStore", config: "WebhooksConfig", *,
+                 credits_per_minute: float = 0.0, metrics: Any = None) -> None:
+        self.bus = bus
+        self.store = store
+        self.jobs = jobs
+        self.config = config
+        self.metrics = metrics
+        self.credits_per_minute = credits_per_minute
+        self._writing = False
+        self._endpoints: dict[str, Endpoint] = {}
+        self._pending: list[NewDelivery] = []
+        self._wrote = asyncio.Event()  # the writer has something to write
+        self._due = asyncio.Event()  # the worker should look at the outbox again
+        self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
+        self._writer: asyncio.Task | None = None
+        self._worker: asyncio.Task | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._last_prune = 0.0
+        self.attempts = {"delivered": 0, "failed": 0, "dead": 0}
+        self.pending_chains = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, recovered_jobs: list[str] = ()) -> None:  # type: ignore[assignment]
+        await asyncio.to_thread(self.store.sync_config_endpoints, config_endpoints(self.config))
+        await self.reload()
+        if recovered_jobs:
+            await asyncio.to_thread(self._recover, list(recovered_jobs))
+        self.bus.add_tap(self._tap)
+        self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
+        if self.config.enabled:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT}, timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
+            self._worker = asyncio.create_task(self._deliver_loop(), name="webhooks-worker")
+
+    async def reload(self) -> None:
+        """Take endpoint changes (API or config) into the tap's in-memory copy."""
+        eps = await asyncio.to_thread(self.store.list_endpoints)
+        self._endpoints = {e.id: e for e in eps}
+        self._due.set()
+
+    async def flush(self) -> None:
+        """Wait until every event the tap has seen so far is in the outbox."""
+        self._wrote.set()
+        while (self._pending or self._writing) and self._writer is not None and not self._writer.done():
+            await asyncio.sleep(0.005)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Flush the outbox, give attempts in flight `grace_s`, then cancel the rest (they stay
+        pending and go out after the next start; receivers dedupe on X-Event-Id)."""
+        self._closing = True
+        self._wrote.set()
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight.values()), timeout=grace_s)
+            for t in list(self._in_flight.values()):
+                t.cancel()
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"endpoints": sum(1 for e in self._endpoints.values() if e.enabled), "in_flight": len(self._in_flight),
+                "pending_chains": self.pending_chains, "unwritten": len(self._pending), "attempts": dict(self.attempts)}
+
+    # -- into the outbox -------------------------------------------------------------------------
+    def _tap(self, env: Envelope) -> None:
+        etype = env.event.type.value
+        targets = [e.id for e in self._endpoints.values() if e.wants(etype, env.owner, env.source)]
+        if not targets:
+            return
+        body = _body(env.to_dict())
+        event_id = "evt_" + secrets.token_hex(12)
+        now = time.time()
+        self._pending.extend((ep, env.job_id, event_id, env.seq, etype, body, now) for ep in targets)
+        self._wrote.set()
+
+    async def _write_loop(self) -> None:
+        """The only writer of new rows, so outbox ids follow publish order."""
+        while True:
+            await self._wrote.wait()
+            self._wrote.clear()
+            while self._pending:
+                batch = self._pending[:]  # the tap only appends: these stay the first len(batch)
+                self._writing = True
+                try:
+                    await asyncio.to_thread(self.store.enqueue, batch)
+                except Exception as e:  # noqa: BLE001 - keep the rows and try again shortly
+                    log.error("webhook_outbox_write_failed", error=repr(e), unwritten=len(self._pending))
+                    self._writing = False
+                    if self._closing:
+                        return
+                    await asyncio.sleep(1.0)
+                    continue
+                finally:
+                    self._writing = False
+                del self._pending[:len(batch)]
+                self._due.set()
+            if self._closing:
+                return
+
+    def _recover(self, job_ids: list[str]) -> None:
+        """Jobs a crash left live: queue their saved finals an endpoint has not got, and their end."""
+        rows: list[NewDelivery] = []
+        now = time.time()
+        for job_id in job_ids:
+            job = self.jobs.get_job(job_id)
+            if job is None:
+                continue
+            segments = self.jobs.segments(job_id)
+            for ep in self._endpoints.values():
+                wants_final = ep.wants("final", job.owner, job.source.value)
+                wants_end = ep.wants("call_ended", job.owner, job.source.value)
+                if not (wants_final or wants_end):
+                    continue
+                chain = self.store.job_chain(job_id, ep.id)
+                seq = max((d.seq for d in chain), default=0)
+                have = set()
+                for d in chain:
+                    if d.type == "final":
+                        b = json.loads(d.body)
+                        have.add((b["channel"], round(b["start"], 3), round(b["end"], 3)))
+                if wants_final:
+                    for g in sorted(segments, key=lambda s: s.id):
+                        if (g.channel, round(g.start, 3), round(g.end, 3)) in have:
+                            continue
+                        seq += 1
+                        d = {"type": "final", "text": g.text, "words": g.words, "channel": g.channel,
+                             "speaker": g.speaker, "start": round(g.start, 3), "end": round(g.end, 3),
+                             "speech_final": g.speech_final, "job_id": job_id, "seq": seq, "recovered": True}
+                        rows.append((ep.id, job_id, "evt_" + secrets.token_hex(12), seq, "final", _body(d), now))
+                if wants_end and not any(d.type == "call_ended" for d in chain):
+                    seq += 1
+                    used = credits_for(job.duration_s, max(1, len(job.speakers)), self.credits_per_minute)
+                    d = {**CallEnded(job.status.value, job.duration_s, used, job.error).to_dict(),
+                         "job_id": job_id, "seq": seq, "recovered": True}
+                    rows.append((ep.id, job_id, "evt_" + secrets.token_hex(12), seq, "call_ended", _body(d), now))
+        if rows:
+            self.store.enqueue(rows)
+            log.warning("webhooks_recovered", jobs=len(job_ids), deliveries=len(rows))
+
+    # -- out of the outbox -----------------------------------------------------------------------
+    async def _deliver_loop(self) -> None:
+        while True:
+            self._due.clear()
+            free = self.config.concurrency - len(self._in_flight)
+            wait_s = IDLE_POLL_S
+            if free > 0:
+                try:
+                    heads = await asyncio.to_thread(self.store.chain_heads, free + len(self._in_flight) + 64)
+                except Exception as e:  # noqa: BLE001
+                    log.error("webhook_outbox_read_failed", error=repr(e))
+                    heads = []
+                    wait_s = 1.0
+                self.pending_chains = len(heads)
+                now = time.time()
+                for d in heads:
+                    chain = (d.endpoint_id, d.job_id)
+                    ep = self._endpoints.get(d.endpoint_id)
+                    if chain in self._in_flight or ep is None or not ep.enabled:
+                        continue
+                    if d.next_attempt_at > now:
+                        wait_s = min(wait_s, d.next_attempt_at - now)
+                        continue
+                    if free <= 0:
+                        break
+                    free -= 1
+                    task = asyncio.create_task(self._attempt(ep, d), name=f"webhook-{d.id}")
+                    self._in_flight[chain] = task
+                    task.add_done_callback(lambda t, c=chain: self._done(c))
+            if time.time() - self._last_prune > PRUNE_EVERY_S:
+                self._last_prune = time.time()
+                n = await asyncio.to_thread(self.store.prune, time.time() - self.config.retention_s)
+                if n:
+                    log.info("webhook_deliveries_pruned", count=n)
+            try:
+                await asyncio.wait_for(self._due.wait(), max(0.01, wait_s))
+            except asyncio.TimeoutError:
+                pass
+
+    def _done(self, chain: tuple[str, str]) -> None:
+        self._in_flight.pop(chain, None)
+        self._due.set()
+
+    def _backoff(self, attempts: int, retry_after: float | None) -> float:
+        cap = self.config.backoff_max_s
+        d = min(cap, self.config.backoff_initial_s * 2 ** max(0, attempts - 1))
+        d = d / 2 + random.uniform(0, d / 2)  # "equal jitter": never zero, spreads a thundering herd
+        if retry_after is not None:
+            d = max(d, min(cap, retry_after))
+        return d
+
+    async def _attempt(self, ep: Endpoint, d: Delivery) -> None:
+        assert self._session is not None
+        body = d.body.encode()
+        ts = int(time.time())
+        headers = {"Content-Type": "application/json", "X-Event-Id": d.event_id, "X-Timestamp": str(ts),
+                   "X-Signature": sign(ep.secret, ts, body), "X-Webhook-Id": ep.id,
+                   "X-Delivery-Attempt": str(d.attempts + 1)}
+        http_status: int | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        started = time.time()
+        try:
+            async with self._session.post(ep.url, data=body, headers=headers, allow_redirects=False) as resp:
+                http_status = resp.status
+                if not 200 <= resp.status < 300:
+                    text = (await resp.content.read(MAX_ERROR_TEXT)).decode("utf-8", "replace")
+                    error = f"HTTP {resp.status}: {text}".strip()
+                    ra = resp.headers.get("Retry-After", "")
+                    retry_after = float(ra) if ra.strip().isdigit() else None
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            error = f"timed out after {self.config.timeout_s:g} s"
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"[:MAX_ERROR_TEXT]
+        now = time.time()
+        if error is None:
+            status, next_at, result = DeliveryStatus.DELIVERED, now, "delivered"
+        elif now - d.created_at >= self.config.retry_period_s:
+            status, next_at, result = DeliveryStatus.DEAD, now, "dead"
+        else:
+            status, result = DeliveryStatus.PENDING, "failed"
+            next_at = now + self._backoff(d.attempts + 1, retry_after)
+        await asyncio.to_thread(self.store.record_attempt, d.id, status=status, http_status=http_status,
+                                error=error, next_attempt_at=next_at, at=now)
+        self.attempts[result] += 1
+        if self.metrics is not None:
+            self.metrics.webhook_attempts.labels(result).inc()
+        fields = dict(job_id=d.job_id, webhook_id=ep.id, delivery_id=d.id, event_type=d.type, seq=d.seq,
+                      attempt=d.attempts + 1, http_status=http_status, ms=round((now - started) * 1000))
+        if result == "delivered":
+            log.debug("webhook_delivered", **fields)
+        elif result == "dead":
+            log.warning("webhook_dead", error=error, **fields)
+        else:
+            log.info("webhook_retry", error=error, retry_in_s=round(next_at - now, 2), **fields)

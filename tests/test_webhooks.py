@@ -1,0 +1,241 @@
+"""Webhooks end to end: real service, real model, real HTTP receiver on loopback (docs/events.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import numpy as np
+
+from bench import corpus
+from bridge.client.stream import StreamClient
+from bridge.webhooks.signing import sign, verify
+from tests.serving import API_KEY, OTHER_KEY, start_server
+from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
+from tests.webhook_receiver import Receiver
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
+SECRET = "test-secret-0123456789abcdef"
+FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2"}
+
+
+async def create_hook(http: aiohttp.ClientSession, server, url: str, headers=AUTH, **spec) -> dict:
+    async with http.post(f"{server.url}/v1/webhooks", json={"url": url, **spec}, headers=headers) as r:
+        body = await r.json()
+        assert r.status == 201, body
+        return body
+
+
+async def stream_speech(server, sentences: list[str], key: str = API_KEY) -> tuple[str, list[dict]]:
+    """One real stream session; returns its job id and every event the client got."""
+    async with StreamClient(server.url, api_key=key) as s:
+        audio = np.concatenate([sil(0.3)] + [np.concatenate([speech(t), sil(1.2)]) for t in sentences])
+        await send_paced(s, audio.tobytes(), SR * 2)
+        await s.end()
+        events = [ev async for ev in s]
+        return s.job_id, events
+
+
+def finals(evs: list[dict]) -> list[dict]:
+    return [e for e in evs if e["type"] == "final"]
+
+
+def shape(e: dict) -> tuple:
+    return (e["channel"], e["start"], e["end"], e["text"])
+
+
+async def test_every_final_once_in_order_signed(server):
+    rx = await Receiver().start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = await create_hook(http, server, rx.url, secret=SECRET, events=["call_started", "final", "call_ended"])
+            assert hook["secret"] == SECRET and hook["events"] == ["call_started", "final", "call_ended"]
+            job_id, got = await stream_speech(server, EN)
+            await rx.wait_for(lambda r: r.ended(job_id))
+            async with http.get(f"{server.url}/v1/webhooks/{hook['id']}/deliveries", headers=AUTH) as r:
+                log = await r.json()
+    finally:
+        await rx.stop()
+    sent = rx.events(job_id)
+    assert [e["type"] for e in sent][0] == "call_started" and sent[-1]["type"] == "call_ended"
+    assert {e["type"] for e in sent} == {"call_started", "final", "call_ended"}  # no partials, no usage
+    # every final the client saw, once each, in the same order, with the socket's seq
+    assert [shape(e) for e in finals(sent)] == [shape(e) for e in finals(got)]
+    assert len(finals(sent)) >= 2 and corpus.wer(" ".join(EN), text_of(finals(sent))) < 0.2
+    assert [e["seq"] for e in sent] == sorted(e["seq"] for e in sent)
+    assert sent[-1]["status"] == "completed"
+    hits = [h for h in rx.hits if h.event["job_id"] == job_id]
+    assert len({h.headers["X-Event-Id"] for h in hits}) == len(hits)
+    for h in hits:
+        assert h.verifies(SECRET)
+        assert h.headers["X-Signature"] == sign(SECRET, h.headers["X-Timestamp"], h.body)
+        assert abs(int(h.headers["X-Timestamp"]) - time.time()) < 120
+    # a receiver rejects a tampered body, a wrong secret and a replayed (stale) timestamp
+    h = hits[1]
+    tampered = h.body.replace(b'"text":"', b'"text":"not ', 1)
+    assert tampered != h.body and not verify(SECRET, h.headers["X-Timestamp"], tampered, h.headers["X-Signature"])
+    assert not h.verifies("another-secret-0123456789")
+    stale = str(int(h.headers["X-Timestamp"]) - 3600)
+    assert not verify(SECRET, stale, h.body, sign(SECRET, stale, h.body))
+    # the delivery log shows each one delivered at the first attempt
+    mine = [d for d in log["deliveries"] if d["job_id"] == job_id]
+    assert len(mine) == len(hits) and all(d["status"] == "delivered" and d["attempts"] == 1 for d in mine)
+    assert sorted(d["event_id"] for d in mine) == sorted(h.headers["X-Event-Id"] for h in hits)
+
+
+async def test_receiver_down_30s_and_service_restart_loses_nothing(tmp_path, pool):
+    """The receiver is down (connection refused) for 30 s, during which the job runs and the
+    service is restarted; once it is up, every event arrives, in order, exactly once."""
+    data = tmp_path / "data"
+    rx = Receiver()
+    down_at = time.monotonic()
+    srv = await start_server(data, pool, **FAST_RETRY)
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = await create_hook(http, srv, rx.url, secret=SECRET)
+            job_id, got = await stream_speech(srv, EN)
+            await asyncio.sleep(1.5)
+            async with http.get(f"{srv.url}/v1/webhooks/{hook['id']}/deliveries?status=pending", headers=AUTH) as r:
+                pending = (await r.json())["deliveries"]
+        assert pending and any(d["attempts"] >= 1 and "Connect" in (d["last_error"] or "") for d in pending)
+    finally:
+        await srv.stop()
+    srv = await start_server(data, pool, **FAST_RETRY)
+    try:
+        await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - down_at)))
+        assert rx.hits == []
+        await rx.start()
+        await rx.wait_for(lambda r: r.ended(job_id), timeout=60)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/webhooks/{hook['id']}/deliveries", headers=AUTH) as r:
+                log = (await r.json())["deliveries"]
+    finally:
+        await rx.stop()
+        await srv.stop()
+    sent = rx.events(job_id)
+    assert sent[0]["type"] == "call_started" and sent[-1]["type"] == "call_ended"
+    assert [shape(e) for e in finals(sent)] == [shape(e) for e in finals(got)] and len(finals(sent)) >= 2
+    assert [e["seq"] for e in sent] == sorted(e["seq"] for e in sent)
+    assert len({h.headers["X-Event-Id"] for h in rx.hits}) == len(rx.hits)  # each once
+    assert all(h.verifies(SECRET) for h in rx.hits)
+    assert all(d["status"] == "delivered" for d in log) and max(d["attempts"] for d in log) >= 2
+
+
+async def test_dead_after_retry_period_then_redeliver_in_order(tmp_path, pool):
+    rx = await Receiver().start()
+    rx.status = 500
+    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.retry_period_s": "1"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = await create_hook(http, srv, rx.url, secret=SECRET, events=["final", "call_ended"])
+            job_id, got = await stream_speech(srv, EN[:1])
+            base = f"{srv.url}/v1/webhooks/{hook['id']}"
+
+            async def dead() -> list[dict]:
+                async with http.get(f"{base}/deliveries?status=dead", headers=AUTH) as r:
+                    return (await r.json())["deliveries"]
+
+            deadline = time.monotonic() + 30
+            while len(await dead()) < len(finals(got)) + 1:
+                assert time.monotonic() < deadline, "deliveries never went dead"
+                await asyncio.sleep(0.3)
+            rows = await dead()
+            assert all(d["last_status"] == 500 and "receiver says no" in d["last_error"] for d in rows)
+            assert rx.hits == []
+            rx.status = 200
+            async with http.post(f"{base}/deliveries/{rows[-1]['id']}/redeliver", headers=AUTH) as r:
+                assert r.status == 202 and (await r.json()) == {"redelivered": 1}
+            await rx.wait_for(lambda r: len(r.hits) == 1)
+            async with http.post(f"{base}/redeliver", headers=AUTH) as r:
+                assert r.status == 202 and (await r.json())["redelivered"] == len(rows) - 1
+            await rx.wait_for(lambda r: r.ended(job_id))
+            async with http.get(f"{base}/deliveries/{rows[0]['id']}", headers=AUTH) as r:
+                one = await r.json()
+    finally:
+        await rx.stop()
+        await srv.stop()
+    sent = rx.events(job_id)
+    # the single redelivery (the oldest row) first, then the rest in their original order
+    assert [shape(e) for e in finals(sent)] == [shape(e) for e in finals(got)]
+    assert sent[-1]["type"] == "call_ended"
+    assert one["status"] == "delivered" and one["event"]["job_id"] == job_id
+
+
+async def test_crud_validation_isolation_and_partials_opt_in(server):
+    rx = await Receiver().start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            base = f"{server.url}/v1/webhooks"
+            for bad, needle in [({"url": "ftp://x/y"}, "http"), ({}, "url is required"),
+                                ({"url": rx.url, "secret": "short"}, "secret"),
+                                ({"url": rx.url, "events": ["final", "nope"]}, "events"),
+                                ({"url": rx.url, "events": []}, "at least one"),
+                                ({"url": rx.url, "sources": ["fax"]}, "sources"),
+                                ({"url": rx.url, "color": "red"}, "unknown")]:
+                async with http.post(base, json=bad, headers=AUTH) as r:
+                    body = await r.json()
+                    assert r.status == 400 and body["error"]["code"] == "INVALID_REQUEST", bad
+                    assert needle in body["error"]["message"], (needle, body)
+            async with http.post(base, data=b"{not json", headers=AUTH) as r:
+                assert r.status == 400
+            async with http.post(base, json={"url": rx.url}) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"]
+            plain = await create_hook(http, server, rx.url)  # secret generated, default events
+            assert plain["secret"].startswith("whsec_") and "partial" not in plain["events"]
+            everything = await create_hook(http, server, rx.url, secret=SECRET,
+                                           events=["call_started", "partial", "final", "usage", "call_ended"])
+            async with http.get(base, headers=AUTH) as r:
+                listed = (await r.json())["webhooks"]
+            assert {w["id"] for w in listed} == {plain["id"], everything["id"]}
+            assert all("secret" not in w and w["secret_hint"].startswith("…") for w in listed)
+            async with http.get(base, headers=OTHER) as r:
+                assert (await r.json())["webhooks"] == []
+            for method in ("get", "patch", "delete"):
+                async with http.request(method, f"{base}/{plain['id']}", json={"enabled": False}, headers=OTHER) as r:
+                    assert r.status == 404, method
+            async with http.patch(f"{base}/{plain['id']}", json={"events": ["call_ended"], "description": "ends"},
+                                  headers=AUTH) as r:
+                upd = await r.json()
+                assert r.status == 200 and upd["events"] == ["call_ended"] and "secret" not in upd
+            async with http.patch(f"{base}/{plain['id']}", json={}, headers=AUTH) as r:
+                assert r.status == 400
+            mine, _ = await stream_speech(server, EN[:1])
+            theirs, _ = await stream_speech(server, EN[1:], key=OTHER_KEY)
+            await rx.wait_for(lambda r: len([e for e in r.events(mine) if e["type"] == "call_ended"]) == 2)
+            await asyncio.sleep(1.0)  # the other key's job has ended too: nothing of it may arrive
+            async with http.delete(f"{base}/{plain['id']}", headers=AUTH) as r:
+                assert r.status == 204
+            async with http.get(f"{base}/{plain['id']}", headers=AUTH) as r:
+                assert r.status == 404
+    finally:
+        await rx.stop()
+    assert rx.events(theirs) == []
+    by_hook: dict[str, list[dict]] = {}
+    for h in rx.hits:
+        by_hook.setdefault(h.headers["X-Webhook-Id"], []).append(h.event)
+    assert [e["type"] for e in by_hook[plain["id"]]] == ["call_ended"]
+    types = [e["type"] for e in by_hook[everything["id"]]]
+    assert "partial" in types and "usage" in types and types[0] == "call_started" and types[-1] == "call_ended"
+
+
+async def test_operator_endpoint_from_config_gets_every_key(tmp_path, pool):
+    rx = await Receiver().start()
+    endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"]}])
+    srv = await start_server(tmp_path / "data", pool, **{"webhooks.endpoints": endpoints})
+    try:
+        a, _ = await stream_speech(srv, EN[:1])
+        b, _ = await stream_speech(srv, EN[1:], key=OTHER_KEY)
+        await rx.wait_for(lambda r: r.ended(a) and r.ended(b))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/webhooks", headers=AUTH) as r:
+                assert (await r.json())["webhooks"] == []  # an operator endpoint is not a key's
+            async with http.delete(f"{srv.url}/v1/webhooks/wh_cfg_crm", headers=AUTH) as r:
+                assert r.status == 404
+    finally:
+        await rx.stop()
+        await srv.stop()
+    assert all(h.verifies(SECRET) and h.headers["X-Webhook-Id"] == "wh_cfg_crm" for h in rx.hits)
+    assert finals(rx.events(a)) and finals(rx.events(b))
