@@ -239,3 +239,76 @@ async def test_operator_endpoint_from_config_gets_every_key(tmp_path, pool):
         await srv.stop()
     assert all(h.verifies(SECRET) and h.headers["X-Webhook-Id"] == "wh_cfg_crm" for h in rx.hits)
     assert finals(rx.events(a)) and finals(rx.events(b))
+
+
+async def test_kill_9_mid_call_then_restart_delivers_saved_finals_and_the_end(tmp_path, pool):
+    """The service dies (SIGKILL) mid-call while the receiver is down; after the restart the
+    receiver gets every final the client had seen, in order, then the job's failed call_ended."""
+    import signal
+
+    from tests.test_service_process import Serve
+
+    data = tmp_path / "data"
+    rx = Receiver()
+    endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"]}])
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_WEBHOOKS_ENDPOINTS": endpoints,
+           "CALLBRIDGE_WEBHOOKS_BACKOFF_MAX_S": "2"}
+    async with Serve(data, env) as srv:
+        live = StreamClient(srv.url, api_key=API_KEY)
+        await live.__aenter__()
+        pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1]), sil(1.2), speech(EN[0][:25])])
+        await send_paced(live, pcm.tobytes(), SR * 2, speed=4.0)
+        seen: list[dict] = []
+        while len(finals(seen)) < 2:
+            seen.append(await asyncio.wait_for(live._next(), 30))
+        srv.proc.send_signal(signal.SIGKILL)
+        await srv.proc.wait()
+        await live.aclose()
+    await rx.start()
+    srv2 = await start_server(data, pool, **{"webhooks.endpoints": endpoints, "webhooks.backoff_max_s": "2"})
+    try:
+        await rx.wait_for(lambda r: r.ended(live.job_id), timeout=60)
+        saved = srv2.service.store.segments(live.job_id)
+    finally:
+        await srv2.stop()
+        await rx.stop()
+    sent = rx.events(live.job_id)
+    assert [e["text"] for e in finals(sent)][: len(finals(seen))] == [e["text"] for e in finals(seen)]
+    assert [e["text"] for e in finals(sent)] == [g.text for g in saved]  # every saved final, once
+    assert sent[-1]["type"] == "call_ended" and sent[-1]["status"] == "failed"
+    assert [e["seq"] for e in sent] == sorted(e["seq"] for e in sent)
+    assert all(h.verifies(SECRET) for h in rx.hits)
+
+
+async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path, pool):
+    """The few milliseconds between a final's save and its outbox row: a job left live in the
+    database with finals and no outbox rows (what kill -9 in that window leaves) gets them sent."""
+    from bridge.jobs.model import Job, JobSource, JobStatus
+    from bridge.jobs.store import SqliteJobStore
+    from bridge.service import DB_NAME
+
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    store = SqliteJobStore(data / DB_NAME)
+    job = Job(id="job_crashed", owner="someone", status=JobStatus.LIVE, source=JobSource.SIP,
+              created_at=time.time(), speakers=["caller", "agent"], duration_s=4.0)
+    store.create_job(job)
+    texts = ["Hello, thanks for calling.", "I have a question about my bill."]
+    for i, t in enumerate(texts):
+        store.add_segment(job.id, {"text": t, "channel": i, "speaker": job.speakers[i], "start": 1.0 + i,
+                                   "end": 1.8 + i, "speech_final": True, "words": []})
+    store.close()
+    rx = await Receiver().start()
+    endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"],
+                             "sources": ["sip"]}])
+    srv = await start_server(data, pool, **{"webhooks.endpoints": endpoints})
+    try:
+        await rx.wait_for(lambda r: r.ended(job.id))
+    finally:
+        await srv.stop()
+        await rx.stop()
+    sent = rx.events(job.id)
+    assert [(e["type"], e.get("text"), e.get("speaker")) for e in sent] == [
+        ("final", texts[0], "caller"), ("final", texts[1], "agent"), ("call_ended", None, None)]
+    assert all(e["recovered"] is True for e in sent) and sent[-1]["status"] == "failed"
+    assert sent[-1]["error"]["code"] == "INTERNAL"
