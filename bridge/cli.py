@@ -142,10 +142,11 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- wiring
 
 from .commands import call as _call, jobs as _jobs, keys as _keys, serve as _serve, stream as _stream  # noqa: E402
+from .commands import webhooks as _webhooks  # noqa: E402
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, _keys.add_keys_parser,
-    _call.add_call_parser, add_models_parser]
+    _call.add_call_parser, _webhooks.add_webhooks_parser, add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve.cmd_serve,
@@ -155,6 +156,7 @@ DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "models.verify": cmd_models_verify,
     "models.path": cmd_models_path,
     **_jobs.DISPATCH,
+    **_webhooks.DISPATCH,
     **_keys.DISPATCH,
     **_call.DISPATCH,
 }

@@ -39,6 +39,17 @@ async def stream_speech(server, sentences: list[str], key: str = API_KEY) -> tup
         return s.job_id, events
 
 
+def docs_verify():
+    """The Python `verify` snippet of docs/webhooks.md, executed as a reader would paste it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "webhooks.md").read_text()
+    block = text.split("## Verifying a delivery", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(block, ns)  # noqa: S102 - our own documentation
+    return ns["verify"]
+
+
 def finals(evs: list[dict]) -> list[dict]:
     return [e for e in evs if e["type"] == "final"]
 
@@ -80,6 +91,10 @@ async def test_every_final_once_in_order_signed(server):
     assert not h.verifies("another-secret-0123456789")
     stale = str(int(h.headers["X-Timestamp"]) - 3600)
     assert not verify(SECRET, stale, h.body, sign(SECRET, stale, h.body))
+    # the verification code in docs/webhooks.md, run as written, agrees
+    documented = docs_verify()
+    assert all(documented(SECRET, h.headers["X-Timestamp"], h.body, h.headers["X-Signature"]) for h in hits)
+    assert not documented(SECRET, h.headers["X-Timestamp"], tampered, h.headers["X-Signature"])
     # the delivery log shows each one delivered at the first attempt
     mine = [d for d in log["deliveries"] if d["job_id"] == job_id]
     assert len(mine) == len(hits) and all(d["status"] == "delivered" and d["attempts"] == 1 for d in mine)
@@ -202,6 +217,11 @@ async def test_crud_validation_isolation_and_partials_opt_in(server):
                 assert r.status == 200 and upd["events"] == ["call_ended"] and "secret" not in upd
             async with http.patch(f"{base}/{plain['id']}", json={}, headers=AUTH) as r:
                 assert r.status == 400
+            async with http.post(f"{base}/{everything['id']}/test", headers=AUTH) as r:
+                ping = await r.json()
+            assert r.status == 200 and ping["delivered"] is True and ping["http_status"] == 200
+            assert rx.hits[-1].event["type"] == "ping" and rx.hits[-1].verifies(SECRET)
+            rx.hits.clear()
             mine, _ = await stream_speech(server, EN[:1])
             theirs, _ = await stream_speech(server, EN[1:], key=OTHER_KEY)
             await rx.wait_for(lambda r: len([e for e in r.events(mine) if e["type"] == "call_ended"]) == 2)

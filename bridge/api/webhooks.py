@@ -168,6 +168,12 @@ async def redeliver_dead(request: web.Request) -> web.Response:
     return web.json_response({"redelivered": n}, status=202)
 
 
+async def ping(request: web.Request) -> web.Response:
+    """POST a signed `ping` event to the endpoint now; 200 with what the receiver answered."""
+    svc, ep = await _load(request)
+    return web.json_response(await svc.webhooks.ping(ep))
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/v1/webhooks", create)
@@ -179,3 +185,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/webhooks/{webhook_id}/deliveries/{delivery_id}", delivery)
     r.add_post("/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver", redeliver_one)
     r.add_post("/v1/webhooks/{webhook_id}/redeliver", redeliver_dead)
+    r.add_post("/v1/webhooks/{webhook_id}/test", ping)

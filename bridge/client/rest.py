@@ -1,8 +1,12 @@
-"""Async client for the jobs REST API (`/v1/jobs...`).
+"""Async clients for the jobs and webhooks REST APIs (`/v1/jobs...`, `/v1/webhooks...`).
 
     async with JobsClient("http://127.0.0.1:8080", api_key) as c:
         async for job in c.iter_jobs(status="completed"):
             print(job["id"], await c.transcript(job["id"], "txt"))
+
+    async with WebhooksClient("http://127.0.0.1:8080", api_key) as c:
+        hook = await c.create("https://crm.internal/callbridge", events=["final", "call_ended"])
+        print(hook["id"], hook["secret"])  # the secret is shown only in this answer
 
 Every non-2xx answer raises `ApiError` with the server's error code; network failures surface
 as aiohttp's `ClientError` so callers can tell "the server said no" from "no server".
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +28,7 @@ import aiohttp
 
 from bridge.client.errors import ApiError
 
-__all__ = ["TRANSCRIPT_FORMATS", "ApiError", "JobsClient"]
+__all__ = ["TRANSCRIPT_FORMATS", "ApiError", "JobsClient", "WebhooksClient"]
 
 TRANSCRIPT_FORMATS = ("json", "txt", "srt", "vtt")
 _CHUNK = 1 << 16
@@ -38,8 +42,12 @@ def _since_param(since: float | str | datetime) -> str:
     return str(since)
 
 
-class JobsClient:
-    """One aiohttp session per client; use it as an async context manager (or call `close()`)."""
+class _RestClient:
+    """One aiohttp session per client; use it as an async context manager (or call `close()`).
+    Subclasses name their collection (`_PATH`) and what one item is (`_ITEM`, for errors)."""
+
+    _PATH = ""
+    _ITEM = ""
 
     def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 30.0,
                  session: aiohttp.ClientSession | None = None) -> None:
@@ -69,12 +77,12 @@ class JobsClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
 
-    def _url(self, job_id: str | None = None, tail: str = "") -> str:
-        url = f"{self.base_url}/v1/jobs"
-        if job_id is not None:
-            if not job_id:
-                raise ValueError("job id must not be empty")
-            url += "/" + quote(job_id, safe="")
+    def _url(self, item_id: str | None = None, tail: str = "") -> str:
+        url = self.base_url + self._PATH
+        if item_id is not None:
+            if not item_id:
+                raise ValueError(f"{self._ITEM} id must not be empty")
+            url += "/" + quote(item_id, safe="")
         return url + tail
 
     @staticmethod
@@ -102,6 +110,18 @@ class JobsClient:
         resp = await self._request(method, url, **kw)
         async with resp:
             return await resp.json(content_type=None)
+
+    async def _no_body(self, method: str, url: str, **kw: Any) -> None:
+        """For answers without a body worth reading (DELETE's 204)."""
+        resp = await self._request(method, url, **kw)
+        resp.release()
+
+
+class JobsClient(_RestClient):
+    """The jobs API: list, read, edit, export and delete jobs and their audio."""
+
+    _PATH = "/v1/jobs"
+    _ITEM = "job"
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -155,8 +175,7 @@ class JobsClient:
 
     async def delete_job(self, job_id: str) -> None:
         """Delete the job, its transcript and its audio."""
-        resp = await self._request("DELETE", self._url(job_id))
-        resp.release()
+        await self._no_body("DELETE", self._url(job_id))
 
     async def transcript(self, job_id: str, format: str = "json", *, raw: bool = False) -> str | dict[str, Any]:
         """The transcript export: a dict for json (unless `raw`), else the text of the txt/srt/vtt file."""
@@ -189,3 +208,85 @@ class JobsClient:
                 pass
             raise
         return dest
+
+
+def _present(**fields: Any) -> dict[str, Any]:
+    """The fields that were given: None means "not given", so "" and False still count."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class WebhooksClient(_RestClient):
+    """The webhooks API of the key: endpoints, their delivery log, redelivery and test pings.
+
+    An endpoint's secret is in the answer to `create` (and to an `update` that sets one) only;
+    other reads carry `secret_hint`, its last four characters.
+    """
+
+    _PATH = "/v1/webhooks"
+    _ITEM = "webhook"
+
+    async def create(self, url: str, *, secret: str | None = None, events: Iterable[str] | None = None,
+                     sources: Iterable[str] | None = None, description: str | None = None,
+                     enabled: bool | None = None) -> dict[str, Any]:
+        """Register an endpoint; left-out fields take the server's defaults (a generated
+        `whsec_...` secret, the default events, every source). Returns it with its `secret`."""
+        body = _present(url=url, secret=secret, events=None if events is None else list(events),
+                        sources=None if sources is None else list(sources), description=description,
+                        enabled=enabled)
+        return await self._json("POST", self._url(), json=body)
+
+    async def list(self) -> list[dict[str, Any]]:
+        """Every endpoint of the key, without secrets (there is no paging: a key has few)."""
+        return (await self._json("GET", self._url()))["webhooks"]
+
+    async def get(self, webhook_id: str) -> dict[str, Any]:
+        return await self._json("GET", self._url(webhook_id))
+
+    async def update(self, webhook_id: str, **fields: Any) -> dict[str, Any]:
+        """Change the given fields (url, secret, events, sources, description, enabled; None
+        leaves one as it is). Returns the endpoint, with `secret` only if this set it."""
+        body = _present(**fields)
+        if not body:
+            raise ValueError("nothing to change: give url, secret, events, sources, description or enabled")
+        return await self._json("PATCH", self._url(webhook_id), json=body)
+
+    async def delete(self, webhook_id: str) -> None:
+        """Delete the endpoint with its delivery log; its pending deliveries are not sent."""
+        await self._no_body("DELETE", self._url(webhook_id))
+
+    async def deliveries(self, webhook_id: str, status: str | None = None, job_id: str | None = None,
+                         limit: int | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """One page of the delivery log: `{"deliveries": [...], "next": cursor or None}`, newest first."""
+        params = {k: str(v) for k, v in _present(status=status, job_id=job_id, limit=limit).items()}
+        if cursor:
+            params["cursor"] = cursor
+        return await self._json("GET", self._url(webhook_id, "/deliveries"), params=params)
+
+    async def iter_deliveries(self, webhook_id: str, status: str | None = None, job_id: str | None = None,
+                              page_size: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every matching delivery, newest first, fetching pages as the caller consumes them."""
+        cursor: str | None = None
+        while True:
+            page = await self.deliveries(webhook_id, status, job_id, page_size, cursor)
+            for d in page["deliveries"]:
+                yield d
+            cursor = page.get("next")
+            if not cursor:
+                return
+
+    async def delivery(self, webhook_id: str, delivery_id: int | str) -> dict[str, Any]:
+        """One delivery with its attempts' outcome and the event it carries."""
+        return await self._json("GET", self._url(webhook_id, f"/deliveries/{quote(str(delivery_id), safe='')}"))
+
+    async def redeliver(self, webhook_id: str, delivery_id: int | str) -> int:
+        """Queue one delivery again, whatever its status; returns how many were queued (1)."""
+        tail = f"/deliveries/{quote(str(delivery_id), safe='')}/redeliver"
+        return (await self._json("POST", self._url(webhook_id, tail)))["redelivered"]
+
+    async def redeliver_dead(self, webhook_id: str) -> int:
+        """Queue every dead delivery of the endpoint again (once the receiver is fixed); returns how many."""
+        return (await self._json("POST", self._url(webhook_id, "/redeliver")))["redelivered"]
+
+    async def test(self, webhook_id: str) -> dict[str, Any]:
+        """Have the server POST a signed ping now: `{"delivered", "event_id", "http_status", "error", "ms"}`."""
+        return await self._json("POST", self._url(webhook_id, "/test"))

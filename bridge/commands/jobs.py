@@ -11,7 +11,6 @@ live), 2 bad input (bad option, unknown job, refused key); errors are one line o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,37 +18,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from bridge.client.errors import ApiError
 from bridge.client.rest import TRANSCRIPT_FORMATS, JobsClient
-from bridge.commands.remote import DEFAULT_URL, KEY_FILE, PROG, _usage_error, resolve_api_key, resolve_url
+from bridge.commands.remote import (DEFAULT_URL, KEY_FILE, PROG, _usage_error, remote_flags, resolve_api_key,
+                                    resolve_url, run_remote)
 
 __all__ = ["DEFAULT_URL", "DISPATCH", "KEY_FILE", "add_jobs_parser", "resolve_api_key", "resolve_url"]
-
-_INPUT_STATUSES = {400, 401, 403, 404, 422}
-
 
 # --------------------------------------------------------------------------- running a request
 
 
 def _run(args: argparse.Namespace, work: Callable[[JobsClient], Awaitable[int]]) -> int:
-    """Run one client session; turn API and network failures into a one-line error and exit code."""
-    url, key = resolve_url(args.url), resolve_api_key(args.api_key)
-
-    async def go() -> int:
-        async with JobsClient(url, key, timeout_s=args.timeout) as client:
-            return await work(client)
-
-    try:
-        return asyncio.run(go())
-    except ApiError as e:
-        print(f"{PROG}: error: {e.message} ({e.status} {e.code})", file=sys.stderr)
-        return 2 if e.status in _INPUT_STATUSES else 1
-    except (TimeoutError, aiohttp.ClientError) as e:
-        reason = str(e) or type(e).__name__
-        print(f"{PROG}: error: cannot reach callbridge at {url}: {reason}", file=sys.stderr)
-        return 1
+    return run_remote(args, JobsClient, work)
 
 
 def _when(ts: float | None) -> str:
@@ -214,11 +193,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
                             parser_class=type(p))
     jsub.required = True
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"server base URL (default $CALLBRIDGE_URL or {DEFAULT_URL})")
-    common.add_argument("--api-key", help="API key (default $CALLBRIDGE_API_KEY, else <data_dir>/api_key, "
-                                          "data_dir being $CALLBRIDGE_DATA_DIR or ./data)")
-    common.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    common = remote_flags()
 
     def job_cmd(name: str, help: str, command: str) -> argparse.ArgumentParser:
         q = jsub.add_parser(name, help=help, parents=[common])

@@ -94,6 +94,9 @@ class WebhookStore(ABC):
     def chain_heads(self, limit: int) -> list[Delivery]: ...
 
     @abstractmethod
+    def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None: ...
+
+    @abstractmethod
     def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
                        error: str | None, next_attempt_at: float, at: float) -> None: ...
 
@@ -238,6 +241,13 @@ class SqliteWebhookStore(WebhookStore):
                 " JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled = 1"
                 " ORDER BY d.next_attempt_at, d.id LIMIT ?", (limit,)).fetchall()
         return [_row_delivery(r) for r in rows]
+
+    def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None:
+        """The oldest pending row of one chain (an index seek, for a chain being drained)."""
+        with self._lock:
+            r = self._db.execute("SELECT * FROM webhook_deliveries WHERE status = 'pending' AND endpoint_id = ?"
+                                 " AND job_id = ? ORDER BY id LIMIT 1", (endpoint_id, job_id)).fetchone()
+        return _row_delivery(r) if r else None
 
     def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
                        error: str | None, next_attempt_at: float, at: float) -> None:
