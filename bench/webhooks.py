@@ -12,9 +12,10 @@ this process too, so both arrival times come from one clock.
    subscriber socket. For each event (job_id, seq): webhook arrival minus socket arrival. The
    baseline is the socket, measured in the same run: it is the fastest path an event has out
    of the service.
-2. Backlog: the same N calls with the endpoint disabled (events queue in the outbox, nothing
-   is sent), then the endpoint is enabled: time until every queued event is delivered, and
-   events per second.
+2. Outage: the same N calls while the receiver is down (connection refused: every chain fails
+   and backs off). Then the receiver comes up and the operator calls `POST .../redeliver`
+   (retries now instead of after the backoff): time until every queued event is delivered,
+   and events per second.
 3. Capacity: J synthetic jobs x E events published straight on the bus (no model, no audio):
    outbox writes and delivery throughput of the pipeline alone.
 """
@@ -126,24 +127,39 @@ async def live_phase(svc, url: str, hook_url: str, rx: Receiver, calls, wav_dir:
             "finals": len(lags["final"])}
 
 
-async def backlog_phase(svc, url: str, hook_url: str, rx: Receiver, calls, wav_dir: Path) -> dict:
+async def backlog_phase(svc, url: str, calls, wav_dir: Path) -> dict:
+    rx = Receiver()
+    hook_url, runner = await rx.start()
+    await runner.cleanup()  # down: the port refuses connections until it is bound again
+    port = int(hook_url.rsplit(":", 1)[1].split("/")[0])
     async with aiohttp.ClientSession(headers=AUTH) as http:
-        async with http.post(f"{url}/v1/webhooks", json={"url": hook_url, "secret": SECRET, "events": ALL_TYPES,
-                                                        "enabled": False}) as r:
+        async with http.post(f"{url}/v1/webhooks", json={"url": hook_url, "secret": SECRET, "events": ALL_TYPES}) as r:
             wid = (await r.json())["id"]
-        before = set(rx.at)
         await run_phase("socket", svc, url, BENCH_KEY, calls, wav_dir)
         await svc.webhooks.flush()
         queued = {(d.job_id, d.seq) for d in svc.webhooks.store.list_deliveries(wid, "pending", limit=10**6)}
-        t0 = time.monotonic()
-        async with http.patch(f"{url}/v1/webhooks/{wid}", json={"enabled": True}) as r:
-            assert r.status == 200
-        await _wait_all(rx, queued, 300)
-        took = time.monotonic() - t0
+        app_runner = await _bind(rx, port)
+        try:
+            t0 = time.monotonic()
+            async with http.post(f"{url}/v1/webhooks/{wid}/redeliver") as r:
+                assert r.status == 202
+            await _wait_all(rx, queued, 300)
+            took = time.monotonic() - t0
+        finally:
+            await app_runner.cleanup()
         async with http.delete(f"{url}/v1/webhooks/{wid}") as r:
             assert r.status == 204
-    assert not (queued & before)
-    return {"events": len(queued), "seconds": took, "rate": len(queued) / took, "jobs": len(calls)}
+    return {"events": len(queued), "seconds": took, "rate": len(queued) / took, "jobs": len(calls),
+            "out_of_order": rx.out_of_order, "duplicates": rx.duplicates}
+
+
+async def _bind(rx: Receiver, port: int) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_post("/hook", rx.hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
 
 
 async def capacity_phase(svc, url: str, hook_url: str, rx: Receiver, jobs: int, per_job: int) -> dict:
@@ -184,7 +200,7 @@ async def bench(args: argparse.Namespace) -> None:
         try:
             async with running_service(wav_dir / "data", **{"sip.enabled": "false"}) as (svc, url):
                 live = await live_phase(svc, url, hook_url, rx, calls, wav_dir)
-                backlog = await backlog_phase(svc, url, hook_url, rx, calls, wav_dir)
+                backlog = await backlog_phase(svc, url, calls, wav_dir)
                 cap = await capacity_phase(svc, url, hook_url, rx, args.jobs, args.events)
                 concurrency = svc.config.webhooks.concurrency
         finally:
@@ -197,7 +213,8 @@ async def bench(args: argparse.Namespace) -> None:
          f"{max(la['final']):.1f}", "-"],
         ["  of which partials", f"{len(la['partial'])}", f"{pct(la['partial'], 50):.1f}",
          f"{pct(la['partial'], 95):.1f}", f"{max(la['partial']):.1f}", "-"],
-        [f"backlog: {backlog['jobs']} calls queued while disabled, then enabled", f"{backlog['events']}", "-", "-",
+        [f"outage: {backlog['jobs']} calls while the receiver was down, then redeliver", f"{backlog['events']}",
+         "-", "-",
          "-", f"{backlog['rate']:.0f} ({backlog['seconds']:.1f} s)"],
         [f"capacity: {args.jobs} jobs x {args.events} finals on the bus", f"{cap['events']}", "-", "-", "-",
          f"{cap['rate']:.0f} ({cap['seconds']:.1f} s; outbox written in {cap['write_s']:.2f} s)"],
@@ -208,7 +225,8 @@ async def bench(args: argparse.Namespace) -> None:
         ["phase", "events delivered", "lag vs socket p50 ms", "p95 ms", "max ms", "events/s"],
         rows,
         notes=[f"Baseline: the /v1/events socket, in the same run; lag = webhook arrival - socket arrival of the same "
-               f"(job_id, seq). Receiver order violations: {rx.out_of_order}, duplicates: {rx.duplicates}.",
+               f"(job_id, seq). Receiver order violations: {rx.out_of_order} live + capacity, {backlog['out_of_order']} "
+               f"outage; duplicates: {rx.duplicates + backlog['duplicates']}.",
                f"One chain per (job, endpoint) is delivered one event at a time; webhooks.concurrency = {concurrency} "
                "chains in flight. A backlog of few jobs drains at one round trip per event per job.",
                f"Live phase recognition: socket WER {100 * live['res']['wer']:.1f} %, final latency p50 "

@@ -160,12 +160,14 @@ async def redeliver_one(request: web.Request) -> web.Response:
 
 
 async def redeliver_dead(request: web.Request) -> web.Response:
-    """Every dead delivery of the endpoint back to pending (after the receiver is fixed)."""
+    """After the receiver is fixed: every dead delivery back to pending, and pending ones that
+    wait out a backoff retried at once (`retried_now`)."""
     svc, ep = await _load(request)
     n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, None)
+    m = await asyncio.to_thread(svc.webhooks.store.retry_now, ep.id)
     await svc.webhooks.reload()
-    log.info("webhook_redeliver_dead", webhook_id=ep.id, count=n)
-    return web.json_response({"redelivered": n}, status=202)
+    log.info("webhook_redeliver_dead", webhook_id=ep.id, count=n, retried_now=m)
+    return web.json_response({"redelivered": n, "retried_now": m}, status=202)
 
 
 async def ping(request: web.Request) -> web.Response:

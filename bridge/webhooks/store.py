@@ -111,6 +111,9 @@ class WebhookStore(ABC):
     def redeliver(self, endpoint_id: str, delivery_ids: list[int] | None = None) -> int: ...
 
     @abstractmethod
+    def retry_now(self, endpoint_id: str) -> int: ...
+
+    @abstractmethod
     def job_chain(self, job_id: str, endpoint_id: str) -> list[Delivery]: ...
 
     @abstractmethod
@@ -298,6 +301,13 @@ class SqliteWebhookStore(WebhookStore):
             return 0
         with self._lock, Tx(self._db):
             return self._db.execute(sql, args).rowcount
+
+    def retry_now(self, endpoint_id: str) -> int:
+        """Pending rows waiting out a backoff become due now (the receiver is back: why wait)."""
+        now = time.time()
+        with self._lock, Tx(self._db):
+            return self._db.execute("UPDATE webhook_deliveries SET next_attempt_at = ? WHERE endpoint_id = ?"
+                                    " AND status = 'pending' AND next_attempt_at > ?", (now, endpoint_id, now)).rowcount
 
     def job_chain(self, job_id: str, endpoint_id: str) -> list[Delivery]:
         with self._lock:
