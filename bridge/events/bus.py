@@ -20,7 +20,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bridge.logs import get_logger
+
 from .types import EventType
+
+log = get_logger("bridge.events.bus")
 
 __all__ = ["EventBus", "Envelope", "InProcessBus", "Subscription"]
 
@@ -128,7 +132,10 @@ class InProcessBus(EventBus):
         env = Envelope(job_id, next(counter), event, owner, source)
         self.published += 1
         for tap in self._taps:
-            tap(env)
+            try:
+                tap(env)
+            except Exception as e:  # noqa: BLE001 - a broken sink must not stop the others or the leg
+                log.error("bus_tap_failed", job_id=job_id, tap=repr(tap), error=repr(e))
         for key in (job_id, None):
             for sub in list(self._subs.get(key, ())):
                 sub._offer(env)

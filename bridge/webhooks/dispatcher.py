@@ -24,6 +24,7 @@ import json
 import random
 import secrets
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -87,7 +88,7 @@ class WebhookDispatcher:
         self.pending_chains = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, recovered_jobs: list[str] = ()) -> None:  # type: ignore[assignment]
+    async def start(self, recovered_jobs: Sequence[str] = ()) -> None:
         await asyncio.to_thread(self.store.sync_config_endpoints, config_endpoints(self.config))
         await self.reload()
         if recovered_jobs:
@@ -242,7 +243,7 @@ class WebhookDispatcher:
                     free -= 1
                     task = asyncio.create_task(self._drain_chain(ep, d), name=f"webhook-{d.id}")
                     self._in_flight[chain] = task
-                    task.add_done_callback(lambda t, c=chain: self._done(c))
+                    task.add_done_callback(lambda t, c=chain: self._done(c, t))
             if time.time() - self._last_prune > PRUNE_EVERY_S:
                 self._last_prune = time.time()
                 n = await asyncio.to_thread(self.store.prune, time.time() - self.config.retention_s)
@@ -256,9 +257,11 @@ class WebhookDispatcher:
             except TimeoutError:
                 pass
 
-    def _done(self, chain: tuple[str, str]) -> None:
+    def _done(self, chain: tuple[str, str], task: asyncio.Task) -> None:
         self._in_flight.pop(chain, None)
         self._due.set()
+        if not task.cancelled() and task.exception() is not None:  # e.g. the database went away
+            log.error("webhook_chain_failed", job_id=chain[1], webhook_id=chain[0], error=repr(task.exception()))
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         cap = self.config.backoff_max_s
