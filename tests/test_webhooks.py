@@ -68,6 +68,8 @@ async def test_every_final_once_in_order_signed(server):
             await rx.wait_for(lambda r: r.ended(job_id))
             async with http.get(f"{server.url}/v1/webhooks/{hook['id']}/deliveries", headers=AUTH) as r:
                 log = await r.json()
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics = await r.text()
     finally:
         await rx.stop()
     sent = rx.events(job_id)
@@ -96,6 +98,8 @@ async def test_every_final_once_in_order_signed(server):
     assert all(documented(SECRET, h.headers["X-Timestamp"], h.body, h.headers["X-Signature"]) for h in hits)
     assert not documented(SECRET, h.headers["X-Timestamp"], tampered, h.headers["X-Signature"])
     # the delivery log shows each one delivered at the first attempt
+    delivered = [ln for ln in metrics.splitlines() if ln.startswith('callbridge_webhook_attempts_total{result="delivered"}')]
+    assert delivered and float(delivered[0].split()[-1]) >= len(hits), metrics
     mine = [d for d in log["deliveries"] if d["job_id"] == job_id]
     assert len(mine) == len(hits) and all(d["status"] == "delivered" and d["attempts"] == 1 for d in mine)
     assert sorted(d["event_id"] for d in mine) == sorted(h.headers["X-Event-Id"] for h in hits)
