@@ -85,7 +85,7 @@ async def _subscriber(url: str, seen: dict[tuple[str, int], float], stop: asynci
             while not stop.is_set():
                 try:
                     msg = await asyncio.wait_for(ws.receive(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     return

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 import numpy as np
@@ -57,7 +56,7 @@ async def test_sip_call_events_reach_sockets_and_webhooks(tmp_path, pool):
     try:
         wav = speech_wav(tmp_path / "caller.wav", CALLER)
         reader = asyncio.ensure_future(read_until_ended(ws))
-        rc, info, err = await peer("call", f"sip:support@127.0.0.1:{srv.service.sip.port}", "--play", str(wav),
+        rc, _, err = await peer("call", f"sip:support@127.0.0.1:{srv.service.sip.port}", "--play", str(wav),
                                    "--header", "X-Ticket: 4711")
         assert rc == 0, err
         seen = await asyncio.wait_for(reader, 60)

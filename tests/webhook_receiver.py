@@ -47,7 +47,7 @@ class Receiver:
             self._arrived.set()
         return web.Response(status=self.status, text="ok" if self.status < 300 else "receiver says no")
 
-    async def start(self) -> "Receiver":
+    async def start(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._hook)
         self._runner = web.AppRunner(app)

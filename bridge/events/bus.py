@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bridge.logs import get_logger
 
@@ -26,7 +27,7 @@ from .types import EventType
 
 log = get_logger("bridge.events.bus")
 
-__all__ = ["EventBus", "Envelope", "InProcessBus", "Subscription"]
+__all__ = ["Envelope", "EventBus", "InProcessBus", "Subscription"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Envelope:
 class Subscription:
     """An async iterator of Envelopes; `None` job_id means every job."""
 
-    def __init__(self, bus: "InProcessBus", job_id: str | None, maxsize: int) -> None:
+    def __init__(self, bus: InProcessBus, job_id: str | None, maxsize: int) -> None:
         self._bus = bus
         self.job_id = job_id
         self.maxsize = maxsize
@@ -76,7 +77,7 @@ class Subscription:
             self._bus._remove(self)
             self._q.put_nowait(None)
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Envelope:

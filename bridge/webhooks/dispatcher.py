@@ -52,7 +52,7 @@ PRUNE_EVERY_S = 3600.0
 CHAIN_BURST = 50  # a chain delivered back to back gives its slot up after this many, for fairness
 
 
-def config_endpoints(cfg: "WebhooksConfig") -> list[Endpoint]:
+def config_endpoints(cfg: WebhooksConfig) -> list[Endpoint]:
     now = time.time()
     return [Endpoint(id=f"wh_cfg_{e['name']}", owner=e.get("owner") or ANY_OWNER, url=e["url"], secret=e["secret"],
                      events=tuple(e["events"]), sources=tuple(e.get("sources") or ()),
@@ -65,7 +65,7 @@ def _body(d: dict[str, Any]) -> str:
 
 
 class WebhookDispatcher:
-    def __init__(self, bus: EventBus, store: WebhookStore, jobs: "JobStore", config: "WebhooksConfig", *,
+    def __init__(self, bus: EventBus, store: WebhookStore, jobs: JobStore, config: WebhooksConfig, *,
                  credits_per_minute: float = 0.0, metrics: Any = None) -> None:
         self.bus = bus
         self.store = store
@@ -287,7 +287,7 @@ class WebhookDispatcher:
                 text = (await resp.content.read(MAX_ERROR_TEXT)).decode("utf-8", "replace")
                 ra = resp.headers.get("Retry-After", "")
                 return resp.status, f"HTTP {resp.status}: {text}".strip(), float(ra) if ra.strip().isdigit() else None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None, f"timed out after {self.config.timeout_s:g} s", None
         except (aiohttp.ClientError, OSError, ValueError) as e:
             return None, f"{type(e).__name__}: {e}"[:MAX_ERROR_TEXT], None

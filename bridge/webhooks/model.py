@@ -12,8 +12,17 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["ALL_EVENT_TYPES", "DEFAULT_EVENTS", "Delivery", "DeliveryStatus", "Endpoint", "EndpointError",
-           "SOURCES", "check_endpoint", "new_secret"]
+__all__ = [
+    "ALL_EVENT_TYPES",
+    "DEFAULT_EVENTS",
+    "SOURCES",
+    "Delivery",
+    "DeliveryStatus",
+    "Endpoint",
+    "EndpointError",
+    "check_endpoint",
+    "new_secret",
+]
 
 # Partials and usage are opt-in: a busy call sends several partials a second to every endpoint.
 ALL_EVENT_TYPES = ("call_started", "partial", "final", "usage", "dtmf", "call_ended")

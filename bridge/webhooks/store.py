@@ -16,8 +16,9 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from bridge.db import Tx, connect
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
