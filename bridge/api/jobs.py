@@ -106,7 +106,7 @@ def _with_live_timing(svc: Any, job: Job) -> Job:
 async def _load(request: web.Request) -> tuple[Any, Job]:
     """(service, the caller's job) or 404: a foreign job is indistinguishable from a missing one."""
     svc = _service(request)
-    principal = require_principal(request)
+    principal = await require_principal(request)
     job_id = request.match_info["job_id"]
     job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
     if job is None:
@@ -150,7 +150,7 @@ def _refuse_live(svc: Any, job: Job, action: str) -> None:
 async def list_jobs(request: web.Request) -> web.Response:
     """GET /v1/jobs: the caller's jobs, newest first, keyset-paginated by `cursor`."""
     svc = _service(request)
-    principal = require_principal(request)
+    principal = await require_principal(request)
     q = request.query
     status = _enum_param(q, "status", JobStatus)
     source = _enum_param(q, "source", JobSource)

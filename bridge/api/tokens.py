@@ -28,7 +28,7 @@ MAX_EXPIRES_IN = 360000
 async def create_token(request: web.Request) -> web.Response:
     from bridge.service import SERVICE
 
-    principal = require_principal(request)  # allow_temp=False: 401 for a temporary token
+    principal = await require_principal(request)  # allow_temp=False: 401 for a temporary token
     if principal.key_id is None:
         raise http_error(web.HTTPForbidden, "FORBIDDEN", "temporary tokens are minted with an API key; "
                          "a JWT issuer can sign a short-lived JWT for the browser instead")

@@ -46,7 +46,7 @@ async def _spec(request: web.Request, creating: bool) -> dict[str, Any]:
 
 async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, Endpoint]:
     svc = _service(request)
-    principal = require_principal(request)
+    principal = await require_principal(request)
     wid = request.match_info["webhook_id"]
     ep = await asyncio.to_thread(svc.webhooks.store.get_endpoint, wid, principal.owner)
     if ep is None:
@@ -59,7 +59,7 @@ async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, E
 
 async def create(request: web.Request) -> web.Response:
     svc = _service(request)
-    principal = require_principal(request)
+    principal = await require_principal(request)
     spec = await _spec(request, creating=True)
     store = svc.webhooks.store
     cap = svc.config.webhooks.max_endpoints_per_key
@@ -80,7 +80,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_all(request: web.Request) -> web.Response:
     svc = _service(request)
-    principal = require_principal(request)
+    principal = await require_principal(request)
     eps = await asyncio.to_thread(svc.webhooks.store.list_endpoints, principal.owner)
     return web.json_response({"webhooks": [e.to_dict() for e in eps]})
 
