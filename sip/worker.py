@@ -339,6 +339,11 @@ class Worker:
         class Capture(pj.AudioMediaPort):
             """Receives one leg's audio (16 kHz mono, 20 ms) on the media clock thread."""
 
+            # Read when an instance's attributes are gone: at teardown gc can clear a Capture's
+            # __dict__ while the media clock thread is still inside onFrameReceived (seen in CI
+            # as AttributeError 'closed'); the class default then drops the frame.
+            closed = True
+
             def __init__(self, sess: Session, leg: int) -> None:
                 super().__init__()
                 self.sess, self.leg, self.closed = sess, leg, False
@@ -350,7 +355,7 @@ class Worker:
                     return
                 try:
                     self.post(self.sink, self.sess, self.leg, bytes(frame.buf))
-                except RuntimeError:  # the loop is closing: the call is being torn down anyway
+                except (RuntimeError, AttributeError):  # loop closing / instance being freed: teardown
                     self.closed = True
 
         class WCall(pj.Call):
