@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import json_error
-from bridge.auth import AuthError
+from bridge.api.http import json_error, require_principal
 from bridge.calls import credits_for
 from bridge.events.bus import Envelope, EventBus, Subscription
 from bridge.events.types import CallEnded, EventType
@@ -86,16 +85,6 @@ def _seq_index(bus: EventBus) -> _SeqIndex:
         idx = _SEQ_INDEXES[bus] = _SeqIndex()
         bus.add_tap(idx)
     return idx
-
-
-async def _authenticate(request: web.Request) -> Any:
-    svc = _service(request)
-    try:
-        return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=True)
-    except AuthError as e:
-        svc.metrics.auth_failures.labels(e.code).inc()
-        raise web.HTTPUnauthorized(text=json.dumps(e.to_dict()), content_type="application/json",
-                                   headers={"WWW-Authenticate": "Bearer"}) from None
 
 
 def _bad(message: str) -> web.HTTPException:
@@ -185,7 +174,7 @@ class _Feed:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     svc = _service(request)
-    principal = await _authenticate(request)
+    principal = await require_principal(request, allow_temp=True)
     job_id = request.match_info["job_id"]
     after_raw = request.query.get("after")
     try:
@@ -256,7 +245,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 async def all_events(request: web.Request) -> web.StreamResponse:
     svc = _service(request)
-    principal = await _authenticate(request)
+    principal = await require_principal(request, allow_temp=True)
     q = request.query
     sources: set[str] | None = None
     if q.get("source"):

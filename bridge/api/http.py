@@ -20,17 +20,21 @@ def http_error(cls: type[web.HTTPException], code: str, message: str) -> web.HTT
     return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json")
 
 
-async def require_principal(request: web.Request, *, allow_temp: bool = False) -> Principal:
-    """Authenticate or raise 401 with a JSON body. REST calls never take single-use tokens:
-    those exist for browsers opening sockets, and a REST call would burn them. The key lookup
-    reads SQLite, so it runs in a thread: a slow disk must not stall live calls' events."""
+async def require_principal(request: web.Request, *, allow_temp: bool = False,
+                            spend_temp: bool = True) -> Principal:
+    """Authenticate or raise 401 with a JSON body (counted in callbridge_auth_failures), before
+    any WebSocket upgrade. REST calls never take single-use tokens: those exist for browsers
+    opening sockets, and a REST call would burn them; `spend_temp=False` checks one without
+    spending it. The key lookup reads SQLite, so it runs in a thread: a slow disk must not
+    stall live calls' events."""
     import asyncio
 
     from bridge.service import SERVICE
 
     svc = request.app[SERVICE]
     try:
-        return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=allow_temp)
+        return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=allow_temp,
+                                       spend_temp=spend_temp)
     except AuthError as e:
         svc.metrics.auth_failures.labels(e.code).inc()
         raise web.HTTPUnauthorized(text=json.dumps(e.to_dict()), content_type="application/json",

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import json_error
+from bridge.api.http import json_error, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
-from bridge.auth import AuthError, InsufficientCredits, Principal
+from bridge.auth import InsufficientCredits, Principal
 from bridge.calls import Call, credits_for
 from bridge.events.types import EventType
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
@@ -544,12 +544,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
     ws = web.WebSocketResponse(max_msg_size=4 * svc.config.limits.max_frame_bytes, heartbeat=30.0)
     upgrade = ws.can_prepare(request).ok
-    try:
-        # A plain GET never spends a single-use token: 401 for a bad credential, else 426.
-        principal = await asyncio.to_thread(svc.auth.authenticate, request, spend_temp=upgrade)
-    except AuthError as e:
-        svc.metrics.auth_failures.labels(e.code).inc()
-        return web.json_response(e.to_dict(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    # A plain GET never spends a single-use token: 401 for a bad credential, else 426.
+    principal = await require_principal(request, allow_temp=True, spend_temp=upgrade)
     if not upgrade:
         resp = json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client")
         resp.headers["Upgrade"] = "websocket"

@@ -35,7 +35,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from bridge.api.http import json_error
+from bridge.api.http import json_error, require_principal
 from bridge.audio.resample import StreamResampler
 from bridge.auth import AuthError, Principal
 from bridge.calls import Call
@@ -538,12 +538,8 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
         return json_error(404, "NOT_FOUND", "WebRTC is disabled on this server (webrtc.enabled = false)")
     if not svc.ready or svc.draining or ingress is None or ingress.closing:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
-    try:
-        # checked first without spending a single-use token: a refused offer does not burn it
-        principal = await asyncio.to_thread(svc.auth.authenticate, request, spend_temp=False)
-    except AuthError as e:
-        svc.metrics.auth_failures.labels(e.code).inc()
-        return web.json_response(e.to_dict(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    # checked first without spending a single-use token: a refused offer does not burn it
+    principal = await require_principal(request, allow_temp=True, spend_temp=False)
     try:
         try:
             body = json.loads(await request.text())
