@@ -26,7 +26,7 @@ from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig, StreamingRecognizer
 
-__all__ = ["Call", "CallRegistry", "Leg", "credits_for"]
+__all__ = ["Call", "CallRegistry", "Leg", "credits_for", "ended_event", "job_credits"]
 
 log = get_logger("bridge.calls")
 
@@ -34,6 +34,17 @@ log = get_logger("bridge.calls")
 def credits_for(seconds: float, channels: int, per_minute: float) -> float:
     """Credits are charged per minute of audio, each channel counted."""
     return seconds * channels * per_minute / 60.0
+
+
+def job_credits(job: Job, per_minute: float) -> float:
+    """What a saved job's audio cost: its stored duration x its channels."""
+    return credits_for(job.duration_s or 0.0, max(1, len(job.speakers)), per_minute)
+
+
+def ended_event(job: Job, per_minute: float) -> CallEnded:
+    """The `call_ended` of a job read back from the store, for sinks that were not there when
+    it was published (a dashboard joining a finished job, webhooks after a crash)."""
+    return CallEnded(job.status.value, job.duration_s or 0.0, job_credits(job, per_minute), job.error)
 
 
 @dataclass

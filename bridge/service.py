@@ -108,9 +108,9 @@ class Service:
         job = self.store.get_job(job_id)
         if job is None:
             return 0
-        from bridge.calls import credits_for
+        from bridge.calls import job_credits
 
-        return math.ceil(credits_for(job.duration_s, max(1, len(job.speakers)), self.config.credits.per_minute))
+        return math.ceil(job_credits(job, self.config.credits.per_minute))
 
     async def drain(self) -> list[str]:
         timeout = self.config.limits.drain_timeout_s

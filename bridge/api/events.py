@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from bridge.api.http import json_error, require_principal
-from bridge.calls import credits_for
+from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus, Subscription
-from bridge.events.types import CallEnded, EventType
+from bridge.events.types import EventType
 from bridge.jobs.model import JobSource, JobStatus
 from bridge.logs import get_logger
 
@@ -197,12 +197,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         seqs = index.jobs.get(job_id, {})
         sent: set[tuple] = set()
         for g in segs:
-            d = {"type": "final", "text": g.text, "words": g.words, "channel": g.channel, "speaker": g.speaker,
-                 "start": round(g.start, 3), "end": round(g.end, 3), "speech_final": g.speech_final}
-            if g.language:
-                d["language"] = g.language
-            if g.confidence is not None:
-                d["confidence"] = round(g.confidence, 4)
+            d = g.final_event()
             k = _key(d)
             sent.add(k)
             seq = seqs.get(k)
@@ -214,10 +209,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             await feed.send(d)
         if job_now is None or job_now.status is not JobStatus.LIVE:
             if job_now is not None:
-                duration = job_now.duration_s or 0.0
-                ended = CallEnded(job_now.status.value, duration,
-                                  credits_for(duration, max(1, len(job_now.speakers)), svc.config.credits.per_minute),
-                                  job_now.error)
+                ended = ended_event(job_now, svc.config.credits.per_minute)
                 await feed.send({**ended.to_dict(), "job_id": job_id})
             return
         async for env in sub:

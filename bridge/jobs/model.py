@@ -75,6 +75,18 @@ class Segment:
     original_speaker: str | None = None
     edited_at: float | None = None
 
+    def final_event(self) -> dict[str, Any]:
+        """This segment as the `final` event the sockets sent (Final.to_dict() shape), for sinks
+        that read finals back from the store: a dashboard's catch-up, webhook crash recovery."""
+        d = {"type": "final", "text": self.text, "words": self.words, "channel": self.channel,
+             "speaker": self.speaker, "start": round(self.start, 3), "end": round(self.end, 3),
+             "speech_final": self.speech_final}
+        if self.language:
+            d["language"] = self.language
+        if self.confidence is not None:
+            d["confidence"] = round(self.confidence, 4)
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         d = {"id": self.id, "seq": self.seq, "channel": self.channel, "speaker": self.speaker,
              "start": self.start, "end": self.end, "text": self.text, "words": self.words,

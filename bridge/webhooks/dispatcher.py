@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from bridge.calls import credits_for
+from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus
-from bridge.events.types import CallEnded
 from bridge.logs import get_logger
 from bridge.webhooks.model import ANY_OWNER, Delivery, DeliveryStatus, Endpoint
 from bridge.webhooks.signing import sign
@@ -201,15 +200,12 @@ class WebhookDispatcher:
                         if (g.channel, round(g.start, 3), round(g.end, 3)) in have:
                             continue
                         seq += 1
-                        d = {"type": "final", "text": g.text, "words": g.words, "channel": g.channel,
-                             "speaker": g.speaker, "start": round(g.start, 3), "end": round(g.end, 3),
-                             "speech_final": g.speech_final, "job_id": job_id, "seq": seq, "recovered": True}
+                        d = {**g.final_event(), "job_id": job_id, "seq": seq, "recovered": True}
                         rows.append((ep.id, job_id, "evt_" + secrets.token_hex(12), seq, "final", _body(d), now))
                 if wants_end and not any(d.type == "call_ended" for d in chain):
                     seq += 1
-                    used = credits_for(job.duration_s, max(1, len(job.speakers)), self.credits_per_minute)
-                    d = {**CallEnded(job.status.value, job.duration_s, used, job.error).to_dict(),
-                         "job_id": job_id, "seq": seq, "recovered": True}
+                    d = {**ended_event(job, self.credits_per_minute).to_dict(), "job_id": job_id, "seq": seq,
+                         "recovered": True}
                     rows.append((ep.id, job_id, "evt_" + secrets.token_hex(12), seq, "call_ended", _body(d), now))
         if rows:
             self.store.enqueue(rows)
