@@ -21,19 +21,16 @@ import weakref
 import json
 import socket
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import json_error, require_principal
+from bridge.api.http import bad_request, json_error, require_principal, service_of
 from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus, Subscription
 from bridge.events.types import EventType
 from bridge.jobs.model import JobSource, JobStatus
 from bridge.logs import get_logger
-
-if TYPE_CHECKING:
-    from bridge.service import Service
 
 __all__ = ["CLOSE_TOO_SLOW", "SEND_BUFFER_BYTES", "SUBSCRIBER_QUEUE", "add_routes"]
 
@@ -49,11 +46,6 @@ CLOSE_TOO_SLOW = 4008
 LIVE_TYPES = {EventType.CALL_STARTED, EventType.PARTIAL, EventType.FINAL, EventType.USAGE, EventType.CALL_ENDED}
 _SEQ_INDEX_JOBS = 256  # finished jobs whose final seqs are still remembered
 
-
-def _service(request: web.Request) -> Service:
-    from bridge.service import SERVICE
-
-    return request.app[SERVICE]
 
 
 def _key(d: dict[str, Any]) -> tuple[int, float, float, str]:
@@ -86,10 +78,6 @@ def _seq_index(bus: EventBus) -> _SeqIndex:
         bus.add_tap(idx)
     return idx
 
-
-def _bad(message: str) -> web.HTTPException:
-    return web.HTTPBadRequest(text=json.dumps({"error": {"code": "INVALID_REQUEST", "message": message}}),
-                              content_type="application/json")
 
 
 async def _prepare(request: web.Request) -> web.WebSocketResponse | web.Response:
@@ -173,14 +161,14 @@ class _Feed:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request, allow_temp=True)
     job_id = request.match_info["job_id"]
     after_raw = request.query.get("after")
     try:
         after = int(after_raw) if after_raw not in (None, "") else None
     except ValueError:
-        raise _bad(f"after={after_raw!r} is not an integer seq") from None
+        raise bad_request(f"after={after_raw!r} is not an integer seq") from None
     job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
     if job is None:
         return json_error(404, "NOT_FOUND", f"job {job_id!r} not found")
@@ -236,7 +224,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 
 async def all_events(request: web.Request) -> web.StreamResponse:
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request, allow_temp=True)
     q = request.query
     sources: set[str] | None = None
@@ -244,13 +232,13 @@ async def all_events(request: web.Request) -> web.StreamResponse:
         sources = {s.strip() for s in q["source"].split(",") if s.strip()}
         bad = sources - {s.value for s in JobSource}
         if bad:
-            raise _bad(f"source must be one of {', '.join(s.value for s in JobSource)}; got {sorted(bad)}")
+            raise bad_request(f"source must be one of {', '.join(s.value for s in JobSource)}; got {sorted(bad)}")
     types: set[str] | None = None
     if q.get("types"):
         types = {t.strip() for t in q["types"].split(",") if t.strip()}
         bad = types - {t.value for t in LIVE_TYPES}
         if bad:
-            raise _bad(f"types must be among {', '.join(sorted(t.value for t in LIVE_TYPES))}; got {sorted(bad)}")
+            raise bad_request(f"types must be among {', '.join(sorted(t.value for t in LIVE_TYPES))}; got {sorted(bad)}")
     ws = await _prepare(request)
     if not isinstance(ws, web.WebSocketResponse):
         return ws

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bridge.auth import AuthError, Principal
+
+if TYPE_CHECKING:
+    from bridge.service import Service
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -20,6 +23,18 @@ def http_error(cls: type[web.HTTPException], code: str, message: str) -> web.HTT
     return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json")
 
 
+def service_of(request: web.Request) -> Service:
+    """The running Service of the app that routed `request`."""
+    from bridge.service import SERVICE
+
+    return request.app[SERVICE]
+
+
+def bad_request(message: str) -> web.HTTPException:
+    """400 INVALID_REQUEST with `message`, to raise."""
+    return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
+
+
 async def require_principal(request: web.Request, *, allow_temp: bool = False,
                             spend_temp: bool = True) -> Principal:
     """Authenticate or raise 401 with a JSON body (counted in callbridge_auth_failures), before
@@ -29,9 +44,7 @@ async def require_principal(request: web.Request, *, allow_temp: bool = False,
     stall live calls' events."""
     import asyncio
 
-    from bridge.service import SERVICE
-
-    svc = request.app[SERVICE]
+    svc = service_of(request)
     try:
         return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=allow_temp,
                                        spend_temp=spend_temp)
@@ -57,7 +70,7 @@ def limit_param(query: Any, default: int, maximum: int) -> int:
     try:
         limit = int(raw)
     except ValueError:
-        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"limit={raw!r} is not an integer") from None
+        raise bad_request(f"limit={raw!r} is not an integer") from None
     if not 1 <= limit <= maximum:
-        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"limit must be between 1 and {maximum}, got {limit}")
+        raise bad_request(f"limit must be between 1 and {maximum}, got {limit}")
     return limit

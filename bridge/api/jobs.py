@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.api.http import http_error, json_error, limit_param, read_json, require_principal
+from bridge.api.http import bad_request, http_error, json_error, limit_param, read_json, require_principal, service_of
 from bridge.jobs import export
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.logs import get_logger
@@ -31,14 +31,6 @@ MAX_LABEL_CHARS = 100  # speaker labels end up in subtitle cues; keep them label
 _EXTENSIONS = {"json": "json", "txt": "txt", "srt": "srt", "vtt": "vtt"}
 
 
-def _service(request: web.Request) -> Any:
-    from bridge.service import SERVICE
-
-    return request.app[SERVICE]
-
-
-def _bad(message: str) -> web.HTTPException:
-    return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
 
 
 def _not_found(job_id: str) -> web.HTTPException:
@@ -79,7 +71,7 @@ def _enum_param(query: Any, name: str, enum: type[JobStatus | JobSource]) -> str
         return None
     allowed = [e.value for e in enum]
     if raw not in allowed:
-        raise _bad(f"{name}={raw!r} is not one of {allowed}")
+        raise bad_request(f"{name}={raw!r} is not one of {allowed}")
     return raw
 
 
@@ -105,7 +97,7 @@ def _with_live_timing(svc: Any, job: Job) -> Job:
 
 async def _load(request: web.Request) -> tuple[Any, Job]:
     """(service, the caller's job) or 404: a foreign job is indistinguishable from a missing one."""
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request)
     job_id = request.match_info["job_id"]
     job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
@@ -149,7 +141,7 @@ def _refuse_live(svc: Any, job: Job, action: str) -> None:
 
 async def list_jobs(request: web.Request) -> web.Response:
     """GET /v1/jobs: the caller's jobs, newest first, keyset-paginated by `cursor`."""
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request)
     q = request.query
     status = _enum_param(q, "status", JobStatus)
@@ -160,13 +152,13 @@ async def list_jobs(request: web.Request) -> web.Response:
         try:
             since = parse_since(q["since"])
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise bad_request(str(e)) from None
     cursor = q.get("cursor") or None
     try:
         jobs, nxt = await asyncio.to_thread(svc.store.list_jobs, principal.owner, status, source, since,
                                             limit, cursor)
     except ValueError:
-        raise _bad(f"cursor={cursor!r} is not a cursor this API returned") from None
+        raise bad_request(f"cursor={cursor!r} is not a cursor this API returned") from None
     return web.json_response({"jobs": [_summary(_with_live_timing(svc, j)) for j in jobs], "next": nxt})
 
 
@@ -179,56 +171,56 @@ async def get_job(request: web.Request) -> web.Response:
 def _validate_patch(body: Any, job: Job, segs: list[Segment]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Check the whole edit before anything changes, so a bad request leaves the job untouched."""
     if not isinstance(body, dict):
-        raise _bad("body must be a JSON object with `segments` and/or `speakers`")
+        raise bad_request("body must be a JSON object with `segments` and/or `speakers`")
     unknown = set(body) - {"segments", "speakers"}
     if unknown:
-        raise _bad(f"unknown fields {sorted(unknown)}; expected `segments` and/or `speakers`")
+        raise bad_request(f"unknown fields {sorted(unknown)}; expected `segments` and/or `speakers`")
     edits = body.get("segments") or []
     renames = body.get("speakers") or {}
     if not isinstance(edits, list):
-        raise _bad("`segments` must be a list of {\"id\", \"text\"?, \"speaker\"?}")
+        raise bad_request("`segments` must be a list of {\"id\", \"text\"?, \"speaker\"?}")
     if not isinstance(renames, dict):
-        raise _bad("`speakers` must be an object mapping old label to new label")
+        raise bad_request("`speakers` must be an object mapping old label to new label")
     if not edits and not renames:
-        raise _bad("nothing to change: give `segments` and/or `speakers`")
+        raise bad_request("nothing to change: give `segments` and/or `speakers`")
 
     by_id = {s.id: s for s in segs}
     seen: set[int] = set()
     for i, e in enumerate(edits):
         where = f"segments[{i}]"
         if not isinstance(e, dict):
-            raise _bad(f"{where} must be an object")
+            raise bad_request(f"{where} must be an object")
         extra = set(e) - {"id", "text", "speaker"}
         if extra:
-            raise _bad(f"{where} has unknown fields {sorted(extra)}")
+            raise bad_request(f"{where} has unknown fields {sorted(extra)}")
         sid = e.get("id")
         if not isinstance(sid, int) or isinstance(sid, bool):
-            raise _bad(f"{where}.id must be an integer segment id")
+            raise bad_request(f"{where}.id must be an integer segment id")
         if sid not in by_id:
-            raise _bad(f"{where}.id {sid} is not a segment of job {job.id}")
+            raise bad_request(f"{where}.id {sid} is not a segment of job {job.id}")
         if sid in seen:
-            raise _bad(f"{where}.id {sid} appears twice")
+            raise bad_request(f"{where}.id {sid} appears twice")
         seen.add(sid)
         if "text" not in e and "speaker" not in e:
-            raise _bad(f"{where} changes nothing: give `text` and/or `speaker`")
+            raise bad_request(f"{where} changes nothing: give `text` and/or `speaker`")
         if "text" in e and not isinstance(e["text"], str):
-            raise _bad(f"{where}.text must be a string")
+            raise bad_request(f"{where}.text must be a string")
         if "speaker" in e:
             _check_label(e["speaker"], f"{where}.speaker")
 
     labels = set(job.speakers) | {s.speaker for s in segs}
     for old, new in renames.items():
         if old not in labels:
-            raise _bad(f"speakers: {old!r} is not a speaker label of job {job.id} (labels: {sorted(labels)})")
+            raise bad_request(f"speakers: {old!r} is not a speaker label of job {job.id} (labels: {sorted(labels)})")
         _check_label(new, f"speakers[{old!r}]")
     return edits, renames
 
 
 def _check_label(value: Any, where: str) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise _bad(f"{where} must be a non-empty string")
+        raise bad_request(f"{where} must be a non-empty string")
     if len(value) > MAX_LABEL_CHARS or any(c in value for c in "\r\n\t"):
-        raise _bad(f"{where} must be one line of at most {MAX_LABEL_CHARS} characters")
+        raise bad_request(f"{where} must be one line of at most {MAX_LABEL_CHARS} characters")
 
 
 def _apply_patch(store: Any, job_id: str, edits: list[dict[str, Any]], renames: dict[str, str]) -> None:
@@ -291,7 +283,7 @@ async def transcript(request: web.Request) -> web.Response:
     svc, job = await _load(request)
     fmt = (request.query.get("format") or "json").lower()
     if fmt not in _EXTENSIONS:
-        raise _bad(f"format={fmt!r} is not one of {sorted(_EXTENSIONS)}")
+        raise bad_request(f"format={fmt!r} is not one of {sorted(_EXTENSIONS)}")
     segs = await asyncio.to_thread(svc.store.segments, job.id)
     body, ctype = export.render(fmt, job, segs)
     headers = {"Content-Type": ctype, "Cache-Control": "no-store"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.api.http import http_error, limit_param, read_json, require_principal
+from bridge.api.http import bad_request, http_error, limit_param, read_json, require_principal, service_of
 from bridge.logs import get_logger
 from bridge.webhooks.model import DeliveryStatus, Endpoint, EndpointError, check_endpoint, new_secret
 
@@ -27,25 +27,17 @@ __all__ = ["add_routes"]
 log = get_logger("bridge.api.webhooks")
 
 
-def _service(request: web.Request) -> Any:
-    from bridge.service import SERVICE
-
-    return request.app[SERVICE]
-
-
-def _bad(message: str) -> web.HTTPException:
-    return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
 
 
 async def _spec(request: web.Request, creating: bool) -> dict[str, Any]:
     try:
         return check_endpoint(await read_json(request), creating=creating)
     except EndpointError as e:
-        raise _bad(str(e)) from None
+        raise bad_request(str(e)) from None
 
 
 async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, Endpoint]:
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request)
     wid = request.match_info["webhook_id"]
     ep = await asyncio.to_thread(svc.webhooks.store.get_endpoint, wid, principal.owner)
@@ -58,7 +50,7 @@ async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, E
 
 
 async def create(request: web.Request) -> web.Response:
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request)
     spec = await _spec(request, creating=True)
     store = svc.webhooks.store
@@ -79,7 +71,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def list_all(request: web.Request) -> web.Response:
-    svc = _service(request)
+    svc = service_of(request)
     principal = await require_principal(request)
     eps = await asyncio.to_thread(svc.webhooks.store.list_endpoints, principal.owner)
     return web.json_response({"webhooks": [e.to_dict() for e in eps]})
@@ -94,7 +86,7 @@ async def update(request: web.Request) -> web.Response:
     svc, ep = await _load(request, writable=True)
     spec = await _spec(request, creating=False)
     if not spec:
-        raise _bad("nothing to change: give url, secret, events, sources, description or enabled")
+        raise bad_request("nothing to change: give url, secret, events, sources, description or enabled")
     ep = await asyncio.to_thread(svc.webhooks.store.update_endpoint, ep.id, **spec)
     await svc.webhooks.reload()
     log.info("webhook_updated", webhook_id=ep.id, fields=sorted(spec))
@@ -116,14 +108,14 @@ async def deliveries(request: web.Request) -> web.Response:
     q = request.query
     status = q.get("status") or None
     if status is not None and status not in {s.value for s in DeliveryStatus}:
-        raise _bad(f"status={status!r} is not one of {[s.value for s in DeliveryStatus]}")
+        raise bad_request(f"status={status!r} is not one of {[s.value for s in DeliveryStatus]}")
     limit = limit_param(q, 50, 500)
     before = None
     if q.get("cursor"):
         try:
             before = int(q["cursor"])
         except ValueError:
-            raise _bad(f"cursor={q['cursor']!r} is not a cursor this API returned") from None
+            raise bad_request(f"cursor={q['cursor']!r} is not a cursor this API returned") from None
     rows = await asyncio.to_thread(svc.webhooks.store.list_deliveries, ep.id, status, q.get("job_id") or None,
                                    limit + 1, before)
     nxt = str(rows[limit - 1].id) if len(rows) > limit else None
