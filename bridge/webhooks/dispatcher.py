@@ -83,7 +83,6 @@ class WebhookDispatcher:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._last_prune = 0.0
-        self.attempts = {"delivered": 0, "failed": 0, "dead": 0}
         self.pending_chains = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -136,7 +135,7 @@ class WebhookDispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {"endpoints": sum(1 for e in self._endpoints.values() if e.enabled), "in_flight": len(self._in_flight),
-                "pending_chains": self.pending_chains, "unwritten": len(self._pending), "attempts": dict(self.attempts)}
+                "pending_chains": self.pending_chains, "unwritten": len(self._pending)}
 
     # -- into the outbox -------------------------------------------------------------------------
     def _tap(self, env: Envelope) -> None:
@@ -326,7 +325,6 @@ class WebhookDispatcher:
             next_at = now + self._backoff(d.attempts + 1, retry_after)
         await asyncio.to_thread(self.store.record_attempt, d.id, status=status, http_status=http_status,
                                 error=error, next_attempt_at=next_at, at=now)
-        self.attempts[result] += 1
         if self.metrics is not None:
             self.metrics.webhook_attempts.labels(result).inc()
         fields = dict(job_id=d.job_id, webhook_id=ep.id, delivery_id=d.id, event_type=d.type, seq=d.seq,

@@ -6,8 +6,9 @@ The same `check_endpoint` validates `POST/PATCH /v1/webhooks` bodies and the ope
 
 from __future__ import annotations
 
+import json
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,11 +92,8 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     delivered_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        import json
-
         return {"id": self.id, "endpoint_id": self.endpoint_id, "job_id": self.job_id, "event_id": self.event_id,
                 "seq": self.seq, "type": self.type, "status": self.status.value, "attempts": self.attempts,
                 "created_at": self.created_at,
