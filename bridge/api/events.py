@@ -223,22 +223,23 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 # --------------------------------------------------------------------------- all jobs of an owner
 
 
+def _choices(request: web.Request, name: str, phrase: str, allowed: list[str]) -> set[str] | None:
+    """`?name=a,b` as a set of allowed values; None when absent; 400 naming what is not allowed."""
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    values = {v.strip() for v in raw.split(",") if v.strip()}
+    bad = values - set(allowed)
+    if bad:
+        raise bad_request(f"{name} {phrase} {', '.join(allowed)}; got {sorted(bad)}")
+    return values
+
+
 async def all_events(request: web.Request) -> web.StreamResponse:
     svc = service_of(request)
     principal = await require_principal(request, allow_temp=True)
-    q = request.query
-    sources: set[str] | None = None
-    if q.get("source"):
-        sources = {s.strip() for s in q["source"].split(",") if s.strip()}
-        bad = sources - {s.value for s in JobSource}
-        if bad:
-            raise bad_request(f"source must be one of {', '.join(s.value for s in JobSource)}; got {sorted(bad)}")
-    types: set[str] | None = None
-    if q.get("types"):
-        types = {t.strip() for t in q["types"].split(",") if t.strip()}
-        bad = types - {t.value for t in LIVE_TYPES}
-        if bad:
-            raise bad_request(f"types must be among {', '.join(sorted(t.value for t in LIVE_TYPES))}; got {sorted(bad)}")
+    sources = _choices(request, "source", "must be one of", [s.value for s in JobSource])
+    types = _choices(request, "types", "must be among", sorted(t.value for t in LIVE_TYPES))
     ws = await _prepare(request)
     if not isinstance(ws, web.WebSocketResponse):
         return ws

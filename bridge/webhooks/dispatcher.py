@@ -161,7 +161,6 @@ class WebhookDispatcher:
                     await asyncio.to_thread(self.store.enqueue, batch)
                 except Exception as e:  # noqa: BLE001 - keep the rows and try again shortly
                     log.error("webhook_outbox_write_failed", error=repr(e), unwritten=len(self._pending))
-                    self._writing = False
                     if self._closing:
                         return
                     await asyncio.sleep(1.0)
