@@ -11,7 +11,6 @@ live), 2 bad input (bad option, unknown job, refused key); errors are one line o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.client.rest import TRANSCRIPT_FORMATS, JobsClient
+from bridge.commands.output import json_text
 from bridge.commands.remote import (DEFAULT_URL, KEY_FILE, PROG, _usage_error, remote_flags, resolve_api_key,
                                     resolve_url, run_remote)
 
@@ -61,7 +61,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
         else:
             page = await c.list_jobs(limit=args.limit, cursor=args.cursor, **filters)
         if args.json:
-            print(json.dumps(page, indent=2, ensure_ascii=False))
+            print(json_text(page))
             return 0
         if not page["jobs"]:
             print("no jobs")
@@ -102,7 +102,7 @@ def format_job(job: dict[str, Any]) -> str:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     async def work(c: JobsClient) -> int:
         job = await c.get_job(args.job_id)
-        sys.stdout.write(json.dumps(job, indent=2, ensure_ascii=False) + "\n" if args.json else format_job(job))
+        sys.stdout.write(json_text(job) + "\n" if args.json else format_job(job))
         return 0
 
     return _run(args, work)
@@ -111,7 +111,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 def cmd_jobs_export(args: argparse.Namespace) -> int:
     async def work(c: JobsClient) -> int:
         body = await c.transcript(args.job_id, args.format)
-        text = json.dumps(body, indent=2, ensure_ascii=False) + "\n" if args.format == "json" else str(body)
+        text = json_text(body) + "\n" if args.format == "json" else str(body)
         _write_out(text, args.output)
         if args.output and args.output != "-":
             print(args.output)
@@ -158,7 +158,7 @@ def cmd_jobs_edit(args: argparse.Namespace) -> int:
 
     async def work(c: JobsClient) -> int:
         job = await c.edit_job(args.job_id, segments=segments or None, speakers=renames or None)
-        sys.stdout.write(json.dumps(job, indent=2, ensure_ascii=False) + "\n" if args.json else format_job(job))
+        sys.stdout.write(json_text(job) + "\n" if args.json else format_job(job))
         return 0
 
     return _run(args, work)

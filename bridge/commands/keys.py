@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bridge.auth import ApiKey, KeyNotFound, KeyStore
+from bridge.commands.output import table
 from bridge.config import ConfigError, add_config_flags, config_from_args
 
 __all__ = ["DISPATCH", "add_keys_parser"]
@@ -130,12 +131,9 @@ def cmd_keys_list(ns: argparse.Namespace) -> int:
     if not keys:
         print(f"no keys (create one with `{PROG} keys create`)")
         return 0
-    rows = [("ID", "NAME", "PREFIX", "CREATED", "REVOKED", "BALANCE", "RESERVED")]
-    rows += [(k.id, k.name or "-", k.prefix + "…", _when(k.created_at), _when(k.revoked_at), _balance(k),
-              str(k.reserved)) for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    rows = [(k.id, k.name or "-", k.prefix + "…", _when(k.created_at), _when(k.revoked_at), _balance(k),
+             str(k.reserved)) for k in keys]
+    print("\n".join(table(("ID", "NAME", "PREFIX", "CREATED", "REVOKED", "BALANCE", "RESERVED"), rows)))
     return 0
 
 

@@ -12,29 +12,19 @@ endpoints of the key it uses and nothing else. Server, key and exit codes are th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from bridge.client.rest import WebhooksClient
 from bridge.commands.jobs import _when
+from bridge.commands.output import json_text, table
 from bridge.commands.remote import PROG, _usage_error, remote_flags, run_remote
 from bridge.webhooks.model import ALL_EVENT_TYPES, DEFAULT_EVENTS, SOURCES
 
 __all__ = ["DISPATCH", "add_webhooks_parser", "format_webhook"]
 
 SECRET_NOTE = f"store this secret now: it is not shown again (a new one: `{PROG} webhooks update ID --secret S`)"
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, ensure_ascii=False)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns as wide as their widest cell, two spaces apart; the last one is not padded."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    return ["  ".join([*(cell.ljust(w) for cell, w in zip(r, widths)), r[-1]]).rstrip() for r in [header, *rows]]
 
 
 def format_webhook(hook: dict[str, Any]) -> str:
@@ -56,7 +46,7 @@ def format_webhook(hook: dict[str, Any]) -> str:
 
 
 def _show(hook: dict[str, Any], as_json: bool) -> int:
-    sys.stdout.write(_dump(hook) + "\n" if as_json else format_webhook(hook))
+    sys.stdout.write(json_text(hook) + "\n" if as_json else format_webhook(hook))
     return 0
 
 
@@ -76,14 +66,14 @@ def cmd_webhooks_list(args: argparse.Namespace) -> int:
     async def work(c: WebhooksClient) -> int:
         hooks = await c.list()
         if args.json:
-            print(_dump({"webhooks": hooks}))
+            print(json_text({"webhooks": hooks}))
         elif not hooks:
             print("no webhooks")
         else:
             rows = [[h["id"], "on" if h.get("enabled") else "off", ",".join(h.get("events") or []),
                      ",".join(h.get("sources") or []) or "all", h["url"], h.get("description") or ""]
                     for h in hooks]
-            print("\n".join(_table(["ID", "STATE", "EVENTS", "SOURCES", "URL", "DESCRIPTION"], rows)))
+            print("\n".join(table(["ID", "STATE", "EVENTS", "SOURCES", "URL", "DESCRIPTION"], rows)))
         return 0
 
     return run_remote(args, WebhooksClient, work)
@@ -141,14 +131,14 @@ def cmd_webhooks_deliveries(args: argparse.Namespace) -> int:
             if not cursor:
                 break
         if args.json:
-            print(_dump({"deliveries": rows, "next": cursor}))
+            print(json_text({"deliveries": rows, "next": cursor}))
             return 0
         if not rows:
             print("no deliveries")
         else:
-            table = [[str(d["id"]), d["status"], d["type"], d["job_id"], str(d["attempts"]),
+            cells = [[str(d["id"]), d["status"], d["type"], d["job_id"], str(d["attempts"]),
                       _when(d.get("created_at")), _last(d)] for d in rows]
-            print("\n".join(_table(["ID", "STATUS", "TYPE", "JOB", "ATTEMPTS", "CREATED", "LAST"], table)))
+            print("\n".join(table(["ID", "STATUS", "TYPE", "JOB", "ATTEMPTS", "CREATED", "LAST"], cells)))
         if cursor:
             print(f"more: {PROG} webhooks deliveries {args.webhook_id} --cursor {cursor}", file=sys.stderr)
         return 0
@@ -173,7 +163,7 @@ def cmd_webhooks_test(args: argparse.Namespace) -> int:
     async def work(c: WebhooksClient) -> int:
         r = await c.test(args.webhook_id)
         if args.json:
-            print(_dump(r))
+            print(json_text(r))
         elif r["delivered"]:
             print(f"delivered ping {r['event_id']} to {args.webhook_id}: HTTP {r['http_status']} in {r['ms']} ms")
         else:
