@@ -69,12 +69,13 @@ class Receiver:
         self.last_seq[ev["job_id"]] = ev["seq"]
         return web.Response(text="ok")
 
-    async def start(self) -> tuple[str, web.AppRunner]:
+    async def start(self, port: int = 0) -> tuple[str, web.AppRunner]:
+        """Listen on `port` (0: a free one); returns the hook URL and the runner that stops it."""
         app = web.Application()
         app.router.add_post("/hook", self.hook)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook", runner  # type: ignore[union-attr]
 
@@ -138,7 +139,7 @@ async def backlog_phase(svc, url: str, calls, wav_dir: Path) -> dict:
         await run_phase("socket", svc, url, BENCH_KEY, calls, wav_dir)
         await svc.webhooks.flush()
         queued = {(d.job_id, d.seq) for d in svc.webhooks.store.list_deliveries(wid, "pending", limit=10**6)}
-        app_runner = await _bind(rx, port)
+        _, app_runner = await rx.start(port)
         try:
             t0 = time.monotonic()
             async with http.post(f"{url}/v1/webhooks/{wid}/redeliver") as r:
@@ -151,15 +152,6 @@ async def backlog_phase(svc, url: str, calls, wav_dir: Path) -> dict:
             assert r.status == 204
     return {"events": len(queued), "seconds": took, "rate": len(queued) / took, "jobs": len(calls),
             "out_of_order": rx.out_of_order, "duplicates": rx.duplicates}
-
-
-async def _bind(rx: Receiver, port: int) -> web.AppRunner:
-    app = web.Application()
-    app.router.add_post("/hook", rx.hook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
 
 
 async def capacity_phase(svc, url: str, hook_url: str, rx: Receiver, jobs: int, per_job: int) -> dict:
