@@ -115,10 +115,22 @@ def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "c
     return ep, [writer]
 
 
+def stop_media_clock(ep: Any) -> None:
+    """Detach the conference bridge from the null sound device, which stops the clock thread that
+    drives every AudioMediaPort callback. A Python port freed while that thread runs can be called
+    in the middle of its deallocation (a worker segfaulted so at shutdown in CI); with the clock
+    stopped, nothing calls into Python ports any more. Idempotent."""
+    try:
+        ep.audDevManager().setNoDev()
+    except _pj().Error as e:
+        log(f"stopping the media clock failed: {e.info()}")
+
+
 def destroy_endpoint(ep: Any, keep: list[Any]) -> None:
     """libDestroy after every Call/port reference is gone (else pjsua2 aborts the process).
     Calls were hung up (and waited for) before this, so nothing more goes out on the network:
     without NO_NETWORK pjsua sleeps a further second waiting for unregistrations."""
+    stop_media_clock(ep)
     gc.collect()
     try:
         ep.libDestroy(_pj().PJSUA_DESTROY_NO_NETWORK)
@@ -265,6 +277,9 @@ class Worker:
         self.sessions: dict[str, Session] = {}
         self.alive: set[Any] = set()  # WCalls holding a pjsua slot
         self.graveyard: list[tuple[float, Any]] = []  # (until, Call/port) kept until pjsua is surely done
+        # Capture ports are reused, never freed while the media clock runs (see stop_media_clock)
+        self.spare_captures: list[Any] = []
+        self.captures_made = 0
         self.seq = 0
         self.writer: asyncio.StreamWriter | None = None
         self.stopping: asyncio.Event | None = None
@@ -337,18 +352,20 @@ class Worker:
         worker = self
 
         class Capture(pj.AudioMediaPort):
-            """Receives one leg's audio (16 kHz mono, 20 ms) on the media clock thread."""
+            """Receives one leg's audio (16 kHz mono, 20 ms) on the media clock thread. Reused from
+            call to call (Worker.spare_captures); attach() hands it to a session."""
 
-            # Read when an instance's attributes are gone: at teardown gc can clear a Capture's
-            # __dict__ while the media clock thread is still inside onFrameReceived (seen in CI
-            # as AttributeError 'closed'); the class default then drops the frame.
-            closed = True
+            closed = True  # until attach(); also the answer if a frame ever sees a cleared __dict__
 
-            def __init__(self, sess: Session, leg: int) -> None:
+            def __init__(self) -> None:
                 super().__init__()
-                self.sess, self.leg, self.closed = sess, leg, False
+                self.sess: Session | None = None
+                self.leg = 0
                 self.post = worker.loop.call_soon_threadsafe
                 self.sink = worker.send_audio
+
+            def attach(self, sess: Session, leg: int) -> None:
+                self.sess, self.leg, self.closed = sess, leg, False
 
             def onFrameReceived(self, frame: Any) -> None:
                 if self.closed or frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO:
@@ -578,8 +595,13 @@ class Worker:
         fmt = pj.MediaFormatAudio()
         fmt.init(pj.PJMEDIA_FORMAT_PCM, 16000, 1, 20000, 16)
         for i in range(len(legs)):
-            cap = self.Capture(sess, i)
-            cap.createPort(f"{sess.ref}-{legs[i]}", fmt)
+            if self.spare_captures:
+                cap = self.spare_captures.pop()
+            else:
+                cap = self.Capture()
+                cap.createPort(f"w{self.wid}-capture{self.captures_made}", fmt)
+                self.captures_made += 1
+            cap.attach(sess, i)
             sess.captures.append(cap)
         sess.started = True
         self.send({"type": "call_started", "call": sess.ref, "legs": legs, "sip": sess.sip,
@@ -679,16 +701,26 @@ class Worker:
         self.schedule_load()
 
     def _bury(self, *objs: Any) -> None:
-        """Keep pjsua2 objects a little longer: a Call deleted inside its own callback, or a port
-        deleted while the conference bridge may still call it, can crash the process. Only this
-        list holds them (no timer handles), so _destroy can drop every reference before libDestroy."""
+        """Keep pjsua2 objects a little longer: a Call deleted inside its own callback can crash
+        the process, and a capture port may still get a frame queued before its stopTransmit.
+        Only this list holds them (no timer handles), so _destroy can drop every reference before
+        libDestroy."""
         until = time.monotonic() + 2.0
         self.graveyard.extend((until, o) for o in objs)
 
     def _prune(self) -> None:
+        """Free expired Calls; expired capture ports go back to the spare list, since freeing one
+        while the media clock runs races with its frame callback."""
         now = time.monotonic()
         if self.graveyard and self.graveyard[0][0] <= now:
-            self.graveyard = [(t, o) for t, o in self.graveyard if t > now]
+            keep = []
+            for t, o in self.graveyard:
+                if t > now:
+                    keep.append((t, o))
+                elif isinstance(o, self.Capture):
+                    o.sess = None
+                    self.spare_captures.append(o)
+            self.graveyard = keep
 
     def _monitor(self) -> None:
         """RTP inactivity: a leg whose received packet count has not moved for rtp_timeout_s."""
@@ -786,7 +818,9 @@ class Worker:
         self._closed = True
 
     def _destroy(self) -> None:
-        objs = [o for _, o in self.graveyard] + list(self.alive)
+        stop_media_clock(self.ep)  # before any capture port is freed
+        log(f"{self.captures_made} capture port(s) served {self.seq} call(s)")
+        objs = [o for _, o in self.graveyard] + list(self.alive) + self.spare_captures
         for sess in self.sessions.values():
             objs += [sess.caller, sess.agent, *sess.captures]
         for o in objs:  # break Session <-> Call/Capture cycles so gc frees them now
@@ -798,6 +832,7 @@ class Worker:
         self.sessions.clear()
         self.alive.clear()
         self.graveyard.clear()
+        self.spare_captures.clear()
         self.acc = None
         gc.collect()
         destroy_endpoint(self.ep, self._keep)

@@ -264,6 +264,23 @@ async def test_call_audio_identity_and_bye(worker, speech, tmp_path):
     assert not w.ctl.of("audio_after_end")
 
 
+async def test_capture_ports_are_reused(worker, speech, tmp_path):
+    """Sequential calls share one capture port: a Python port freed while pjmedia's clock thread
+    runs can be called mid-deallocation and crash the worker, so ports are recycled and freed only
+    after the clock is stopped at shutdown (which must still exit 0)."""
+    w = await worker()
+    for n in range(1, 4):
+        r = await run_peer("call", w.uri(), "--play", speech["short"], "--hold-s", "0")
+        assert r.rc == 0, r.stderr[-2000:]
+        assert (await w.ctl.wait("call_ended", call=f"w{w.wid}-{n}"))[0]["reason"] == "bye_caller"
+        await asyncio.sleep(3.5)  # the port is kept 2 s after the call, then recycled by the 1 s monitor
+    assert len(w.ctl.pcm(f"w{w.wid}-3", 0)) / 16000 > 0.5  # a recycled port still captures
+    await w.ctl.send({"type": "shutdown"})
+    assert await asyncio.wait_for(w.proc.wait(), 10) == 0
+    log = (tmp_path / f"worker{w.wid}.log").read_text(errors="replace")
+    assert "1 capture port(s) served 3 call(s)" in log, log[-2000:]
+
+
 async def test_dtmf_over_tcp_and_g722(worker, speech):
     """RFC 2833 digits become dtmf messages on leg 0; SIP over TCP works; G.722 is negotiated
     when the caller offers only it."""
