@@ -150,6 +150,30 @@ async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, mo
     assert w_stream <= w_off + 0.08, (w_stream, w_off, run.text, offline)
 
 
+def test_decode_does_not_depend_on_the_previous_decode(model_path):
+    """The same audio gives the same text and scores whatever the context decoded before. With
+    whisper.cpp's flash attention it did not (stale encoder positions past a reduced audio_ctx:
+    bench/attention.py); a streamer's finals then varied with which partials ran before them."""
+    from bridge.recognizer.engine import WhisperEngine
+
+    eng = WhisperEngine(model_path)
+    clip = to_mulaw_roundtrip(speech(CLEAN[2]))
+    final = DecodeOptions(ctx_margin=256)
+
+    def decode() -> tuple[str, float, list[tuple[str, float, float]]]:
+        h = eng.decode(clip, final)
+        return h.text, h.avg_logprob, [(w.word, w.start, w.end) for w in h.words]
+
+    first = decode()
+    assert corpus.wer(CLEAN[2], first[0]) <= 0.5, first[0]
+    histories = [(corpus.monologue(12.0, seed=7)[0], DecodeOptions(full_ctx=True)),
+                 (speech("Yes."), DecodeOptions(ctx_margin=16)),
+                 (speech(PHONE[0]), DecodeOptions(ctx_margin=64, partial=True))]
+    for audio, opts in histories:
+        eng.decode(audio, opts)
+        assert decode() == first
+
+
 async def test_auto_language_reports_detected_language(pool):
     run = new_leg(pool, StreamerConfig(language="auto", interim_results=False))
     await play(run, np.concatenate([sil(0.3), speech(CLEAN[1]), sil(1.0)]), pace=None)

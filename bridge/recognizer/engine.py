@@ -5,6 +5,11 @@ whisper.cpp pads every decode to a 30 s window unless `audio_ctx` is lowered, so
 encoder context to the audio; a reduced context can make the decoder loop on short audio, so
 tokens are capped per second of audio and repetition is detected. `whisper_full` releases the
 GIL, so a pool of contexts decodes in parallel threads.
+
+Flash attention is off: in whisper.cpp 1.8.5 it attends over the encoder context rounded up to
+256 positions with no mask, and the positions past `audio_ctx` hold whatever the context's
+previous decode left there, so the same audio gave different text depending on history
+(docs/recognizer.md). Without it a decode depends on its audio and options alone.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def compression_ratio(text: str) -> float:
 class WhisperEngine:
     """A whisper.cpp context; not thread-safe: the pool gives each to one thread at a time."""
 
-    def __init__(self, model_path: str | Path, n_threads: int = 1) -> None:
+    def __init__(self, model_path: str | Path, n_threads: int = 1, flash_attn: bool = False) -> None:
         import _pywhispercpp as pw
         from pywhispercpp.model import Model
 
@@ -97,6 +102,7 @@ class WhisperEngine:
                 print_realtime=False,
                 print_timestamps=False,
                 redirect_whispercpp_logs_to=None,
+                context_params={"flash_attn": flash_attn},  # off: see the module docstring
             )
         except Exception as e:  # pywhispercpp raises bare RuntimeError/Exception
             raise ModelLoadError(f"whisper.cpp could not load {self.model_path}: {e}") from e
