@@ -11,16 +11,21 @@ from bridge.recognizer.streamer import StreamerConfig
 
 
 @pytest.fixture(scope="module")
-def base_pool():
+def base_path():
     from bridge.models.registry import ModelError
     from bridge.models.store import resolve
-    from bridge.recognizer.pool import RecognizerPool
 
     try:
-        path = resolve("base")
+        return resolve("base")
     except ModelError as e:  # the optional extra is not installed (./run test installs it)
         pytest.skip(str(e))
-    p = RecognizerPool(path, size=1, threads=2)
+
+
+@pytest.fixture(scope="module")
+def base_pool(base_path):
+    from bridge.recognizer.pool import RecognizerPool
+
+    p = RecognizerPool(base_path, size=1, threads=2)
     p.start()
     yield p
     p.close()
@@ -40,3 +45,20 @@ async def test_auto_detects_and_reports_language(base_pool, voice, text, lang, k
     assert {f.language for f in run.finals} == {lang}
     assert run.recognizer.detected_language == lang
     assert keyword in corpus.normalize_text(run.text), run.text
+
+
+def test_detection_does_not_depend_on_the_previous_decode(base_path):
+    """whisper.cpp detects the language with the encoder size of the context's previous decode;
+    after a short partial this Spanish utterance was detected as Latin, with garbled text.
+    The engine sets the size first (WhisperEngine._set_audio_ctx), so the answer is the same."""
+    from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+
+    eng = WhisperEngine(base_path, n_threads=2)
+    speech = corpus.synthesize("Buenos días, quisiera cambiar la dirección de envío de mi pedido.", voice="es", rate=150)
+    audio = np.concatenate([np.zeros(3776, np.int16), speech])[:77_000]  # as a streamed final cut it
+    final = DecodeOptions(language="auto", ctx_margin=256)
+    first = eng.decode(audio, final)
+    assert first.language == "es" and "quisiera" in corpus.normalize_text(first.text), first.text
+    eng.decode(audio[:12_800], DecodeOptions(language="auto", ctx_margin=64, partial=True))
+    again = eng.decode(audio, final)
+    assert (again.language, again.text, again.avg_logprob) == (first.language, first.text, first.avg_logprob)

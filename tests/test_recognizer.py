@@ -25,9 +25,8 @@ CLEAN = [  # no digits or spelled letters: a fair WER for a tiny model on espeak
 # Band-limited espeak is hard for tiny.en: over all 36 corpus sentences at 8 kHz mu-law its WER
 # is ~25 % offline as well as streaming (docs/benchmarks.md). These are sentences it can hear
 # at 8 kHz, so the test checks our telephone path, not the model's limits.
-# Chosen because their 8 kHz decode held (<= 1 word error) after five different preceding decodes:
-# whisper.cpp 1.8.5 with a reduced audio_ctx gives slightly different text depending on what the
-# context decoded before (docs/recognizer.md), and this test must not depend on test order.
+# (Chosen when decodes still depended on the context's history, which flash attention caused:
+# they held after five different preceding decodes. See docs/recognizer.md.)
 PHONE = [
     "Let me transfer you to the billing department, one moment please.",
     "I need to cancel my subscription before the next billing cycle.",

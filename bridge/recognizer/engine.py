@@ -9,7 +9,8 @@ GIL, so a pool of contexts decodes in parallel threads.
 Flash attention is off: in whisper.cpp 1.8.5 it attends over the encoder context rounded up to
 256 positions with no mask, and the positions past `audio_ctx` hold whatever the context's
 previous decode left there, so the same audio gave different text depending on history
-(docs/recognizer.md). Without it a decode depends on its audio and options alone.
+(docs/recognizer.md). Without it a decode depends on its audio and options alone (for
+language "auto" only once `_set_audio_ctx` works around a second such leak).
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def compression_ratio(text: str) -> float:
     return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
+_PRIME_AUDIO = np.zeros(SAMPLE_RATE // 5, np.float32)
+
+
+def _stop(*_: object) -> bool:
+    return False  # encoder-begin callback: end whisper_full before it encodes anything
+
+
 class WhisperEngine:
     """A whisper.cpp context; not thread-safe: the pool gives each to one thread at a time."""
 
@@ -113,6 +121,7 @@ class WhisperEngine:
         self.multilingual = bool(pw.whisper_is_multilingual(self._ctx))
         self.eot = pw.whisper_token_eot(self._ctx)
         self._lock = threading.Lock()
+        self._auto = False
         p = self._params
         p.no_context = True
         p.suppress_blank = True
@@ -146,6 +155,7 @@ class WhisperEngine:
             if not self.multilingual:
                 lang = "en"
             p.language = lang
+            self._auto = lang == "auto"  # (the params read "auto" back as "")
             p.detect_language = False
             p.initial_prompt = opts.prompt or ""
             p.n_max_text_ctx = 64 if opts.partial else 128
@@ -164,11 +174,28 @@ class WhisperEngine:
 
     def _run(self, audio: np.ndarray, audio_s: float) -> Hypothesis:
         t0 = time.perf_counter()
+        if self._auto:
+            self._set_audio_ctx()
         rc = self._pw.whisper_full(self._ctx, self._params, audio, audio.size)
         decode_s = time.perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"whisper_full failed with code {rc}")
         return self._collect(audio_s, decode_s)
+
+    def _set_audio_ctx(self) -> None:
+        """Make the context's encoder size the one this decode asked for, before it detects the
+        language. whisper.cpp 1.8.5 detects the language before it applies `audio_ctx`, with the
+        size the previous decode left: after a short partial it heard only that partial's first
+        seconds (a Spanish final came out as Latin). A whisper_full with a fixed language sets the
+        size; stopped at its encoder-begin callback, it costs a mel of 0.2 s of silence (~4 ms)."""
+        pw, p = self._pw, self._params
+        p.language = "en"
+        pw.assign_encoder_begin_callback(p, _stop)
+        try:
+            pw.whisper_full(self._ctx, p, _PRIME_AUDIO, _PRIME_AUDIO.size)
+        finally:
+            pw.clear_encoder_begin_callback(p)
+            p.language = "auto"
 
     def _collect(self, audio_s: float, decode_s: float) -> Hypothesis:
         pw, ctx = self._pw, self._ctx
