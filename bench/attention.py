@@ -20,13 +20,11 @@ import time
 import numpy as np
 
 from bridge.models.store import resolve
-from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+from bridge.recognizer.engine import SAMPLE_RATE, DecodeOptions, WhisperEngine
 
 from . import corpus
 from .calls import to_mulaw_roundtrip
 from .report import emit_table
-
-SR = 16000
 
 
 def main(argv=None) -> None:
@@ -53,7 +51,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             hyp = eng.decode(pcm, final)
             dt = time.perf_counter() - t0
-            r["speed"].append(len(pcm) / SR / dt)
+            r["speed"].append(len(pcm) / SAMPLE_RATE / dt)
             r["ms"].append(dt * 1000)
             e, n = corpus.word_errors(text, hyp.text)
             r["err"][band] += e

@@ -121,7 +121,6 @@ class WhisperEngine:
         self.multilingual = bool(pw.whisper_is_multilingual(self._ctx))
         self.eot = pw.whisper_token_eot(self._ctx)
         self._lock = threading.Lock()
-        self._auto = False
         p = self._params
         p.no_context = True
         p.suppress_blank = True
@@ -155,7 +154,6 @@ class WhisperEngine:
             if not self.multilingual:
                 lang = "en"
             p.language = lang
-            self._auto = lang == "auto"  # (the params read "auto" back as "")
             p.detect_language = False
             p.initial_prompt = opts.prompt or ""
             p.n_max_text_ctx = 64 if opts.partial else 128
@@ -163,18 +161,19 @@ class WhisperEngine:
             # Temperature fallback re-decodes up to 5 times: measured 2-6 s on a looping short
             # clip. We detect loops ourselves and retry once over the full window instead.
             p.temperature_inc = 0.0
-            hyp = self._run(audio, audio_s)
+            detect = lang == "auto"  # (not read back from p: it returns "auto" as "")
+            hyp = self._run(audio, audio_s, detect)
             if (hyp.looped or hyp.n_tokens > implausible_tokens(audio_s)) and p.audio_ctx:
                 p.audio_ctx = 0
-                retry = self._run(audio, audio_s)
+                retry = self._run(audio, audio_s, detect)
                 retry.decode_s += hyp.decode_s
                 retry.retried = True
                 hyp = retry
             return hyp
 
-    def _run(self, audio: np.ndarray, audio_s: float) -> Hypothesis:
+    def _run(self, audio: np.ndarray, audio_s: float, detect: bool) -> Hypothesis:
         t0 = time.perf_counter()
-        if self._auto:
+        if detect:
             self._set_audio_ctx()
         rc = self._pw.whisper_full(self._ctx, self._params, audio, audio.size)
         decode_s = time.perf_counter() - t0
