@@ -25,6 +25,7 @@ from bridge.jobs.store import JobStore
 from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig, StreamingRecognizer
+from bridge.storage import StorageFull, StorageGuard, is_storage_full
 
 __all__ = ["Call", "CallRegistry", "Leg", "credits_for", "ended_event", "job_credits"]
 
@@ -68,6 +69,7 @@ class Call:
         recordings_dir: Path,
         credits_per_minute: float,
         usage_interval_s: float,
+        storage: StorageGuard | None = None,
     ) -> None:
         if not job.speakers:
             raise ValueError("a call needs at least one speaker label")
@@ -79,6 +81,7 @@ class Call:
         self.recordings_dir = Path(recordings_dir)
         self.credits_per_minute = credits_per_minute
         self.usage_interval_s = usage_interval_s
+        self.storage = storage
         self.session_id = "sess_" + secrets.token_hex(8)
         self.legs: list[Leg] = []
         self.leg_samples: list[int] = [0] * len(job.speakers)  # 16 kHz samples received per leg
@@ -86,6 +89,7 @@ class Call:
         self.dtmf: list[dict[str, Any]] = []
         self.stop_requested = asyncio.Event()  # set by drain (SIGTERM): the ingress should end the call
         self.failure: asyncio.Future[BaseException] | None = None
+        self.storage_error: StorageFull | None = None  # set when the disk filled during this call
         self.log = log.bind(job_id=job.id, session_id=self.session_id)
         self._recorder: WavRecorder | None = None
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -110,7 +114,12 @@ class Call:
         path = self.recordings_dir / f"{self.job.id}.wav"
         self.job.audio_path = str(path)
         self._recorder = WavRecorder(path, channels=self.channels)
-        await asyncio.to_thread(self.store.create_job, self.job)
+        try:
+            await asyncio.to_thread(self.store.create_job, self.job)
+        except BaseException:  # no job row: no recording either
+            self._recorder.abandon()
+            path.unlink(missing_ok=True)
+            raise
         for ch, speaker in enumerate(self.job.speakers):
             rec = StreamingRecognizer(
                 self.pool, self._events.put_nowait, channel=ch, speaker=speaker,
@@ -134,13 +143,54 @@ class Call:
             self.log.error("leg_failed", error=repr(exc))
             self.failure.set_result(exc)
 
+    def _storage_failed(self, exc: BaseException) -> None:
+        """A write failed for lack of space: stop recording (what the file holds stays, its header
+        matching) and fail the call with StorageFull, which its ingress turns into STORAGE_FULL.
+        Never raises: SIP feeds audio from the worker channel's reader. Event loop only."""
+        if self.storage is not None:
+            self.storage.exhaust(exc)
+        if self._recorder is not None:
+            self._recorder.abandon()
+        if self.storage_error is None:
+            self.storage_error = StorageFull("the server's disk is full; the audio and finals received until now "
+                                             "are saved")
+            self.log.error("call_storage_full", error=repr(exc), recorded_s=round(self.recorded_seconds, 3))
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_result(self.storage_error)
+
+    def _try_write(self, write: Any, *args: Any) -> BaseException | None:
+        """Run a recorder write; the full-disk error it raised, else None. Safe in a worker thread."""
+        if self.storage_error is not None:
+            return self.storage_error
+        if self.storage is not None and self.storage.exhausted:
+            return StorageFull("another write found the disk full")
+        try:
+            write(*args)
+        except OSError as e:
+            if not is_storage_full(e):
+                raise
+            return e
+        return None
+
+    def _record(self, write: Any, *args: Any) -> bool:
+        """Write to the recording; False (the call failed) when the disk is or was just full."""
+        exc = self._try_write(write, *args)
+        if exc is not None:
+            self._storage_failed(exc)
+        return exc is None
+
+    async def _record_in_thread(self, write: Any, *args: Any) -> None:
+        exc = await asyncio.to_thread(self._try_write, write, *args)
+        if exc is not None:
+            self._storage_failed(exc)
+
     # -- audio and control ---------------------------------------------------------------------
     def feed(self, chans: list[np.ndarray]) -> None:
         """One frame of 16 kHz int16 audio per channel (as `AudioFrontEnd.feed` returns)."""
         if len(chans) != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {len(chans)}")
-        assert self._recorder is not None, "open() first"
-        self._recorder.write_frames(chans)
+        if not self._record(self._recorder.write_frames, chans):  # type: ignore[union-attr]
+            return
         for leg, pcm in zip(self.legs, chans):
             if len(pcm):
                 leg.recognizer.feed(pcm)
@@ -148,8 +198,8 @@ class Call:
 
     def feed_leg(self, channel: int, pcm: np.ndarray) -> None:
         """16 kHz int16 audio of one leg, for ingresses whose legs arrive separately (SIP, WebRTC)."""
-        assert self._recorder is not None, "open() first"
-        self._recorder.write(channel, pcm)
+        if not self._record(self._recorder.write, channel, pcm):  # type: ignore[union-attr]
+            return
         if len(pcm):
             self.legs[channel].recognizer.feed(pcm)
             self.leg_samples[channel] += len(pcm)
@@ -182,6 +232,11 @@ class Call:
         return max(self.leg_samples) / SAMPLE_RATE
 
     @property
+    def recorded_seconds(self) -> float:
+        """Audio in the recording (per channel); short of `streamed_seconds` only when the disk filled."""
+        return self._recorder.seconds if self._recorder is not None else 0.0
+
+    @property
     def credits_used(self) -> float:
         return credits_for(self.streamed_seconds, self.channels, self.credits_per_minute)
 
@@ -207,6 +262,8 @@ class Call:
                     await self.annotate(dtmf=list(self.dtmf))
             except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
                 self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
+                if is_storage_full(e):
+                    self._storage_failed(e)
             self._publish(ev)
 
     async def _tick_usage(self) -> None:
@@ -214,7 +271,7 @@ class Call:
             await asyncio.sleep(self.usage_interval_s)
             self._publish(self.usage())
             if self._recorder is not None:
-                await asyncio.to_thread(self._recorder.flush)
+                await self._record_in_thread(self._recorder.flush)
 
     # -- end -----------------------------------------------------------------------------------
     async def finish(self, status: JobStatus = JobStatus.COMPLETED, error: dict[str, Any] | None = None) -> Job:
@@ -245,16 +302,29 @@ class Call:
         if self._pump is not None:
             await self._pump
         if self._recorder is not None:
-            await asyncio.to_thread(self._recorder.close)
+            await self._record_in_thread(self._recorder.close)
+        if self.storage_error is not None and status is JobStatus.COMPLETED:
+            status, error = JobStatus.FAILED, {"code": StorageFull.code, "message": self.storage_error.message}
         self.job.status = status
         self.job.error = error
         self.job.duration_s = self.streamed_seconds
-        await asyncio.to_thread(self.store.finish_job, self.job.id, status, self.streamed_seconds, error)
+        await asyncio.to_thread(self._save_ending, status, error)
         self._publish(self.usage())
         self._publish(CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
         self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
                       finals=self.finals, error=(error or {}).get("code"))
         return self.job
+
+    def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
+        """Mark the job ended; on a full disk free the emergency reserve and try once more, so the
+        job does not stay `live` (which would also keep DELETE from freeing its space)."""
+        try:
+            self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+        except Exception as e:
+            if not is_storage_full(e) or self.storage is None:
+                raise
+            self.storage.exhaust(e)
+            self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
 
     async def abort(self) -> None:
         """Stop the recognizers without flushing (server shutdown past its drain deadline)."""

@@ -20,6 +20,7 @@ from bridge.config import Config
 from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
+from bridge.storage import StorageGuard
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -35,6 +36,8 @@ class Service:
         self.bus = InProcessBus()
         self.calls = CallRegistry()
         self.metrics = Metrics(self)
+        # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
+        self.storage = StorageGuard(self.data_dir, int(config.limits.min_free_disk_mb * 1024 * 1024))
         self.store: Any = None
         self.keys: Any = None
         self.auth: Any = None
@@ -59,10 +62,13 @@ class Service:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        if self.storage.state().low:  # recovery below must be able to write: spend the emergency reserve
+            self.storage.release()
         db = self.data_dir / DB_NAME
         self.store = SqliteJobStore(db)
         self.recovered_jobs = self.store.fail_live_jobs("the server stopped while this job was live")
         if self.recovered_jobs:
+            await asyncio.to_thread(recover_recordings, self.store, self.recovered_jobs)
             log.warning("recovered_live_jobs", count=len(self.recovered_jobs), job_ids=self.recovered_jobs)
         self.keys = KeyStore(str(db))
         self.keys.ensure_keys(self.config.server.api_keys)
@@ -98,11 +104,16 @@ class Service:
             from bridge.ingress.webrtc import WebRtcIngress
 
             self.webrtc = WebRtcIngress(self)
+        self.storage.refill()
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
+        refusal = self.storage.refusal()
+        if refusal is not None:
+            log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())
 
     def _orphan_usage(self, job_id: str) -> int:
-        """Credits a job that crashed mid-session actually used (its saved duration x channels)."""
+        """Credits a job that crashed mid-session actually used: its saved duration (the length
+        of its recording, see recover_recordings) x channels."""
         import math
 
         job = self.store.get_job(job_id)
@@ -147,30 +158,36 @@ class Service:
     # -- the aiohttp application ------------------------------------------------------------
     def build_app(self) -> web.Application:
         from bridge.api import events, health, jobs, tokens, web as web_page, webhooks
+        from bridge.api.http import json_errors
         from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
-                              middlewares=[_json_errors])
+                              middlewares=[json_errors])
         app[SERVICE] = self
         for module in (health, stream, jobs, tokens, events, webhooks, webrtc, web_page):
             module.add_routes(app)
         return app
 
 
+def recover_recordings(store: Any, job_ids: list[str]) -> None:
+    """Jobs a crash cut off: make each recording's header match the audio it holds and take its
+    length as the job's duration. The audio received is what the job used (and is billed for):
+    the last final's end is 0 for a stream that had no final yet, and the header lags the data
+    by up to one flush."""
+    from bridge.audio.wav import repair_wav
+
+    for job_id in job_ids:
+        job = store.get_job(job_id)
+        if job is None or not job.audio_path:
+            continue
+        try:
+            seconds = repair_wav(job.audio_path)
+        except OSError as e:
+            log.error("recording_not_repaired", job_id=job_id, error=repr(e))
+            continue
+        if seconds is not None and seconds > job.duration_s:
+            store.update_job(job_id, duration_s=seconds)
+        log.info("recording_recovered", job_id=job_id, recorded_s=seconds)
+
+
 SERVICE = web.AppKey("service", Service)
-
-_REASON_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own errors (unknown path, wrong method, body too large) get our JSON body too."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
-            raise
-        code = _REASON_CODES.get(e.status, f"HTTP_{e.status}")
-        body = {"error": {"code": code, "message": f"{e.reason}: {request.method} {request.path}"}}
-        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
-        return web.json_response(body, status=e.status, headers=headers)

@@ -39,7 +39,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,6 +248,8 @@ class Dispatcher:
         self.max_entries = max_entries
         self.tcp_idle_timeout = tcp_idle_timeout
         self.draining = False
+        # why new calls are refused now (e.g. the service's disk is full), or None: answered 503
+        self.refuse_new: Callable[[], str | None] | None = None
 
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -592,6 +594,9 @@ class Dispatcher:
         if self.draining:
             return (503, None, [("Retry-After", str(self.retry_after_draining)),
                                 _warning(399, "The service is shutting down")], "draining")
+        why = self.refuse_new() if self.refuse_new is not None else None
+        if why:
+            return 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why
         accepted = ", ".join(self.codecs)
         if not msg.body.strip():
             return (488, None, [_warning(399, "An SDP offer is required in the INVITE (late offer is not "

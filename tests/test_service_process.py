@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import pytest
 
 from bench import corpus
 from bridge.client.stream import StreamClient
@@ -32,8 +34,10 @@ def free_port() -> int:
 class Serve:
     """`python -m bridge serve` on a free port with its own data dir; logs go to a file."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 until: tuple[str, ...] = ("ok",)) -> None:
         self.data_dir = data_dir
+        self.until = until  # the /healthz status that counts as started ("degraded": up, refusing sessions)
         self.port = free_port()
         base = {k: v for k, v in os.environ.items() if k != "CALLBRIDGE_API_KEYS"}
         self.env = {**base, "CALLBRIDGE_MODEL_POOL_SIZE": "1", "CALLBRIDGE_LOGGING_FORMAT": "json",
@@ -57,7 +61,7 @@ class Serve:
                     raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
                 try:
                     async with http.get(self.url + "/healthz") as r:
-                        if r.status == 200:
+                        if (await r.json()).get("status") in self.until:
                             return self
                 except aiohttp.ClientError:
                     pass
@@ -139,6 +143,48 @@ async def test_kill_9_mid_session_keeps_audio_and_finals(tmp_path, pool):
         assert got >= sent_before_final, (got, sent_before_final)
         assert store.get_job(done.job_id).status.value == "completed"
         assert [g.text for g in store.segments(done.job_id)]
+    finally:
+        await srv2.stop()
+
+
+async def test_kill_9_before_any_final_bills_the_audio_received(tmp_path, pool):
+    """A stream killed (kill -9) before its first final is billed for the audio it sent, and its
+    recording's header says how much audio the file holds, once the service restarts."""
+    from bridge.auth import KeyStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    keys = KeyStore(str(data / "callbridge.db"))
+    key, secret = keys.create_key("metered", credits=1000)
+    keys.close()
+    # no usage ticks (they flush the recording's header too): only the recorder's own autoflush runs
+    env = {"CALLBRIDGE_CREDITS_USAGE_INTERVAL_S": "600"}
+    async with Serve(data, env) as srv:
+        live = StreamClient(srv.url, api_key=secret, max_duration_seconds=60)
+        await live.__aenter__()
+        await live.send_audio(sil(3.0))  # >= 1 s: the header is rewritten to 3.0 s
+        await live.send_audio(sil(0.5))  # < 1 s more: in the file, not yet in the header
+        async with aiohttp.ClientSession() as http:  # wait until the service has received all 3.5 s
+            hdr = {"Authorization": f"Bearer {secret}"}
+            while True:
+                async with http.get(f"{srv.url}/v1/jobs/{live.job_id}", headers=hdr) as r:
+                    if (await r.json())["duration_s"] >= 3.5:
+                        break
+                await asyncio.sleep(0.05)
+        srv.proc.send_signal(signal.SIGKILL)
+        await srv.proc.wait()
+        await live.aclose()
+    srv2 = await start_server(data, pool)
+    try:
+        job = srv2.service.store.get_job(live.job_id)
+        assert job.status.value == "failed" and not srv2.service.store.segments(live.job_id)  # no final
+        assert job.duration_s == pytest.approx(3.5)
+        with wave.open(job.audio_path) as w:
+            assert w.getnframes() == 3.5 * SR  # the header matches the audio in the file
+        assert os.path.getsize(job.audio_path) == 44 + 3.5 * SR * 2
+        charged = 1000 - srv2.service.keys.get_key(key.id).balance
+        assert charged == math.ceil(3.5 * 220 / 60)  # 13 credits, not 0
+        assert srv2.service.keys.open_reservations() == {}
     finally:
         await srv2.stop()
 

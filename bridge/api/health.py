@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -10,16 +11,24 @@ from bridge.metrics import CONTENT_TYPE
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the model is loaded (and, when SIP is on, listening); 503 while starting or draining."""
+    """200 once the model is loaded (and, when SIP is on, listening); 503 while starting, draining,
+    or `degraded`: up, but refusing new sessions because the data directory is (nearly) full, so a
+    balancer sends sessions elsewhere while REST (e.g. DELETE to free space) keeps working."""
     from bridge.service import SERVICE
 
     svc = request.app[SERVICE]
     sip_ok = svc.sip is None or svc.sip.listening
-    body = {"status": "ok" if svc.ready and sip_ok and not svc.draining else ("draining" if svc.draining else "starting"),
-            "model": svc.model_path, "live_sessions": len(svc.calls.calls),
-            "uptime_s": round(time.time() - svc.started_at, 1),
+    disk = await asyncio.to_thread(svc.storage.state)
+    if svc.draining:
+        status = "draining"
+    elif not (svc.ready and sip_ok):
+        status = "starting"
+    else:
+        status = "degraded" if disk.low else "ok"
+    body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
+            "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False}}
-    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
+    return web.json_response(body, status=200 if status == "ok" else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

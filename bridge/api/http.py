@@ -8,9 +8,44 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.auth import AuthError, Principal
+from bridge.logs import get_logger
+from bridge.storage import is_storage_full
 
 if TYPE_CHECKING:
     from bridge.service import Service
+
+
+log = get_logger("bridge.api.http")
+
+_REASON_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error answers JSON: aiohttp's own (unknown path, wrong method, body too large) and
+    any exception a handler let through, which would otherwise be a text/plain 500. A full disk
+    is 507 STORAGE_FULL (the client can retry once space is freed); anything else 500 INTERNAL,
+    logged as one line naming where it was raised."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        code = _REASON_CODES.get(e.status, f"HTTP_{e.status}")
+        body = {"error": {"code": code, "message": f"{e.reason}: {request.method} {request.path}"}}
+        headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
+        return web.json_response(body, status=e.status, headers=headers)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: never a traceback page
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
+        if is_storage_full(e):
+            log.error("request_failed_storage_full", method=request.method, path=request.path, error=repr(e),
+                      where=where)
+            return json_error(507, "STORAGE_FULL", "the server's disk is full; retry once space is freed")
+        log.error("request_failed", method=request.method, path=request.path, error=repr(e), where=where)
+        return json_error(500, "INTERNAL", f"internal error: {type(e).__name__}")
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:

@@ -5,10 +5,17 @@ on close, so a killed process leaves a file that claims zero (or wrong) length. 
 appended first and the header rewritten after it on every flush(), so at any instant the header
 describes a prefix of what is already in the file: readable by ``wave`` even mid-call or after a
 crash, losing at most what arrived since the last flush.
+
+Writes are unbuffered (one ``write`` syscall per batch) so the count of frames written is exactly
+what the file holds: a write cut short by a full disk keeps its whole frames, the torn one is
+truncated away and the header rewritten to match. A buffered writer could leave bytes in the file
+that the count (and so the header) never included: a recording that said 622.6 s held 649 s.
+After a crash, ``repair_wav`` sets the header from the file's size (the data can only be ahead).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -19,7 +26,7 @@ import numpy as np
 
 from .channels import interleave
 
-__all__ = ["WavRecorder", "read_wav"]
+__all__ = ["WavRecorder", "read_wav", "repair_wav"]
 
 _HEADER_BYTES = 44
 _MAX_DATA_BYTES = 0xFFFFFFFF - 36  # RIFF sizes are 32-bit
@@ -81,9 +88,14 @@ class WavRecorder:
         self._frames_at_flush = 0
         self._lock = threading.Lock()
         self._closed = False
-        self._fh = open(self.path, "wb")
-        self._fh.write(_header(self.channels, self.sample_rate, 0))
-        self._fh.flush()  # a valid, empty WAV exists from the start
+        self._block = self.channels * 2
+        self._fh = open(self.path, "wb", buffering=0)
+        try:
+            _write_all(self._fh, _header(self.channels, self.sample_rate, 0))  # a valid, empty WAV from the start
+        except BaseException:
+            self._fh.close()  # no 0-byte or torn-header files left behind (a full disk)
+            self.path.unlink(missing_ok=True)
+            raise
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -124,15 +136,33 @@ class WavRecorder:
             self._flush_locked()
 
     def close(self) -> None:
-        """Pad every leg to the longest, finalise the header and close. Idempotent."""
+        """Pad every leg to the longest, finalise the header and close. Idempotent; the file is
+        closed (with a header matching its data) even when the last write fails."""
         with self._lock:
             if self._closed:
                 return
-            self._pad_to(max(p.size for p in self._pending))
-            self._drain()
-            self._flush_locked()
-            self._fh.close()
-            self._closed = True
+            try:
+                self._pad_to(max(p.size for p in self._pending))
+                self._drain()
+                self._flush_locked()
+            finally:
+                self._fh.close()
+                self._closed = True
+
+    def abandon(self) -> None:
+        """Close without writing what is still queued (the disk is full): the file keeps what it
+        holds, its header matching. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending = [p[:0] for p in self._pending]
+            try:
+                self._write_header()
+            except OSError:
+                pass  # the header is at most one flush behind; repair_wav fixes it on recovery
+            finally:
+                self._fh.close()
+                self._closed = True
 
     def pad_to(self, seconds: float) -> None:
         """Pad every leg holding less than ``seconds`` of audio with silence up to it.
@@ -181,20 +211,82 @@ class WavRecorder:
             raise ValueError(f"recording {self.path} would exceed the 4 GiB WAV size limit")
         block = interleave([p[:n] for p in self._pending])
         self._pending = [p[n:].copy() for p in self._pending]
-        self._fh.write(block.astype("<i2", copy=False).tobytes())
+        data = block.astype("<i2", copy=False).tobytes()
+        try:
+            _write_all(self._fh, data)
+        except OSError as e:
+            # Keep the whole frames that reached the file, drop a torn one, make the header say so.
+            done = getattr(e, "bytes_written", 0) // self._block
+            self._frames_written += done
+            end = _HEADER_BYTES + self._frames_written * self._block
+            try:
+                os.ftruncate(self._fh.fileno(), end)
+                self._fh.seek(end)
+                self._write_header()
+            except OSError:
+                pass  # repair_wav fixes the header on recovery
+            raise
         self._frames_written += n
 
+    def _write_header(self) -> None:
+        data_bytes = self._frames_written * self._block
+        os.pwrite(self._fh.fileno(), _header(self.channels, self.sample_rate, data_bytes), 0)
+        self._frames_at_flush = self._frames_written
+
     def _flush_locked(self) -> None:
-        # Data first, header second: the header must never claim bytes not yet in the file.
-        self._fh.flush()
-        data_bytes = self._frames_written * self.channels * 2
-        self._fh.seek(0)
-        self._fh.write(_header(self.channels, self.sample_rate, data_bytes))
-        self._fh.seek(0, os.SEEK_END)  # seek flushes the header bytes to the OS
-        self._fh.flush()
+        # Data first (already in the file: writes are unbuffered), header second: the header must
+        # never claim bytes not yet in the file.
+        self._write_header()
         if self._fsync:
             os.fsync(self._fh.fileno())
-        self._frames_at_flush = self._frames_written
+
+
+def _write_all(fh, data: bytes) -> None:
+    """Write every byte (a raw write may be partial). On failure the OSError carries
+    `bytes_written`, what reached the file before it."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        try:
+            n = fh.write(view[done:])
+        except OSError as e:
+            e.bytes_written = done  # type: ignore[attr-defined]
+            raise
+        if not n:
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            err.bytes_written = done  # type: ignore[attr-defined]
+            raise err
+        done += n
+
+
+def repair_wav(path: str | os.PathLike) -> float | None:
+    """After a crash: set the header of a recording written by WavRecorder to the whole frames the
+    file holds (the header lags the data by up to one flush, never leads it) and return its length
+    in seconds. A torn last frame is cut off. None when there is no readable recording: a file too
+    short to hold a header (nothing was recorded) is removed."""
+    p = Path(path)
+    try:
+        fh = open(p, "r+b", buffering=0)
+    except FileNotFoundError:
+        return None
+    with fh:
+        head = fh.read(_HEADER_BYTES)
+        if len(head) < _HEADER_BYTES or head[:4] != b"RIFF" or head[8:16] != b"WAVEfmt ":
+            if len(head) < _HEADER_BYTES:
+                fh.close()
+                p.unlink(missing_ok=True)
+            return None
+        channels, rate = struct.unpack("<HI", head[22:28])
+        block = channels * 2
+        if not block or not rate:
+            return None
+        size = os.fstat(fh.fileno()).st_size
+        frames = min(size - _HEADER_BYTES, _MAX_DATA_BYTES) // block
+        end = _HEADER_BYTES + frames * block
+        if size != end:
+            os.ftruncate(fh.fileno(), end)
+        if struct.unpack("<I", head[40:44])[0] != frames * block:
+            os.pwrite(fh.fileno(), _header(channels, rate, frames * block), 0)
+    return frames / rate
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int, int]:

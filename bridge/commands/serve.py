@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from bridge.config import Config, add_config_flags, config_from_args
+from bridge.storage import is_storage_full
+
+if TYPE_CHECKING:
+    from bridge.service import Service
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +48,15 @@ async def run_service(config: Config) -> int:
         print(f"callbridge: error: {e}", file=sys.stderr)
         await svc.stop()
         return 1
+    except Exception as e:
+        if not is_storage_full(e):
+            raise
+        # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
+        print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
+              f"({_free(svc)} free); free space there and start again", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await svc.stop()
+        return 1
     runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
     await runner.setup()
     host, port = config.server.host, config.server.http_port
@@ -57,6 +72,9 @@ async def run_service(config: Config) -> int:
         print(f"Created an API key (saved in {svc.data_dir / 'api_key'}):\n  {svc.generated_key}", flush=True)
     print(f"callbridge listening on http://{host}:{port}  (WebSocket ws://{host}:{port}/v1/transcription/stream)",
           flush=True)
+    refusal = svc.storage.refusal()
+    if refusal is not None:  # started in refuse-mode: REST works (delete jobs to free space)
+        print(f"callbridge: warning: {refusal} (limits.min_free_disk_mb)", file=sys.stderr, flush=True)
     if svc.sip is not None:
         print(f"SIP on {host}:{svc.sip.port} (UDP and TCP), {len(svc.sip.workers)} workers x "
               f"{config.sip.calls_per_worker} calls", flush=True)
@@ -67,3 +85,11 @@ async def run_service(config: Config) -> int:
     await svc.stop()
     log.info("exited", unfinished_calls=len(left))
     return 0
+
+
+
+def _free(svc: "Service") -> str:
+    try:
+        return f"{svc.storage.state().free_bytes / 1048576:.1f} MiB"
+    except OSError:
+        return "unknown"

@@ -28,6 +28,7 @@ import numpy as np
 
 from bridge.calls import Call
 from bridge.events.types import Dtmf
+from bridge.ingress.stream import failure_error
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
@@ -74,6 +75,7 @@ class _SipCall:
     call: Call
     timers: list[asyncio.Task] = field(default_factory=list)
     ended_by: str | None = None
+    error: dict[str, Any] | None = None  # {"code", "message"} when the call failed under us
 
 
 class SipIngress:
@@ -114,6 +116,7 @@ class SipIngress:
             self.host, self.port, [Worker(id=w.id, host=wk_host, port=w.port, capacity=self.cfg.calls_per_worker)
                                    for w in self.workers],
             router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log)
+        self.dispatcher.refuse_new = self.svc.storage.refusal  # 503 while the disk is (nearly) full
         await self.dispatcher.start()
         self.port = self.dispatcher.port
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
@@ -255,7 +258,8 @@ class SipIngress:
             sc = w.calls.get(h.get("call", ""))
             if sc is not None:
                 reason = sc.ended_by or h.get("reason", "hangup")
-                await self._end(sc, JobStatus.COMPLETED, reason, None, sip_code=h.get("sip_code"))
+                status = JobStatus.FAILED if sc.error else JobStatus.COMPLETED
+                await self._end(sc, status, reason, sc.error, sip_code=h.get("sip_code"))
         elif kind == "dtmf":
             sc = w.calls.get(h.get("call", ""))
             if sc is not None:
@@ -287,7 +291,7 @@ class SipIngress:
                   speakers=legs, metadata={"sip": sip_meta})
         call = Call(job, store=svc.store, bus=svc.bus, pool=svc.pool, streamer_config=streamer,
                     recordings_dir=svc.recordings_dir, credits_per_minute=svc.config.credits.per_minute,
-                    usage_interval_s=svc.config.credits.usage_interval_s)
+                    usage_interval_s=svc.config.credits.usage_interval_s, storage=svc.storage)
         sc = _SipCall(ref, w, call)
         w.calls[ref] = sc  # before open(): audio may follow call_started at once
         with bind_job(job.id):
@@ -304,6 +308,7 @@ class SipIngress:
                           from_=sip_meta.get("from"), target=h.get("target"))
             sc.timers.append(asyncio.create_task(self._max_duration(sc)))
             sc.timers.append(asyncio.create_task(self._stop_on_drain(sc)))
+            sc.timers.append(asyncio.create_task(self._hang_up_on_failure(sc)))
 
     async def _max_duration(self, sc: _SipCall) -> None:
         await asyncio.sleep(self.svc.config.limits.max_duration_s)
@@ -315,6 +320,16 @@ class SipIngress:
         await sc.call.stop_requested.wait()
         sc.ended_by = sc.ended_by or "shutdown"
         await sc.worker.send({"type": "hangup", "call": sc.ref, "reason": "shutdown"})
+
+    async def _hang_up_on_failure(self, sc: _SipCall) -> None:
+        """The call failed under us (the disk filled): hang up; the job ends failed with its error."""
+        assert sc.call.failure is not None
+        exc = await sc.call.failure
+        sc.error = failure_error(exc).frame()
+        sc.error.pop("type")
+        sc.ended_by = sc.ended_by or sc.error["code"].lower()
+        sc.call.log.info("sip_call_failed", code=sc.error["code"])
+        await sc.worker.send({"type": "hangup", "call": sc.ref, "reason": "request"})
 
     async def _end(self, sc: _SipCall, status: JobStatus, reason: str, error: dict[str, Any] | None,
                    sip_code: int | None = None) -> None:

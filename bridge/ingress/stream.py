@@ -7,7 +7,7 @@ has drained, so a final is never overtaken by the frame that ends the session.
 
 Session order: upgrade (auth refused with HTTP 401 before it) -> client `start` -> `ready` ->
 audio and control frames -> `end` -> finals flushed -> `completed` -> close 1000. A refused start
-(INVALID_CONFIG, RATE_LIMITED, INSUFFICIENT_CREDITS) gets `error` and creates no job. An error
+(INVALID_CONFIG, RATE_LIMITED, INSUFFICIENT_CREDITS, STORAGE_FULL) gets `error` and creates no job. An error
 after `ready` ends the job with what was received so far saved, then `error` and a 4xxx close.
 """
 
@@ -32,12 +32,13 @@ from bridge.events.types import EventType
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import ENDPOINTING_RANGE, StreamerConfig
+from bridge.storage import StorageFull, is_storage_full
 
 if TYPE_CHECKING:
     from bridge.service import Service
 
 __all__ = ["ErrorCode", "CLOSE_CODES", "StartConfig", "SessionError", "add_routes", "admit_call", "apply_control",
-           "completed_frame", "settle_call", "wire_frame"]
+           "completed_frame", "failure_error", "settle_call", "wire_frame"]
 
 log = get_logger("bridge.ingress.stream")
 PATH = "/v1/transcription/stream"
@@ -52,6 +53,7 @@ class ErrorCode(str, Enum):
     RATE_LIMITED = "RATE_LIMITED"
     UPSTREAM_ERROR = "UPSTREAM_ERROR"
     INTERNAL = "INTERNAL"
+    STORAGE_FULL = "STORAGE_FULL"  # ours: the data directory is full (or under its reserve)
 
 
 # WebSocket close codes after an `error` frame (4000-4999 is the application range), HTTP-like.
@@ -64,6 +66,7 @@ CLOSE_CODES: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 4429,
     ErrorCode.INTERNAL: 4500,
     ErrorCode.UPSTREAM_ERROR: 4502,
+    ErrorCode.STORAGE_FULL: 4507,
 }
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # the server is shutting down (the session was still completed and saved)
@@ -83,6 +86,17 @@ class SessionError(Exception):
 
     def frame(self) -> dict[str, Any]:
         return {"type": "error", "code": self.code.value, "message": self.message}
+
+
+def failure_error(exc: BaseException) -> SessionError:
+    """The error a session ends with when its call failed under it (`Call.failure`) or a step
+    raised: STORAGE_FULL for a full disk, else INTERNAL. Audio and finals until then are saved."""
+    if is_storage_full(exc):
+        msg = exc.message if isinstance(exc, StorageFull) else "the server's disk is full; what was received is saved"
+        return SessionError(ErrorCode.STORAGE_FULL, msg)
+    if isinstance(exc, SessionError):
+        return exc
+    return SessionError(ErrorCode.INTERNAL, "the recognizer failed; what was received is saved")
 
 
 def job_ending(err: SessionError | None) -> tuple[JobStatus, dict[str, Any] | None]:
@@ -318,8 +332,11 @@ class StreamSession:
         try:
             outcome = await self._loop(call)
         except Exception as e:  # noqa: BLE001 - any bug still ends the session cleanly, job saved
-            call.log.exception("session_crashed")
-            outcome = SessionError(ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
+            if is_storage_full(e):
+                outcome = failure_error(e)
+            else:
+                call.log.exception("session_crashed")
+                outcome = SessionError(ErrorCode.INTERNAL, f"internal error: {type(e).__name__}")
         await self._conclude(call, outcome)
 
     async def _loop(self, call: Call) -> _Outcome | SessionError:
@@ -344,7 +361,7 @@ class StreamSession:
                     if stop.done():
                         return _Outcome.DRAIN
                     if call.failure.done():
-                        return SessionError(ErrorCode.INTERNAL, "the recognizer failed; what was received is saved")
+                        return failure_error(call.failure.result())
                     if time.monotonic() < deadline:
                         continue
                     if which == "first_audio":
@@ -375,6 +392,8 @@ class StreamSession:
                     except InvalidAudio as e:
                         return SessionError(ErrorCode.INVALID_AUDIO, str(e))
                     call.feed(chans)
+                    if call.failure.done():  # e.g. the disk filled while recording this frame
+                        return failure_error(call.failure.result())
                     if over:
                         return SessionError(ErrorCode.MAX_DURATION_REACHED,
                                             f"the session reached its maximum of {max_input_s:g} s of audio")
@@ -412,8 +431,19 @@ class StreamSession:
                 call.feed(self.front.flush())
             except Exception:  # noqa: BLE001
                 call.log.warning("resampler_flush_failed")
-        job = await call.finish(status, error)
-        await settle_call(self.svc, call)
+        try:
+            job = await call.finish(status, error)
+        except Exception as e:  # noqa: BLE001 - the client still gets an error frame before the close
+            call.log.error("call_not_saved", error=repr(e))
+            err = failure_error(e) if is_storage_full(e) else SessionError(
+                ErrorCode.INTERNAL, f"the session could not be saved: {type(e).__name__}")
+            job = call.job
+        if err is None and call.storage_error is not None:  # the disk filled as the session ended
+            err = failure_error(call.storage_error)
+        try:
+            await settle_call(self.svc, call)
+        except Exception as e:  # noqa: BLE001
+            call.log.error("usage_not_settled", error=repr(e))  # settled from the recording on restart
         self._sub.close()
         if self._sender is not None:
             await self._sender
@@ -448,12 +478,16 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
                      config: dict[str, Any] | None = None) -> tuple[Call, Any]:
     """Session slot, credit reservation, then the opened Call and a bus subscription to its events.
 
-    Raises SessionError (UPSTREAM_ERROR while draining, RATE_LIMITED, INSUFFICIENT_CREDITS); each
+    Raises SessionError (UPSTREAM_ERROR while draining, STORAGE_FULL while the data directory is
+    under its free-space reserve, RATE_LIMITED, INSUFFICIENT_CREDITS); each
     refusal undoes the steps before it, so a refused session leaves no job and no reservation.
     `config` is what the job records as its config (default: `start.effective()`)."""
     limit = svc.config.limits.max_sessions_per_key
     if svc.draining:
         raise SessionError(ErrorCode.UPSTREAM_ERROR, "the server is shutting down; retry on another node")
+    refusal = svc.storage.refusal()
+    if refusal is not None:
+        raise SessionError(ErrorCode.STORAGE_FULL, refusal)
     if not svc.calls.admit(owner, limit):
         raise SessionError(ErrorCode.RATE_LIMITED,
                            f"{svc.calls.active(owner)} sessions already live for this key (limit {limit})")
@@ -473,14 +507,19 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
                   speakers=list(start.speakers), metadata=start.metadata)
         call = Call(job, store=svc.store, bus=svc.bus, pool=svc.pool, streamer_config=streamer_config(svc, start),
                     recordings_dir=svc.recordings_dir, credits_per_minute=svc.config.credits.per_minute,
-                    usage_interval_s=svc.config.credits.usage_interval_s)
+                    usage_interval_s=svc.config.credits.usage_interval_s, storage=svc.storage)
         sub = svc.bus.subscribe(job_id)
         await call.open()
-    except BaseException:
+    except BaseException as e:
+        full = is_storage_full(e)  # the disk filled between the check and the first write
+        if full:
+            svc.storage.exhaust(e)  # frees the emergency reserve: the settle below can commit
         svc.calls.release(owner)
         if sub is not None:
             sub.close()
         await asyncio.to_thread(svc.keys.settle, job_id, 0)
+        if full:
+            raise failure_error(e) from None
         raise
     svc.calls.add(call, owner)
     svc.metrics.sessions.labels(source.value).inc()

@@ -47,6 +47,7 @@ from bridge.ingress.stream import (
     admit_call,
     apply_control,
     completed_frame,
+    failure_error,
     settle_call,
     wire_frame,
 )
@@ -68,7 +69,7 @@ MAX_SDP_BYTES = 64 * 1024
 # start fields that describe a raw PCM wire; WebRTC audio is always Opus at 48 kHz
 _WIRE_FIELDS = ("sample_rate", "channels", "encoding")
 _HTTP_STATUS = {ErrorCode.INVALID_CONFIG: 400, ErrorCode.INSUFFICIENT_CREDITS: 402, ErrorCode.RATE_LIMITED: 429,
-                ErrorCode.UPSTREAM_ERROR: 503, ErrorCode.INTERNAL: 500}
+                ErrorCode.UPSTREAM_ERROR: 503, ErrorCode.INTERNAL: 500, ErrorCode.STORAGE_FULL: 507}
 FLUSH_TIMEOUT_S = 2.0  # how long the last data channel messages get to be acknowledged before the close
 # After `bye`, audio sent before it may still be on its way: aiortc's audio jitter buffer holds the
 # last 4 packets (80 ms) until later ones push them out, and RTP and the data channel race. The
@@ -394,7 +395,7 @@ class WebRtcSession:
             elif stop in done:
                 outcome = Ending.DRAIN
             elif call.failure.done():
-                outcome = SessionError(ErrorCode.INTERNAL, "the recognizer failed; what was received is saved")
+                outcome = failure_error(call.failure.result())
             else:
                 outcome = SessionError(ErrorCode.MAX_DURATION_REACHED,
                                        f"call open longer than {self.start.max_duration_seconds:g} s of audio allows")

@@ -1,0 +1,171 @@
+"""Free space in the data directory: admission while it is low, and an emergency reserve for when it runs out.
+
+Why a reserve file: on a full disk SQLite cannot even mark a job `failed` (its WAL append fails with
+"database or disk is full"), so a crashed write would leave the job `live` for good. The guard keeps
+a small file of zeros (`<data_dir>/space.reserve`) and deletes it the moment a write fails for lack
+of space: the few writes that end the affected calls (job rows, WAV headers) then fit. While the disk
+is exhausted no new audio is written, so the freed room is not eaten by recordings; the file is
+recreated once free space is back above the reserve.
+
+`StorageGuard` is the one check every ingress uses before opening a call (streams, WebRTC offers,
+SIP INVITEs) and what /healthz reports.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.logs import get_logger
+
+__all__ = ["EMERGENCY_BYTES", "RESERVE_FILE", "DiskState", "StorageFull", "StorageGuard", "is_storage_full"]
+
+log = get_logger("bridge.storage")
+
+RESERVE_FILE = "space.reserve"
+EMERGENCY_BYTES = 2 * 1024 * 1024  # room to end every live call once the disk is full (rows, headers)
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+class StorageFull(Exception):
+    """The data directory has (or had) too little free space to record; `code` is the wire code."""
+
+    code = "STORAGE_FULL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """True for the errors a full disk raises: ENOSPC/EDQUOT, SQLite's SQLITE_FULL, our StorageFull."""
+    if isinstance(exc, StorageFull):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
+
+
+@dataclass(frozen=True)
+class DiskState:
+    path: str
+    free_bytes: int
+    total_bytes: int
+    reserve_bytes: int
+    exhausted: bool  # a write failed for lack of space and free space has not come back yet
+
+    @property
+    def low(self) -> bool:
+        return self.exhausted or self.free_bytes < self.reserve_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": "full" if self.exhausted else ("low" if self.low else "ok"), "path": self.path,
+                "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
+                "min_free_bytes": self.reserve_bytes}
+
+
+class StorageGuard:
+    """Watches the free space of `data_dir` against `reserve_bytes`. Thread-safe (recorders write
+    from worker threads)."""
+
+    def __init__(self, data_dir: str | os.PathLike, reserve_bytes: int, emergency_bytes: int = EMERGENCY_BYTES) -> None:
+        self.data_dir = Path(data_dir)
+        self.reserve_bytes = int(reserve_bytes)
+        self.emergency_bytes = int(emergency_bytes)
+        self.reserve_path = self.data_dir / RESERVE_FILE
+        self._lock = threading.Lock()
+        self._exhausted = False
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> DiskState:
+        """Free space now; clears `exhausted` (and refills the reserve file) once it is back."""
+        st = os.statvfs(self.data_dir)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        if self._exhausted and free >= self.reserve_bytes + self.emergency_bytes:
+            with self._lock:
+                self._exhausted = False
+            log.info("storage_recovered", free_bytes=free)
+            self.refill()
+            free = self._free()
+        return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
+
+    def refusal(self) -> str | None:
+        """Why a new session must be refused now, or None. The message is what clients see."""
+        s = self.state()
+        if not s.low:
+            return None
+        if s.exhausted:
+            return (f"the server's disk is full ({_mb(s.free_bytes)} free); new sessions are refused until "
+                    f"space is freed")
+        return (f"the server's disk is nearly full ({_mb(s.free_bytes)} free, "
+                f"{_mb(s.reserve_bytes)} kept in reserve); new sessions are refused until space is freed")
+
+    def check(self) -> None:
+        """Raise StorageFull when a new session must be refused."""
+        why = self.refusal()
+        if why is not None:
+            raise StorageFull(why)
+
+    # -- the emergency reserve -------------------------------------------------------------------
+    def exhaust(self, exc: BaseException | None = None) -> None:
+        """A write failed for lack of space: stop recording everywhere and free the reserve file."""
+        with self._lock:
+            first, self._exhausted = not self._exhausted, True
+        freed = self.release()
+        if first:
+            log.error("storage_full", data_dir=str(self.data_dir), freed_reserve_bytes=freed,
+                      error=repr(exc) if exc is not None else None)
+
+    def release(self) -> int:
+        """Delete the reserve file; returns the bytes it held."""
+        try:
+            size = self.reserve_path.stat().st_size
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def refill(self) -> bool:
+        """(Re)create the reserve file when there is room for it beyond the reserve."""
+        if self.emergency_bytes <= 0:
+            return True
+        try:
+            if self.reserve_path.stat().st_size >= self.emergency_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        if self._free() < self.reserve_bytes + self.emergency_bytes:
+            return False
+        try:
+            with open(self.reserve_path, "wb") as fh:
+                # real blocks, not a sparse file: fallocate where the filesystem has it
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, self.emergency_bytes)
+                except OSError as e:
+                    if e.errno in _FULL_ERRNOS:
+                        raise
+                    fh.write(b"\0" * self.emergency_bytes)
+        except OSError as e:
+            self.release()
+            log.warning("storage_reserve_not_created", error=repr(e))
+            return False
+        return True
+
+    def _free(self) -> int:
+        st = os.statvfs(self.data_dir)
+        return st.f_bavail * st.f_frsize
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
