@@ -82,18 +82,21 @@ class StorageGuard:
         self.reserve_path = self.data_dir / RESERVE_FILE
         self._lock = threading.Lock()
         self._exhausted = False
+        self._has_reserve = False
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> DiskState:
-        """Free space now; clears `exhausted` (and refills the reserve file) once it is back."""
+        """Free space now. Once there is room again, clears `exhausted` and recreates the
+        emergency reserve file (spent on a full disk, or at a start on one)."""
         st = os.statvfs(self.data_dir)
         free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        if self._exhausted and free >= self.reserve_bytes + self.emergency_bytes:
-            with self._lock:
-                self._exhausted = False
-            log.info("storage_recovered", free_bytes=free)
-            self.refill()
-            free = self._free()
+        if (self._exhausted or not self._has_reserve) and free >= self.reserve_bytes + self.emergency_bytes:
+            if self._exhausted:
+                with self._lock:
+                    self._exhausted = False
+                log.info("storage_recovered", free_bytes=free)
+            if self.refill():
+                free = self._free()
         return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
 
     @property
@@ -129,6 +132,7 @@ class StorageGuard:
 
     def release(self) -> int:
         """Delete the reserve file; returns the bytes it held."""
+        self._has_reserve = False
         try:
             size = self.reserve_path.stat().st_size
             self.reserve_path.unlink()
@@ -139,9 +143,11 @@ class StorageGuard:
     def refill(self) -> bool:
         """(Re)create the reserve file when there is room for it beyond the reserve."""
         if self.emergency_bytes <= 0:
+            self._has_reserve = True
             return True
         try:
             if self.reserve_path.stat().st_size >= self.emergency_bytes:
+                self._has_reserve = True
                 return True
         except FileNotFoundError:
             pass
@@ -160,6 +166,7 @@ class StorageGuard:
             self.release()
             log.warning("storage_reserve_not_created", error=repr(e))
             return False
+        self._has_reserve = True
         return True
 
     def _free(self) -> int:

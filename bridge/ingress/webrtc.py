@@ -542,6 +542,9 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
     # checked first without spending a single-use token: a refused offer does not burn it
     principal = await require_principal(request, allow_temp=True, spend_temp=False)
     try:
+        refusal = svc.storage.refusal()  # before the SDP work and before a single-use token is spent
+        if refusal is not None:
+            raise SessionError(ErrorCode.STORAGE_FULL, refusal)
         try:
             body = json.loads(await request.text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
