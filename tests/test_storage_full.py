@@ -274,3 +274,25 @@ async def test_restart_on_a_full_disk_recovers_and_refuses_sessions(tmpfs):
                 assert r.status == 204
             status, _, health = await _get(http, again.url + "/healthz")
             assert status == 200 and health["status"] == "ok"
+
+
+async def test_sip_invites_get_503_while_the_disk_is_low(tmpfs, pool, tmp_path):
+    from tests.test_sip_service import CALLER, peer, speech_wav, wait_job_done
+
+    data = tmpfs(16 * MiB)
+    srv = await start_server(data, pool, **{"sip.enabled": "true", "server.sip_port": "0", "sip.workers": "1",
+                                            "limits.min_free_disk_mb": "3"})
+    try:
+        filler = fill(data, leave=2 * MiB)  # under the 3 MiB reserve
+        wav = speech_wav(tmp_path / "c.wav", CALLER, tail=0.5)
+        uri = f"sip:support@127.0.0.1:{srv.service.sip.port}"
+        rc, info, err = await peer("call", uri, "--play", str(wav))
+        assert info is not None and info["sip_code"] == 503, (rc, info, err[-2000:])
+        assert srv.service.store.list_jobs()[0] == [] and list((data / "recordings").iterdir()) == []
+        filler.unlink()  # space is back: calls are answered again
+        rc, info, err = await peer("call", uri, "--play", str(wav))
+        assert rc == 0 and info["sip_code"] == 200, err[-2000:]
+        (job,) = await wait_job_done(srv.service.store)
+        assert job.source.value == "sip"
+    finally:
+        await srv.stop()
