@@ -11,9 +11,10 @@ from bridge.metrics import CONTENT_TYPE
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the model is loaded (and, when SIP is on, listening); 503 while starting, draining,
-    or `degraded`: up, but refusing new sessions because the data directory is (nearly) full, so a
-    balancer sends sessions elsewhere while REST (e.g. DELETE to free space) keeps working."""
+    """200 once the model is loaded (and, when SIP is on, listening), as the protocol says; 503
+    while starting or draining. `degraded` (still 200: the service is up and its REST API works,
+    e.g. DELETE to free space) means new sessions are refused because the data directory is
+    (nearly) full; `disk` says how full."""
     from bridge.service import SERVICE
 
     svc = request.app[SERVICE]
@@ -28,7 +29,7 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False}}
-    return web.json_response(body, status=200 if status == "ok" else 503)
+    return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
