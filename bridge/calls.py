@@ -253,18 +253,27 @@ class Call:
             ev = await self._events.get()
             if ev is None:
                 return
+            if isinstance(ev, Dtmf):
+                self.dtmf.append(ev.to_dict())
             try:
-                if isinstance(ev, Final):
-                    await asyncio.to_thread(self.store.add_segment, self.job.id, ev.to_dict())
-                    self.finals += 1
-                elif isinstance(ev, Dtmf):
-                    self.dtmf.append(ev.to_dict())
-                    await self.annotate(dtmf=list(self.dtmf))
+                await self._save_event(ev)
             except Exception as e:  # noqa: BLE001 - storage trouble must not kill live captions
-                self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
-                if is_storage_full(e):
+                if not is_storage_full(e):
+                    self.log.error("event_not_saved", type=ev.type.value, error=repr(e))
+                else:  # the disk is full: end the call, and save this one in the room that frees
                     self._storage_failed(e)
+                    try:
+                        await self._save_event(ev)
+                    except Exception as e2:  # noqa: BLE001
+                        self.log.error("event_not_saved", type=ev.type.value, error=repr(e2))
             self._publish(ev)
+
+    async def _save_event(self, ev: Any) -> None:
+        if isinstance(ev, Final):
+            await asyncio.to_thread(self.store.add_segment, self.job.id, ev.to_dict())
+            self.finals += 1
+        elif isinstance(ev, Dtmf):
+            await self.annotate(dtmf=list(self.dtmf))
 
     async def _tick_usage(self) -> None:
         while True:
