@@ -62,8 +62,8 @@ class Service:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
-        if self.storage.state().low:  # recovery below must be able to write: spend the emergency reserve
-            self.storage.release()
+        if self.storage.state().free_bytes < self.storage.emergency_bytes:
+            self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
         db = self.data_dir / DB_NAME
         self.store = SqliteJobStore(db)
         self.recovered_jobs = self.store.fail_live_jobs("the server stopped while this job was live")

@@ -80,7 +80,8 @@ class StorageGuard:
         self.reserve_bytes = int(reserve_bytes)
         self.emergency_bytes = int(emergency_bytes)
         self.reserve_path = self.data_dir / RESERVE_FILE
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the exhausted flag
+        self._file_lock = threading.RLock()  # the reserve file (the event loop and /healthz's thread)
         self._exhausted = False
         self._has_reserve = False
 
@@ -132,42 +133,44 @@ class StorageGuard:
 
     def release(self) -> int:
         """Delete the reserve file; returns the bytes it held."""
-        self._has_reserve = False
-        try:
-            size = self.reserve_path.stat().st_size
-            self.reserve_path.unlink()
-        except FileNotFoundError:
-            return 0
-        return size
+        with self._file_lock:
+            self._has_reserve = False
+            try:
+                size = self.reserve_path.stat().st_size
+                self.reserve_path.unlink()
+            except FileNotFoundError:
+                return 0
+            return size
 
     def refill(self) -> bool:
         """(Re)create the reserve file when there is room for it beyond the reserve."""
-        if self.emergency_bytes <= 0:
-            self._has_reserve = True
-            return True
-        try:
-            if self.reserve_path.stat().st_size >= self.emergency_bytes:
+        with self._file_lock:
+            if self.emergency_bytes <= 0:
                 self._has_reserve = True
                 return True
-        except FileNotFoundError:
-            pass
-        if self._free() < self.reserve_bytes + self.emergency_bytes:
-            return False
-        try:
-            with open(self.reserve_path, "wb") as fh:
-                # real blocks, not a sparse file: fallocate where the filesystem has it
-                try:
-                    os.posix_fallocate(fh.fileno(), 0, self.emergency_bytes)
-                except OSError as e:
-                    if e.errno in _FULL_ERRNOS:
-                        raise
-                    fh.write(b"\0" * self.emergency_bytes)
-        except OSError as e:
-            self.release()
-            log.warning("storage_reserve_not_created", error=repr(e))
-            return False
-        self._has_reserve = True
-        return True
+            try:
+                if self.reserve_path.stat().st_size >= self.emergency_bytes:
+                    self._has_reserve = True
+                    return True
+            except FileNotFoundError:
+                pass
+            if self._free() < self.reserve_bytes + self.emergency_bytes:
+                return False
+            try:
+                with open(self.reserve_path, "wb") as fh:
+                    # real blocks, not a sparse file: fallocate where the filesystem has it
+                    try:
+                        os.posix_fallocate(fh.fileno(), 0, self.emergency_bytes)
+                    except OSError as e:
+                        if e.errno in _FULL_ERRNOS:
+                            raise
+                        fh.write(b"\0" * self.emergency_bytes)
+            except OSError as e:
+                self.release()
+                log.warning("storage_reserve_not_created", error=repr(e))
+                return False
+            self._has_reserve = True
+            return True
 
     def _free(self) -> int:
         st = os.statvfs(self.data_dir)

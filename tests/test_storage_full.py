@@ -296,3 +296,29 @@ async def test_sip_invites_get_503_while_the_disk_is_low(tmpfs, pool, tmp_path):
         assert job.source.value == "sip"
     finally:
         await srv.stop()
+
+
+async def test_sip_call_when_the_disk_fills_is_hung_up_and_failed(tmpfs, pool, tmp_path):
+    from tests.test_sip_service import CALLER, peer, speech_wav
+
+    data = tmpfs(16 * MiB)
+    srv = await start_server(data, pool, **{"sip.enabled": "true", "server.sip_port": "0", "sip.workers": "1",
+                                            "limits.min_free_disk_mb": "1"})
+    try:
+        wav = speech_wav(tmp_path / "c.wav", CALLER, tail=20.0)
+        call = asyncio.ensure_future(peer("call", f"sip:support@127.0.0.1:{srv.service.sip.port}", "--play", str(wav)))
+        while not srv.service.calls.calls or next(iter(srv.service.calls.calls.values())).finals == 0:
+            assert not call.done(), call.result()
+            await asyncio.sleep(0.1)  # the sentence has been transcribed and saved
+        live = next(iter(srv.service.calls.calls.values()))
+        fill(data)  # another process takes the rest of the disk while the call goes on
+        rc, info, err = await asyncio.wait_for(call, 60)
+        assert info["sip_code"] == 200 and info["hangup_by"] == "remote", err[-2000:]
+        assert info["sent_seconds"] < 15  # hung up by the service, long before the caller's audio ran out
+        job = srv.service.store.get_job(live.id)
+        assert job.status.value == "failed" and job.error["code"] == "STORAGE_FULL"
+        assert job.metadata["ended_by"] == "storage_full"
+        assert [g.text for g in srv.service.store.segments(job.id)], "the final before the disk filled is kept"
+        assert wav_matches_file(job.audio_path) >= job.duration_s > 0
+    finally:
+        await srv.stop()
