@@ -8,18 +8,28 @@ import time
 
 import aiohttp
 import numpy as np
+import pytest
 
 from bench import corpus
 from bridge.client.stream import StreamClient
+from bridge.webhooks.model import ALL_EVENT_TYPES
 from bridge.webhooks.signing import sign, verify
 from tests.serving import API_KEY, OTHER_KEY, start_server
 from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOOPBACK, HangingReceiver, Receiver
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 SECRET = "test-secret-0123456789abcdef"
-FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2"}
+FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2", **ALLOW_LOOPBACK}
+
+
+@pytest.fixture
+async def server(tmp_path, pool):
+    """The real service, letting key-owned endpoints reach the receivers on 127.0.0.1."""
+    srv = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK)
+    yield srv
+    await srv.stop()
 
 
 async def create_hook(http: aiohttp.ClientSession, server, url: str, headers=AUTH, **spec) -> dict:
@@ -336,3 +346,77 @@ async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path
         ("final", texts[0], "caller"), ("final", texts[1], "agent"), ("call_ended", None, None)]
     assert all(e["recovered"] is True for e in sent) and sent[-1]["status"] == "failed"
     assert sent[-1]["error"]["code"] == "INTERNAL"
+
+
+async def until(pred, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `pred()` (sync or async) until it holds; for state the service exposes no event for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def socket_arrivals(server, key: str, job_done: asyncio.Event, seen: dict) -> None:
+    """Every event of `key`'s jobs on the dashboard socket: (job_id, seq) -> arrival time."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://127.0.0.1:{server.port}/v1/events",
+                                   headers={"Authorization": f"Bearer {key}"}) as ws:
+            while not job_done.is_set():
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), 0.2)
+                except TimeoutError:
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    return
+                ev = json.loads(msg.data)
+                seen.setdefault((ev["job_id"], ev["seq"]), time.monotonic())
+
+
+async def test_one_keys_hanging_endpoints_do_not_delay_another_keys(tmp_path, pool):
+    """Key A has 20 endpoints that accept the connection and never answer; while A's attempts
+    hang (the timeout is longer than the test), key B's endpoint gets each of B's events within
+    a second of the same event on B's dashboard socket. Before per-owner caps, A's chains took
+    every slot of the pool and B waited for A's timeouts."""
+    hanging = [await HangingReceiver().start() for _ in range(20)]
+    rx = await Receiver().start()
+    srv = await start_server(tmp_path / "data", pool, **{**ALLOW_LOOPBACK, "webhooks.timeout_s": "120"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            for h in hanging:
+                await create_hook(http, srv, h.url, secret=SECRET)
+            hook_b = await create_hook(http, srv, rx.url, headers=OTHER, secret=SECRET, events=list(ALL_EVENT_TYPES))
+            job_a, _ = await stream_speech(srv, EN[:1])
+            cfg = srv.service.config.webhooks
+            # A's attempts are out and hanging: as many as A may hold
+            await until(lambda: sum(h.connections for h in hanging) >= cfg.owner_concurrency, what="A's attempts")
+            seen: dict[tuple[str, int], float] = {}
+            done = asyncio.Event()
+            sub = asyncio.create_task(socket_arrivals(srv, OTHER_KEY, done, seen))
+            await until(lambda: srv.service.bus._subs.get(None), what="B's socket subscribed")
+            job_b, _ = await stream_speech(srv, EN[1:], key=OTHER_KEY)
+            await rx.wait_for(lambda r: r.ended(job_b))
+            done.set()
+            await sub
+            async with http.get(f"{srv.url}/v1/webhooks/{hook_b['id']}/deliveries?job_id={job_b}",
+                                headers=OTHER) as r:
+                log_b = (await r.json())["deliveries"]
+        held = sum(h.connections for h in hanging)
+        in_flight = srv.service.webhooks.stats()["in_flight"]
+    finally:
+        await srv.stop()
+        await rx.stop()
+        for h in hanging:
+            await h.stop()
+    hooked = {(h.event["job_id"], h.event["seq"]): h.at for h in rx.hits}
+    mine = {k: t for k, t in seen.items() if k[0] == job_b}
+    assert mine and set(mine) == set(hooked), (sorted(mine), sorted(hooked))
+    delays = {k: hooked[k] - t for k, t in mine.items()}
+    assert max(delays.values()) < 1.0, sorted(delays.values())
+    assert all(d["status"] == "delivered" and d["attempts"] == 1 for d in log_b)
+    # A's attempts were hanging the whole time, and held no more than A's share of the pool
+    assert held == cfg.owner_concurrency and in_flight == cfg.owner_concurrency, (held, in_flight)

@@ -167,7 +167,7 @@ def cmd_webhooks_test(args: argparse.Namespace) -> int:
         elif r["delivered"]:
             print(f"delivered ping {r['event_id']} to {args.webhook_id}: HTTP {r['http_status']} in {r['ms']} ms")
         else:
-            error = " ".join(str(r["error"]).split())  # the receiver's text, kept to one line
+            error = " ".join(str(r["error"]).split())  # "HTTP 500", "unreachable": kept to one line
             print(f"{PROG}: error: ping to {args.webhook_id} not delivered: {error} ({r['ms']} ms)", file=sys.stderr)
         return 0 if r["delivered"] else 1
 
