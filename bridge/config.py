@@ -142,10 +142,10 @@ class WebhooksConfig:
     retry_period_s: float = _f(86400.0, "keep retrying a delivery this long, then mark it dead", gt=0)
     backoff_initial_s: float = _f(1.0, "wait after the first failed attempt; doubles each time, with jitter", gt=0)
     backoff_max_s: float = _f(600.0, "longest wait between attempts", gt=0)
-    concurrency: int = _f(16, "delivery attempts in flight at once (one per job and endpoint)", min=1, max=1000)
-    owner_concurrency: int = _f(4, "attempts one key's endpoints may have in flight (the rest of the pool stays "
+    concurrency: int = _f(32, "delivery attempts in flight at once (one per job and endpoint)", min=1, max=1000)
+    owner_concurrency: int = _f(8, "attempts one key's endpoints may have in flight (the rest of the pool stays "
                                    "free for other keys)", min=1, max=1000)
-    endpoint_concurrency: int = _f(2, "attempts one endpoint may have in flight (different jobs)", min=1, max=1000)
+    endpoint_concurrency: int = _f(4, "attempts one endpoint may have in flight (different jobs)", min=1, max=1000)
     breaker_failures: int = _f(5, "consecutive failed attempts (timeouts included) that open an endpoint's "
                                   "circuit breaker", min=1)
     breaker_cooldown_s: float = _f(30.0, "an open breaker waits this long, then lets one probe attempt through", gt=0)
