@@ -344,7 +344,8 @@ async def bench(args: argparse.Namespace) -> None:
                f"outage; duplicates: {rx.duplicates + backlog['duplicates']}.",
                f"One chain per (job, endpoint) is delivered one event at a time; at most "
                f"webhooks.endpoint_concurrency = {per_endpoint} chains of one endpoint in flight (of "
-               f"webhooks.concurrency = {concurrency}). A backlog of few jobs drains at one round trip per event per job.",
+               f"webhooks.concurrency = {concurrency}). A backlog of few jobs drains at one round trip per event "
+               "per job.",
                f"Live phase recognition: socket WER {100 * live['res']['wer']:.1f} %, final latency p50 "
                f"{live['res']['lat50']:.2f} s (the webhook lag above comes on top of it)."],
     )

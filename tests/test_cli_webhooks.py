@@ -71,6 +71,7 @@ async def test_cli_lifecycle_create_test_update_deliveries_redeliver_delete(tmp_
         secret = re.search(r"\bwhsec_\S+", out).group(0)
         assert out.count(secret) == 1 and "not shown again" in out
         assert "events       call_started, final" in out and "sources      stream, webrtc" in out
+        assert "circuit      closed" in out
 
         assert await run_cli("webhooks", "list", *conn) == 0
         out = output.out

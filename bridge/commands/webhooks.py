@@ -40,6 +40,13 @@ def format_webhook(hook: dict[str, Any]) -> str:
              f"secret       {hook.get('secret') or hook.get('secret_hint') or '-'}",
              f"created      {_when(hook.get('created_at'))}",
              f"updated      {_when(hook.get('updated_at'))}"]
+    circuit = hook.get("circuit")
+    if circuit:  # the endpoint's breaker (docs/webhooks.md, "Fairness")
+        state = circuit["state"].replace("_", "-")
+        if circuit["consecutive_failures"]:
+            state += f" ({circuit['consecutive_failures']} failed attempts in a row"
+            state += f"; next probe {_when(circuit['retry_at'])})" if circuit.get("retry_at") else ")"
+        lines.append(f"circuit      {state}")
     if hook.get("secret"):
         lines.append(SECRET_NOTE)
     return "\n".join(lines) + "\n"

@@ -454,7 +454,13 @@ class WebhookDispatcher:
         else:
             status, result = DeliveryStatus.PENDING, "failed"
             next_at = now + self._backoff(d.attempts + 1, retry_after)
-        self._breaker(ep.id).record(error is None, now)
+        breaker = self._breaker(ep.id)
+        was = breaker.state
+        breaker.record(error is None, now)
+        if breaker.state is not was:  # record() only opens or closes
+            log.warning("webhook_breaker_" + breaker.state.value, job_id=d.job_id, webhook_id=ep.id, owner=ep.owner,
+                        consecutive_failures=breaker.consecutive_failures, error=error,
+                        retry_in_s=round(breaker.retry_at - now, 1) if breaker.state is BreakerState.OPEN else None)
         await asyncio.to_thread(self.store.record_attempt, d.id, status=status, http_status=http_status,
                                 error=error, next_attempt_at=next_at, at=now)
         if self.metrics is not None:
