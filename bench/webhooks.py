@@ -3,6 +3,7 @@ outbox drains a backlog.
 
 Run: python -m bench.webhooks [--calls 8] [--seconds 20] [--jobs 50] [--events 200]
      python -m bench.webhooks --only fairness [--hanging 20]
+     python -m bench.webhooks --only capacity [--jobs 50] [--events 200] [--endpoint-concurrency N]
 
 The service runs in this process on embedded defaults (SQLite, the default model), HTTP on a
 free loopback port. A webhook receiver (aiohttp) and a `/v1/events` subscriber socket run in
@@ -358,6 +359,28 @@ async def fairness_only(args: argparse.Namespace) -> None:
     emit_fairness(rows, settings, args.hanging)
 
 
+async def capacity_only(args: argparse.Namespace) -> None:
+    rx = Receiver()
+    with tempfile.TemporaryDirectory(prefix="cb-whcap-") as tmp:
+        hook_url, runner = await rx.start()
+        try:
+            extra = {"webhooks.endpoint_concurrency": str(args.endpoint_concurrency),
+                     "webhooks.owner_concurrency": str(args.endpoint_concurrency)} if args.endpoint_concurrency else {}
+            async with running_service(Path(tmp) / "data", **{"sip.enabled": "false",
+                                                               "webhooks.allow_private_targets": "true", **extra}) as (svc, url):
+                cap = await capacity_phase(svc, url, hook_url, rx, args.jobs, args.events)
+                cfg = svc.config.webhooks
+        finally:
+            await runner.cleanup()
+    emit_table("webhooks_capacity", f"Webhook pipeline capacity, {os.cpu_count()} cores, receiver on loopback",
+               ["phase", "events delivered", "events/s"],
+               [[f"capacity: {args.jobs} jobs x {args.events} finals on the bus", f"{cap['events']}",
+                 f"{cap['rate']:.0f} ({cap['seconds']:.1f} s; outbox written in {cap['write_s']:.2f} s)"]],
+               notes=[f"One endpoint; webhooks.endpoint_concurrency = {cfg.endpoint_concurrency} chains in flight "
+                      f"(webhooks.concurrency = {cfg.concurrency}). Order violations {rx.out_of_order}, "
+                      f"duplicates {rx.duplicates}."])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=8)
@@ -365,9 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=50)
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--hanging", type=int, default=20, help="tenant A's hanging endpoints (fairness phase)")
-    ap.add_argument("--only", choices=["fairness"], help="run this phase alone (no model needed)")
+    ap.add_argument("--endpoint-concurrency", type=int, default=0,
+                    help="capacity phase alone: this per-endpoint (and per-key) cap instead of the configured one")
+    ap.add_argument("--only", choices=["fairness", "capacity"], help="run this phase alone (no model needed)")
     args = ap.parse_args(argv)
-    asyncio.run(fairness_only(args) if args.only == "fairness" else bench(args))
+    asyncio.run({"fairness": fairness_only, "capacity": capacity_only}.get(args.only, bench)(args))
 
 
 if __name__ == "__main__":
