@@ -22,7 +22,7 @@ INTERNAL = ["http://127.0.0.1:8080/hook", "http://127.1/hook", "http://10.1.2.3/
             "http://172.16.0.1/hook", "http://169.254.169.254/latest/meta-data/", "http://100.64.0.1/hook",
             "http://0.0.0.0:8080/hook", "http://224.0.0.1/hook", "http://[::1]:8080/hook",
             "http://[::ffff:127.0.0.1]/hook", "http://[::ffff:a9fe:a9fe]/hook", "http://[fe80::1]/hook",
-            "http://[fc00::1]/hook", "http://[::]/hook", "http://[2002:7f00:1::]/hook",
+            "http://[fc00::1]/hook", "http://[::]/hook", "http://[2002:7f00:1::]/hook", "http://[64:ff9b::7f00:1]/hook",
             "http://localhost:8080/hook"]
 PUBLIC = "http://93.184.216.34/hook"  # only registered, never connected to: the test machine is offline
 
@@ -222,3 +222,15 @@ async def test_ping_reports_the_status_only(tmp_path, pool):
     assert all(set(a) == {"delivered", "event_id", "http_status", "error", "ms"} for a in answers.values())
     assert len(rx.requests) == 1 and hanging.connections == 1  # each was really tried
     assert API_KEY not in json.dumps(answers)
+
+
+def test_allowed_networks_setting_is_checked():
+    from bridge.config import ConfigError, load_config
+
+    cfg = load_config({"webhooks.allowed_target_networks": "10.20.0.0/16, fd00::/8"}, env={})
+    assert cfg.webhooks.allowed_target_networks == ("10.20.0.0/16", "fd00::/8")
+    policy = TargetPolicy.from_config(False, cfg.webhooks.allowed_target_networks)
+    assert policy.refusal("10.20.3.4") is None and policy.refusal("10.21.0.1") == "10.21.0.1 is a private address"
+    assert policy.refusal("::ffff:10.20.3.4") is None  # the mapped form of an allowed address
+    with pytest.raises(ConfigError, match=r"webhooks.allowed_target_networks .*'10.0.0.0/33'.*environment"):
+        load_config(env={"CALLBRIDGE_WEBHOOKS_ALLOWED_TARGET_NETWORKS": "10.0.0.0/33"})

@@ -35,12 +35,10 @@ class TargetBlocked(OSError):
 
 
 def _embedded_v4(ip: IpAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo client, NAT64), if any:
-    `::ffff:127.0.0.1` reaches loopback as surely as `127.0.0.1`."""
+    """The IPv4 address an IPv6 one carries through a translator or tunnel (6to4, Teredo
+    client, NAT64), if any: `64:ff9b::7f00:1` reaches loopback as surely as `127.0.0.1`."""
     if not isinstance(ip, ipaddress.IPv6Address):
         return None
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
     if ip.teredo is not None:
@@ -84,7 +82,9 @@ class TargetPolicy:
             return f"{address!r} is not an IP address"
         if self.allow_private:
             return None
-        candidates = [ip] + [v4 for v4 in [_embedded_v4(ip)] if v4 is not None]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:a.b.c.d is a.b.c.d on the wire
+        candidates = [ip] + [v4 for v4 in [_embedded_v4(ip)] if v4 is not None]  # 6to4, Teredo, NAT64: both
         for cand in candidates:
             if any(cand in net for net in self.allowed if cand.version == net.version):
                 continue
