@@ -366,8 +366,8 @@ async def capacity_only(args: argparse.Namespace) -> None:
         try:
             extra = {"webhooks.endpoint_concurrency": str(args.endpoint_concurrency),
                      "webhooks.owner_concurrency": str(args.endpoint_concurrency)} if args.endpoint_concurrency else {}
-            async with running_service(Path(tmp) / "data", **{"sip.enabled": "false",
-                                                               "webhooks.allow_private_targets": "true", **extra}) as (svc, url):
+            settings = {"sip.enabled": "false", "webhooks.allow_private_targets": "true", **extra}
+            async with running_service(Path(tmp) / "data", **settings) as (svc, url):
                 cap = await capacity_phase(svc, url, hook_url, rx, args.jobs, args.events)
                 cfg = svc.config.webhooks
         finally:
