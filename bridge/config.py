@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import json
 import os
 import sys
@@ -143,7 +144,17 @@ class WebhooksConfig:
     retry_period_s: float = _f(86400.0, "keep retrying a delivery this long, then mark it dead", gt=0)
     backoff_initial_s: float = _f(1.0, "wait after the first failed attempt; doubles each time, with jitter", gt=0)
     backoff_max_s: float = _f(600.0, "longest wait between attempts", gt=0)
-    concurrency: int = _f(16, "delivery attempts in flight at once (one per job and endpoint)", min=1, max=1000)
+    concurrency: int = _f(32, "delivery attempts in flight at once (one per job and endpoint)", min=1, max=1000)
+    owner_concurrency: int = _f(8, "attempts one key's endpoints may have in flight (the rest of the pool stays "
+                                   "free for other keys)", min=1, max=1000)
+    endpoint_concurrency: int = _f(4, "attempts one endpoint may have in flight (different jobs)", min=1, max=1000)
+    breaker_failures: int = _f(5, "consecutive failed attempts (timeouts included) that open an endpoint's "
+                                  "circuit breaker", min=1)
+    breaker_cooldown_s: float = _f(30.0, "an open breaker waits this long, then lets one probe attempt through", gt=0)
+    allow_private_targets: bool = _f(False, "let key-owned endpoints reach loopback, private, link-local and other "
+                                            "non-public addresses (operator endpoints always may)")
+    allowed_target_networks: tuple[str, ...] = _f((), "CIDRs key-owned endpoints may reach although not public, "
+                                                      "e.g. 10.20.0.0/16", cidrs=True)
     max_endpoints_per_key: int = _f(20, "webhook endpoints one API key may register", min=0)
     retention_s: float = _f(604800.0, "delivered and dead deliveries are kept this long", gt=0)
     endpoints: tuple[dict, ...] = _f((), "operator endpoints: [[webhooks.endpoints]] tables with name, url, "
@@ -293,6 +304,12 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad(f"must be a list of strings, got {value!r}")
         value = tuple(value)
+        if meta.get("cidrs"):
+            for v in value:
+                try:
+                    ipaddress.ip_network(v, strict=False)
+                except ValueError:
+                    raise bad(f"must be a list of CIDR networks (10.0.0.0/8, fd00::/8), got {v!r}") from None
     elif kind is dict:
         return _endpoint_tables(value, bad)
 

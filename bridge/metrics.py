@@ -61,6 +61,8 @@ class _LiveCollector:
                                     "Jobs x endpoints with deliveries waiting (as of the worker's last look)",
                                     value=wh["pending_chains"])
             yield GaugeMetricFamily("callbridge_webhook_in_flight", "Webhook POSTs in flight", value=wh["in_flight"])
+            yield GaugeMetricFamily("callbridge_webhook_breakers_open", "Webhook endpoints whose circuit breaker is "
+                                    "open or probing", value=wh["breakers_open"])
         if svc.sip is not None:
             st = svc.sip.stats()
             alive = GaugeMetricFamily("callbridge_sip_workers_alive", "SIP worker processes connected")

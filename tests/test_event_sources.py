@@ -15,7 +15,7 @@ from tests.serving import API_KEY, start_server
 from tests.test_events_api import read_until_ended
 from tests.test_sip_service import CALLER, peer, speech_wav
 from tests.test_webrtc import EN, sil, speech, talk
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOOPBACK, Receiver
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SECRET = "test-secret-0123456789abcdef"
@@ -50,7 +50,8 @@ def _check(job_id: str, source: str, socket_events: list[dict], rx: Receiver, st
 
 async def test_sip_call_events_reach_sockets_and_webhooks(tmp_path, pool):
     srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
-                                                         "sip.workers": "1", "sip.owner_key": key_id_for(API_KEY)})
+                                                         "sip.workers": "1", "sip.owner_key": key_id_for(API_KEY),
+                                                         **ALLOW_LOOPBACK})
     rx = await Receiver().start()
     http, ws = await _watch(srv, "sip", rx)
     try:
@@ -74,7 +75,8 @@ async def test_sip_call_events_reach_sockets_and_webhooks(tmp_path, pool):
     assert corpus.wer(CALLER, text) < 0.2, text
 
 
-async def test_webrtc_call_events_reach_sockets_and_webhooks(server):
+async def test_webrtc_call_events_reach_sockets_and_webhooks(tmp_path, pool):
+    server = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK)
     rx = await Receiver().start()
     http, ws = await _watch(server, "webrtc", rx)
     try:
@@ -89,6 +91,7 @@ async def test_webrtc_call_events_reach_sockets_and_webhooks(server):
         await ws.close()
         await http.close()
         await rx.stop()
+        await server.stop()
     # the browser's own channel carried the same finals
     assert [e["text"] for e in events if e["type"] == "final"] == [e["text"] for e in hooked if e["type"] == "final"]
     assert corpus.wer(EN[0], " ".join(e["text"] for e in hooked if e["type"] == "final")) < 0.15

@@ -5,21 +5,34 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 
 import aiohttp
 import numpy as np
+import pytest
 
 from bench import corpus
+from bridge.auth import key_id_for
 from bridge.client.stream import StreamClient
+from bridge.events.types import Final
+from bridge.webhooks.model import ALL_EVENT_TYPES
 from bridge.webhooks.signing import sign, verify
 from tests.serving import API_KEY, OTHER_KEY, start_server
 from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
-from tests.webhook_receiver import Receiver
+from tests.webhook_receiver import ALLOW_LOOPBACK, HangingReceiver, Receiver
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
 SECRET = "test-secret-0123456789abcdef"
-FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2"}
+FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2", **ALLOW_LOOPBACK}
+
+
+@pytest.fixture
+async def server(tmp_path, pool):
+    """The real service, letting key-owned endpoints reach the receivers on 127.0.0.1."""
+    srv = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK)
+    yield srv
+    await srv.stop()
 
 
 async def create_hook(http: aiohttp.ClientSession, server, url: str, headers=AUTH, **spec) -> dict:
@@ -122,10 +135,17 @@ async def test_receiver_down_30s_and_service_restart_loses_nothing(tmp_path, poo
         assert pending and any(d["attempts"] >= 1 and "Connect" in (d["last_error"] or "") for d in pending)
     finally:
         await srv.stop()
+    restarted = time.time()
     srv = await start_server(data, pool, **FAST_RETRY)
     try:
         await asyncio.sleep(max(0.0, 30.0 - (time.monotonic() - down_at)))
-        assert rx.hits == []
+        # still down: the restarted service kept trying (refused), and nothing counts as delivered
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/webhooks/{hook['id']}/deliveries", headers=AUTH) as r:
+                down_log = (await r.json())["deliveries"]
+        assert down_log and all(d["status"] == "pending" and d["delivered_at"] is None for d in down_log)
+        retried = [d for d in down_log if (d["last_attempt_at"] or 0) > restarted]
+        assert retried and all("Connect" in d["last_error"] for d in retried), down_log
         await rx.start()
         await rx.wait_for(lambda r: r.ended(job_id), timeout=60)
         async with aiohttp.ClientSession() as http:
@@ -163,7 +183,10 @@ async def test_dead_after_retry_period_then_redeliver_in_order(tmp_path, pool):
                 await asyncio.sleep(0.3)
             rows = await dead()
             assert all(d["last_status"] == 500 and "receiver says no" in d["last_error"] for d in rows)
-            assert rx.hits == []
+            # the receiver saw every one of those attempts, answered each with a 500, and none else
+            tried = Counter(h.headers["X-Event-Id"] for h in rx.requests)
+            assert tried == {d["event_id"]: d["attempts"] for d in rows} and all(d["attempts"] >= 1 for d in rows)
+            assert {h.status for h in rx.requests} == {500} and rx.hits == []
             rx.status = 200
             async with http.post(f"{base}/deliveries/{rows[-1]['id']}/redeliver", headers=AUTH) as r:
                 assert r.status == 202 and (await r.json()) == {"redelivered": 1}
@@ -336,3 +359,190 @@ async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path
         ("final", texts[0], "caller"), ("final", texts[1], "agent"), ("call_ended", None, None)]
     assert all(e["recovered"] is True for e in sent) and sent[-1]["status"] == "failed"
     assert sent[-1]["error"]["code"] == "INTERNAL"
+
+
+async def until(pred, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `pred()` (sync or async) until it holds; for state the service exposes no event for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def socket_arrivals(server, key: str, job_done: asyncio.Event, seen: dict) -> None:
+    """Every event of `key`'s jobs on the dashboard socket: (job_id, seq) -> arrival time."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"ws://127.0.0.1:{server.port}/v1/events",
+                                   headers={"Authorization": f"Bearer {key}"}) as ws:
+            while not job_done.is_set():
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), 0.2)
+                except TimeoutError:
+                    continue
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    return
+                ev = json.loads(msg.data)
+                seen.setdefault((ev["job_id"], ev["seq"]), time.monotonic())
+
+
+async def test_one_keys_hanging_endpoints_do_not_delay_another_keys(tmp_path, pool):
+    """Key A has 20 endpoints that accept the connection and never answer; while A's attempts
+    hang (the timeout is longer than the test), key B's endpoint gets each of B's events within
+    a second of the same event on B's dashboard socket. Before per-owner caps, A's chains took
+    every slot of the pool and B waited for A's timeouts."""
+    hanging = [await HangingReceiver().start() for _ in range(20)]
+    rx = await Receiver().start()
+    srv = await start_server(tmp_path / "data", pool, **{**ALLOW_LOOPBACK, "webhooks.timeout_s": "120"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            for h in hanging:
+                await create_hook(http, srv, h.url, secret=SECRET)
+            hook_b = await create_hook(http, srv, rx.url, headers=OTHER, secret=SECRET, events=list(ALL_EVENT_TYPES))
+            job_a, _ = await stream_speech(srv, EN[:1])
+            cfg = srv.service.config.webhooks
+            # A's attempts are out and hanging: as many as A may hold
+            await until(lambda: sum(h.connections for h in hanging) >= cfg.owner_concurrency, what="A's attempts")
+            seen: dict[tuple[str, int], float] = {}
+            done = asyncio.Event()
+            sub = asyncio.create_task(socket_arrivals(srv, OTHER_KEY, done, seen))
+            await until(lambda: srv.service.bus._subs.get(None), what="B's socket subscribed")
+            job_b, _ = await stream_speech(srv, EN[1:], key=OTHER_KEY)
+            await rx.wait_for(lambda r: r.ended(job_b))
+            done.set()
+            await sub
+            async with http.get(f"{srv.url}/v1/webhooks/{hook_b['id']}/deliveries?job_id={job_b}",
+                                headers=OTHER) as r:
+                log_b = (await r.json())["deliveries"]
+        held = sum(h.connections for h in hanging)
+        in_flight = srv.service.webhooks.stats()["in_flight"]
+    finally:
+        await srv.stop()
+        await rx.stop()
+        for h in hanging:
+            await h.stop()
+    hooked = {(h.event["job_id"], h.event["seq"]): h.at for h in rx.hits}
+    mine = {k: t for k, t in seen.items() if k[0] == job_b}
+    assert mine and set(mine) == set(hooked), (sorted(mine), sorted(hooked))
+    delays = {k: hooked[k] - t for k, t in mine.items()}
+    assert max(delays.values()) < 1.0, sorted(delays.values())
+    assert all(d["status"] == "delivered" and d["attempts"] == 1 for d in log_b)
+    # A's attempts were hanging the whole time, and held no more than A's share of the pool
+    assert held == cfg.owner_concurrency and in_flight == cfg.owner_concurrency, (held, in_flight)
+
+
+async def test_breaker_opens_after_consecutive_failures_and_lets_one_probe_through(tmp_path, pool):
+    """Three failures in a row open the endpoint's breaker: no attempt goes out and no slot is held
+    until the cool-down has passed, then exactly one probe although two chains are due; a failed
+    probe reopens it, redeliver after the fix probes at once and a success closes it."""
+    cooldown = 3.0
+    rx = await Receiver().start()
+    rx.status = 500
+    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.breaker_failures": "3",
+                                                         "webhooks.breaker_cooldown_s": str(cooldown)})
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = await create_hook(http, srv, rx.url, secret=SECRET, events=["final"])
+            base = f"{srv.url}/v1/webhooks/{hook['id']}"
+
+            async def circuit() -> dict:
+                async with http.get(base, headers=AUTH) as r:
+                    return (await r.json())["circuit"]
+
+            def settled(state: str):
+                async def check() -> bool:
+                    return (await circuit())["state"] == state and srv.service.webhooks.stats()["in_flight"] == 0
+                return check
+
+            assert (await circuit()) == {"state": "closed", "consecutive_failures": 0, "retry_at": None}
+            jobs = ["job_breaker_a", "job_breaker_b"]
+            for job in jobs:  # two chains, so a probe has company it must not bring along
+                srv.service.bus.publish(job, Final("hello there", (), 0, "caller", 0.0, 1.0, True),
+                                        owner=key_id_for(API_KEY), source="stream")
+            await until(settled("open"), what="the breaker to open")
+            opened = await circuit()
+            n_open = len(rx.requests)
+            assert 3 <= n_open <= 4 and opened["consecutive_failures"] == n_open and opened["retry_at"]
+            await rx.wait_for(lambda r: len(r.requests) > n_open, timeout=30)  # the probe
+            # nothing went out during the cool-down, although both chains' backoffs (<= 2 s) ran out
+            assert rx.requests[n_open].at - rx.requests[2].at >= cooldown - 0.01
+            await until(settled("open"), what="the failed probe to reopen the breaker")
+            assert len(rx.requests) == n_open + 1  # one probe, not one per due chain
+            assert (await circuit())["consecutive_failures"] == n_open + 1
+            rx.status = 200
+            async with http.post(f"{base}/redeliver", headers=AUTH) as r:
+                assert r.status == 202
+            await rx.wait_for(lambda r: {e["job_id"] for e in r.events()} == set(jobs), timeout=30)
+            assert (await circuit()) == {"state": "closed", "consecutive_failures": 0, "retry_at": None}
+    finally:
+        await srv.stop()
+        await rx.stop()
+    assert [e["text"] for e in rx.events()] == ["hello there", "hello there"]
+
+
+async def test_disabled_endpoint_gets_no_events_queued_until_enabled(server):
+    rx = await Receiver().start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            events = ["call_started", "call_ended"]
+            on = await create_hook(http, server, rx.url, secret=SECRET, events=events)
+            off = await create_hook(http, server, rx.url, secret=SECRET, events=events, enabled=False)
+            assert off["enabled"] is False
+            first, _ = await stream_speech(server, EN[:1])
+            await rx.wait_for(lambda r: r.ended(first))  # `on` got the end: the outbox has the job's rows
+            async with http.get(f"{server.url}/v1/webhooks/{off['id']}/deliveries", headers=AUTH) as r:
+                assert (await r.json())["deliveries"] == []  # nothing queued for the disabled one
+            async with http.patch(f"{server.url}/v1/webhooks/{off['id']}", json={"enabled": True},
+                                  headers=AUTH) as r:
+                assert r.status == 200 and (await r.json())["enabled"] is True
+            second, _ = await stream_speech(server, EN[1:])
+            await rx.wait_for(lambda r: sum(h.event.get("job_id") == second and h.event["type"] == "call_ended"
+                                            for h in r.hits) == 2)
+    finally:
+        await rx.stop()
+    by_hook: dict[str, list[tuple[str, str]]] = {}
+    for h in rx.hits:
+        by_hook.setdefault(h.headers["X-Webhook-Id"], []).append((h.event["job_id"], h.event["type"]))
+    assert by_hook[on["id"]] == [(first, "call_started"), (first, "call_ended"),
+                                 (second, "call_started"), (second, "call_ended")]
+    assert by_hook[off["id"]] == [(second, "call_started"), (second, "call_ended")]
+
+
+async def test_delivery_off_queues_events_and_the_api_says_so(tmp_path, pool):
+    """webhooks.enabled = false: the API works, says delivery is off, events are queued and none
+    is sent; the next start with delivery on sends them all."""
+    data = tmp_path / "data"
+    rx = await Receiver().start()  # up the whole time: anything sent would arrive
+    srv = await start_server(data, pool, **{**ALLOW_LOOPBACK, "webhooks.enabled": "false"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            hook = await create_hook(http, srv, rx.url, secret=SECRET, events=["final", "call_ended"])
+            async with http.get(f"{srv.url}/v1/webhooks", headers=AUTH) as r:
+                listed = await r.json()
+            assert listed["delivering"] is False and [w["id"] for w in listed["webhooks"]] == [hook["id"]]
+            async with http.post(f"{srv.url}/v1/webhooks/{hook['id']}/test", headers=AUTH) as r:
+                ping = await r.json()
+            assert r.status == 200 and ping["delivered"] is False and "webhooks.enabled = false" in ping["error"]
+            job_id, got = await stream_speech(srv, EN[:1])
+            await srv.service.webhooks.flush()
+            async with http.get(f"{srv.url}/v1/webhooks/{hook['id']}/deliveries", headers=AUTH) as r:
+                queued = (await r.json())["deliveries"]
+    finally:
+        await srv.stop()
+    assert [d["type"] for d in reversed(queued)] == ["final"] * len(finals(got)) + ["call_ended"]
+    assert all(d["status"] == "pending" and d["attempts"] == 0 for d in queued)
+    assert rx.requests == []
+    srv = await start_server(data, pool, **ALLOW_LOOPBACK)
+    try:
+        await rx.wait_for(lambda r: r.ended(job_id))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/webhooks", headers=AUTH) as r:
+                assert (await r.json())["delivering"] is True
+    finally:
+        await srv.stop()
+        await rx.stop()
+    assert [shape(e) for e in finals(rx.events(job_id))] == [shape(e) for e in finals(got)]

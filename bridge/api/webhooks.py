@@ -21,19 +21,32 @@ from aiohttp import web
 from bridge.api.http import bad_request, http_error, limit_param, read_json, require_principal, service_of
 from bridge.logs import get_logger
 from bridge.webhooks.model import DeliveryStatus, Endpoint, EndpointError, check_endpoint, new_secret
+from bridge.webhooks.targets import TargetBlocked
 
 __all__ = ["add_routes"]
 
 log = get_logger("bridge.api.webhooks")
 
 
-
-
 async def _spec(request: web.Request, creating: bool) -> dict[str, Any]:
+    """The checked fields; a URL must also point where a key's endpoint may reach (resolved now;
+    every delivery checks again, so a name that changes its address later is refused then)."""
     try:
-        return check_endpoint(await read_json(request), creating=creating)
+        spec = check_endpoint(await read_json(request), creating=creating)
     except EndpointError as e:
         raise bad_request(str(e)) from None
+    if "url" in spec:
+        try:
+            await service_of(request).webhooks.policy.check_url(spec["url"])
+        except TargetBlocked as e:
+            raise bad_request(f"url {spec['url']!r} is not allowed: {e}. Key-owned webhooks reach public addresses "
+                              "only, unless the operator allows more (webhooks.allow_private_targets, "
+                              "webhooks.allowed_target_networks)") from None
+    return spec
+
+
+def _shown(svc: Any, ep: Endpoint, with_secret: bool = False) -> dict[str, Any]:
+    return {**ep.to_dict(with_secret=with_secret), "circuit": svc.webhooks.circuit(ep.id)}
 
 
 async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, Endpoint]:
@@ -66,7 +79,7 @@ async def create(request: web.Request) -> web.Response:
     await asyncio.to_thread(store.create_endpoint, ep)
     await svc.webhooks.reload()
     log.info("webhook_created", webhook_id=ep.id, owner=ep.owner, events=list(ep.events))
-    return web.json_response(ep.to_dict(with_secret=True), status=201,
+    return web.json_response(_shown(svc, ep, with_secret=True), status=201,
                              headers={"Location": f"/v1/webhooks/{ep.id}"})
 
 
@@ -74,12 +87,12 @@ async def list_all(request: web.Request) -> web.Response:
     svc = service_of(request)
     principal = await require_principal(request)
     eps = await asyncio.to_thread(svc.webhooks.store.list_endpoints, principal.owner)
-    return web.json_response({"webhooks": [e.to_dict() for e in eps]})
+    return web.json_response({"webhooks": [_shown(svc, e) for e in eps], "delivering": svc.webhooks.delivering})
 
 
 async def get_one(request: web.Request) -> web.Response:
-    _, ep = await _load(request)
-    return web.json_response(ep.to_dict())
+    svc, ep = await _load(request)
+    return web.json_response(_shown(svc, ep))
 
 
 async def update(request: web.Request) -> web.Response:
@@ -88,15 +101,18 @@ async def update(request: web.Request) -> web.Response:
     if not spec:
         raise bad_request("nothing to change: give url, secret, events, sources, description or enabled")
     ep = await asyncio.to_thread(svc.webhooks.store.update_endpoint, ep.id, **spec)
+    if "url" in spec:
+        svc.webhooks.forget(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_updated", webhook_id=ep.id, fields=sorted(spec))
-    return web.json_response(ep.to_dict(with_secret="secret" in spec))
+    return web.json_response(_shown(svc, ep, with_secret="secret" in spec))
 
 
 async def delete(request: web.Request) -> web.Response:
     """The endpoint and its delivery log; events still pending for it are not sent."""
     svc, ep = await _load(request, writable=True)
     await asyncio.to_thread(svc.webhooks.store.delete_endpoint, ep.id)
+    svc.webhooks.forget(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_deleted", webhook_id=ep.id)
     return web.Response(status=204)
@@ -146,6 +162,7 @@ async def redeliver_one(request: web.Request) -> web.Response:
     n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, [did])
     if not n:
         raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {did} not found")
+    svc.webhooks.retry_now(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_redeliver", webhook_id=ep.id, delivery_id=did)
     return web.json_response({"redelivered": n}, status=202)
@@ -157,13 +174,15 @@ async def redeliver_dead(request: web.Request) -> web.Response:
     svc, ep = await _load(request)
     n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, None)
     m = await asyncio.to_thread(svc.webhooks.store.retry_now, ep.id)
+    svc.webhooks.retry_now(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_redeliver_dead", webhook_id=ep.id, count=n, retried_now=m)
     return web.json_response({"redelivered": n, "retried_now": m}, status=202)
 
 
 async def ping(request: web.Request) -> web.Response:
-    """POST a signed `ping` event to the endpoint now; 200 with what the receiver answered."""
+    """POST a signed `ping` event to the endpoint now; 200 with whether it was delivered and the
+    HTTP status (no body, no error detail: see WebhookDispatcher.ping)."""
     svc, ep = await _load(request)
     return web.json_response(await svc.webhooks.ping(ep))
 

@@ -40,6 +40,13 @@ def format_webhook(hook: dict[str, Any]) -> str:
              f"secret       {hook.get('secret') or hook.get('secret_hint') or '-'}",
              f"created      {_when(hook.get('created_at'))}",
              f"updated      {_when(hook.get('updated_at'))}"]
+    circuit = hook.get("circuit")
+    if circuit:  # the endpoint's breaker (docs/webhooks.md, "Fairness")
+        state = circuit["state"].replace("_", "-")
+        if circuit["consecutive_failures"]:
+            state += f" ({circuit['consecutive_failures']} failed attempts in a row"
+            state += f"; next probe {_when(circuit['retry_at'])})" if circuit.get("retry_at") else ")"
+        lines.append(f"circuit      {state}")
     if hook.get("secret"):
         lines.append(SECRET_NOTE)
     return "\n".join(lines) + "\n"
@@ -167,7 +174,7 @@ def cmd_webhooks_test(args: argparse.Namespace) -> int:
         elif r["delivered"]:
             print(f"delivered ping {r['event_id']} to {args.webhook_id}: HTTP {r['http_status']} in {r['ms']} ms")
         else:
-            error = " ".join(str(r["error"]).split())  # the receiver's text, kept to one line
+            error = " ".join(str(r["error"]).split())  # "HTTP 500", "unreachable": kept to one line
             print(f"{PROG}: error: ping to {args.webhook_id} not delivered: {error} ({r['ms']} ms)", file=sys.stderr)
         return 0 if r["delivered"] else 1
 

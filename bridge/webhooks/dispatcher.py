@@ -6,6 +6,16 @@ worker -> signed POST. The worker attempts only the head of each (endpoint, job)
 job's events reach an endpoint in order; different jobs and endpoints go out side by side,
 up to `webhooks.concurrency` attempts at once.
 
+Fairness between keys: the pool is handed out round-robin over owners (the key an endpoint
+belongs to), at most `owner_concurrency` attempts per owner and `endpoint_concurrency` per
+endpoint, and each endpoint has a circuit breaker (bridge/webhooks/breaker.py). So one key's
+hanging receivers hold a few slots, then none while their breakers are open, and the rest of
+the pool stays free for every other key's deliveries.
+
+Key-owned endpoints are delivered through a client whose resolver refuses non-public
+addresses (bridge/webhooks/targets.py); operator endpoints from the config through one that
+does not.
+
 A failed attempt (timeout, connection error, non-2xx) is retried after an exponential backoff
 with jitter (`Retry-After` on 429/503 is honoured up to the cap). A row that still fails once
 `retry_period_s` has passed since it was queued is marked dead and the chain moves on.
@@ -20,21 +30,26 @@ published, so a CRM still sees every final and the end of the call.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import secrets
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from yarl import URL
 
 from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus
 from bridge.logs import get_logger
+from bridge.webhooks.breaker import BreakerState, CircuitBreaker
 from bridge.webhooks.model import ANY_OWNER, Delivery, DeliveryStatus, Endpoint
 from bridge.webhooks.signing import sign
 from bridge.webhooks.store import NewDelivery, WebhookStore
+from bridge.webhooks.targets import GuardedResolver, TargetBlocked, TargetPolicy
 
 if TYPE_CHECKING:
     from bridge.config import WebhooksConfig
@@ -49,6 +64,10 @@ MAX_ERROR_TEXT = 300
 IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (e.g. redelivered by the CLI)
 PRUNE_EVERY_S = 3600.0
 CHAIN_BURST = 50  # a chain delivered back to back gives its slot up after this many, for fairness
+PING_UNREACHABLE = "unreachable"  # what a key learns of a ping that got no HTTP answer, whatever the cause
+DELIVERY_OFF = "webhook delivery is off (webhooks.enabled = false)"
+
+Chain = tuple[str, str]  # (endpoint id, job id)
 
 
 def config_endpoints(cfg: WebhooksConfig) -> list[Endpoint]:
@@ -77,10 +96,17 @@ class WebhookDispatcher:
         self._pending: list[NewDelivery] = []
         self._wrote = asyncio.Event()  # the writer has something to write
         self._due = asyncio.Event()  # the worker should look at the outbox again
-        self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
+        self._in_flight: dict[Chain, asyncio.Task] = {}
+        self._owner_load: Counter[str] = Counter()  # attempts in flight per owner
+        self._endpoint_load: Counter[str] = Counter()  # attempts in flight per endpoint
+        self._chain_owner: dict[Chain, str] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._next_owner = 0  # round-robin start, moved on each pass
+        self.policy = TargetPolicy.from_config(config.allow_private_targets, config.allowed_target_networks)
         self._writer: asyncio.Task | None = None
         self._worker: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # key-owned endpoints: guarded resolver
+        self._operator_session: aiohttp.ClientSession | None = None  # config endpoints: any address
         self._closing = False
         self._last_prune = 0.0
         self.pending_chains = 0
@@ -94,8 +120,13 @@ class WebhookDispatcher:
         self.bus.add_tap(self._tap)
         self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
         if self.config.enabled:
+            timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
+            headers = {"User-Agent": USER_AGENT}
             self._session = aiohttp.ClientSession(
-                headers={"User-Agent": USER_AGENT}, timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
+                headers=headers, timeout=timeout,
+                connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.policy), limit=0))
+            self._operator_session = aiohttp.ClientSession(
+                headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
             self._worker = asyncio.create_task(self._deliver_loop(), name="webhooks-worker")
 
     async def reload(self) -> None:
@@ -130,12 +161,40 @@ class WebhookDispatcher:
             for t in list(self._in_flight.values()):
                 t.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._operator_session):
+            if session is not None:
+                await session.close()
 
     def stats(self) -> dict[str, Any]:
         return {"endpoints": sum(1 for e in self._endpoints.values() if e.enabled), "in_flight": len(self._in_flight),
-                "pending_chains": self.pending_chains, "unwritten": len(self._pending)}
+                "pending_chains": self.pending_chains, "unwritten": len(self._pending),
+                "breakers_open": sum(b.state is not BreakerState.CLOSED for b in self._breakers.values())}
+
+    @property
+    def delivering(self) -> bool:
+        """False with webhooks.enabled = false: events are queued, nothing is sent."""
+        return self._session is not None
+
+    # -- endpoint health -------------------------------------------------------------------------
+    def _breaker(self, endpoint_id: str) -> CircuitBreaker:
+        b = self._breakers.get(endpoint_id)
+        if b is None:
+            b = self._breakers[endpoint_id] = CircuitBreaker(self.config.breaker_failures,
+                                                             self.config.breaker_cooldown_s)
+        return b
+
+    def circuit(self, endpoint_id: str) -> dict[str, Any]:
+        """The endpoint's breaker, for the API (`circuit` of GET /v1/webhooks/{id})."""
+        return self._breaker(endpoint_id).to_dict()
+
+    def retry_now(self, endpoint_id: str) -> None:
+        """The receiver is said to be back (redeliver): an open breaker probes at once."""
+        self._breaker(endpoint_id).reset(time.time())
+        self._due.set()
+
+    def forget(self, endpoint_id: str) -> None:
+        """A new URL, or the endpoint is gone: its failures say nothing about what comes next."""
+        self._breakers.pop(endpoint_id, None)
 
     # -- into the outbox -------------------------------------------------------------------------
     def _tap(self, env: Envelope) -> None:
@@ -217,27 +276,13 @@ class WebhookDispatcher:
             wait_s = IDLE_POLL_S
             if free > 0:
                 try:
-                    heads = await asyncio.to_thread(self.store.chain_heads, free + len(self._in_flight) + 64)
+                    heads, self.pending_chains = await asyncio.to_thread(
+                        self.store.chain_heads, 2 * self.config.endpoint_concurrency)
                 except Exception as e:  # noqa: BLE001
                     log.error("webhook_outbox_read_failed", error=repr(e))
                     heads = []
                     wait_s = 1.0
-                self.pending_chains = len(heads)
-                now = time.time()
-                for d in heads:
-                    chain = (d.endpoint_id, d.job_id)
-                    ep = self._endpoints.get(d.endpoint_id)
-                    if chain in self._in_flight or ep is None or not ep.enabled:
-                        continue
-                    if d.next_attempt_at > now:
-                        wait_s = min(wait_s, d.next_attempt_at - now)
-                        continue
-                    if free <= 0:
-                        break
-                    free -= 1
-                    task = asyncio.create_task(self._drain_chain(ep, d), name=f"webhook-{d.id}")
-                    self._in_flight[chain] = task
-                    task.add_done_callback(lambda t, c=chain: self._done(c, t))
+                wait_s = min(wait_s, self._start_due(heads, free, time.time()))
             if time.time() - self._last_prune > PRUNE_EVERY_S:
                 self._last_prune = time.time()
                 n = await asyncio.to_thread(self.store.prune, time.time() - self.config.retention_s)
@@ -251,8 +296,69 @@ class WebhookDispatcher:
             except TimeoutError:
                 pass
 
-    def _done(self, chain: tuple[str, str], task: asyncio.Task) -> None:
+    def _start_due(self, heads: list[Delivery], free: int, now: float) -> float:
+        """Start up to `free` chains among `heads` (due, endpoint enabled, breaker letting them
+        through), round-robin over owners within the per-owner and per-endpoint caps; returns
+        how long until the soonest head that is not due yet (or a breaker's probe) comes due."""
+        wait_s = IDLE_POLL_S
+        queues: dict[str, list[tuple[Endpoint, Delivery]]] = {}
+        for d in heads:  # already interleaved across endpoints, soonest first within each
+            ep = self._endpoints.get(d.endpoint_id)
+            if (d.endpoint_id, d.job_id) in self._in_flight or ep is None or not ep.enabled:
+                continue
+            if d.next_attempt_at > now:
+                wait_s = min(wait_s, d.next_attempt_at - now)
+                continue
+            br = self._breaker(ep.id)
+            if not br.ready(now):
+                if br.state is BreakerState.OPEN:
+                    wait_s = min(wait_s, br.retry_at - now)
+                continue
+            queues.setdefault(ep.owner, []).append((ep, d))
+        owners = sorted(queues)
+        if owners:
+            k = self._next_owner % len(owners)
+            owners = owners[k:] + owners[:k]
+            self._next_owner += 1
+        while free > 0 and owners:
+            for owner in list(owners):
+                started = False
+                queue = queues[owner]
+                while queue and not started:
+                    ep, d = queue.pop(0)
+                    if self._owner_load[owner] >= self.config.owner_concurrency:
+                        queue.clear()
+                        break
+                    br = self._breaker(ep.id)
+                    if self._endpoint_load[ep.id] >= self.config.endpoint_concurrency or not br.ready(now):
+                        continue
+                    self._launch(ep, d, br)
+                    free -= 1
+                    started = True
+                if not queue:
+                    owners.remove(owner)
+                if free <= 0:
+                    break
+        return wait_s
+
+    def _launch(self, ep: Endpoint, d: Delivery, br: CircuitBreaker) -> None:
+        chain = (d.endpoint_id, d.job_id)
+        br.start(chain)
+        self._owner_load[ep.owner] += 1
+        self._endpoint_load[ep.id] += 1
+        self._chain_owner[chain] = ep.owner
+        task = asyncio.create_task(self._drain_chain(ep, d), name=f"webhook-{d.id}")
+        self._in_flight[chain] = task
+        task.add_done_callback(lambda t, c=chain: self._done(c, t))
+
+    def _done(self, chain: Chain, task: asyncio.Task) -> None:
         self._in_flight.pop(chain, None)
+        owner = self._chain_owner.pop(chain, None)
+        if owner is not None:
+            self._owner_load[owner] -= 1
+            self._endpoint_load[chain[0]] -= 1
+        if chain[0] in self._breakers:
+            self._breakers[chain[0]].release(chain, time.time())
         self._due.set()
         if not task.cancelled() and task.exception() is not None:  # e.g. the database went away
             log.error("webhook_chain_failed", job_id=chain[1], webhook_id=chain[0], error=repr(task.exception()))
@@ -267,15 +373,20 @@ class WebhookDispatcher:
 
     async def _post(self, ep: Endpoint, event_id: str, body: bytes, attempt: int
                     ) -> tuple[int | None, str | None, float | None]:
-        """One signed POST: (HTTP status or None, error text or None on 2xx, Retry-After seconds)."""
-        if self._session is None:
-            return None, "webhook delivery is off (webhooks.enabled = false)", None
+        """One signed POST: (HTTP status or None, error text or None on 2xx, Retry-After seconds).
+        A key's endpoint goes through the guarded client, and an IP literal in its URL (which
+        no resolver sees) is checked here."""
+        session = self._operator_session if ep.managed_by == "config" else self._session
+        if session is None:
+            return None, DELIVERY_OFF, None
         ts = int(time.time())
         headers = {"Content-Type": "application/json", "X-Event-Id": event_id, "X-Timestamp": str(ts),
                    "X-Signature": sign(ep.secret, ts, body), "X-Webhook-Id": ep.id,
                    "X-Delivery-Attempt": str(attempt)}
         try:
-            async with self._session.post(ep.url, data=body, headers=headers, allow_redirects=False) as resp:
+            if session is self._session:
+                self._check_literal(ep.url)
+            async with session.post(ep.url, data=body, headers=headers, allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     return resp.status, None, None
                 text = (await resp.content.read(MAX_ERROR_TEXT)).decode("utf-8", "replace")
@@ -283,17 +394,38 @@ class WebhookDispatcher:
                 return resp.status, f"HTTP {resp.status}: {text}".strip(), float(ra) if ra.strip().isdigit() else None
         except TimeoutError:
             return None, f"timed out after {self.config.timeout_s:g} s", None
+        except TargetBlocked as e:
+            return None, _blocked_text(e), None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, TargetBlocked):
+                return None, _blocked_text(e.os_error), None
+            return None, f"{type(e).__name__}: {e}"[:MAX_ERROR_TEXT], None
         except (aiohttp.ClientError, OSError, ValueError) as e:
             return None, f"{type(e).__name__}: {e}"[:MAX_ERROR_TEXT], None
 
+    def _check_literal(self, url: str) -> None:
+        host = URL(url).raw_host or ""  # as aiohttp parses it: that is the host it connects to
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return  # a name: the guarded resolver checks what it resolves to
+        self.policy.check([host])
+
     async def ping(self, ep: Endpoint) -> dict[str, Any]:
-        """Send a signed `ping` event now, outside the outbox, and say what came back: for
-        checking a receiver's URL and signature code before real calls depend on it."""
+        """Send a signed `ping` event now, outside the outbox, and say whether it was delivered:
+        for checking a receiver's URL and signature code before real calls depend on it.
+
+        The answer carries the HTTP status only, never the receiver's body, and one word for
+        every failure without a status (refused, reset, timed out, blocked address): a key must
+        not be able to use the ping to map or read what the service can reach. The full
+        error goes to the log, for the operator."""
         event_id = "evt_" + secrets.token_hex(12)
         body = _body({"type": "ping", "webhook_id": ep.id, "at": round(time.time(), 3)}).encode()
         started = time.time()
         http_status, error, _ = await self._post(ep, event_id, body, 1)
         log.info("webhook_ping", webhook_id=ep.id, http_status=http_status, error=error)
+        if error is not None and error != DELIVERY_OFF:
+            error = f"HTTP {http_status}" if http_status is not None else PING_UNREACHABLE
         return {"delivered": error is None, "event_id": event_id, "http_status": http_status, "error": error,
                 "ms": round((time.time() - started) * 1000)}
 
@@ -306,7 +438,7 @@ class WebhookDispatcher:
             if not await self._attempt(ep, d):
                 return
             ep = self._endpoints.get(ep.id) or ep
-            if not ep.enabled:
+            if not ep.enabled or self._breaker(ep.id).state is not BreakerState.CLOSED:
                 return
             d = await asyncio.to_thread(self.store.chain_head, d.endpoint_id, d.job_id)
 
@@ -322,6 +454,13 @@ class WebhookDispatcher:
         else:
             status, result = DeliveryStatus.PENDING, "failed"
             next_at = now + self._backoff(d.attempts + 1, retry_after)
+        breaker = self._breaker(ep.id)
+        was = breaker.state
+        breaker.record(error is None, now)
+        if breaker.state is not was:  # record() only opens or closes
+            log.warning("webhook_breaker_" + breaker.state.value, job_id=d.job_id, webhook_id=ep.id, owner=ep.owner,
+                        consecutive_failures=breaker.consecutive_failures, error=error,
+                        retry_in_s=round(breaker.retry_at - now, 1) if breaker.state is BreakerState.OPEN else None)
         await asyncio.to_thread(self.store.record_attempt, d.id, status=status, http_status=http_status,
                                 error=error, next_attempt_at=next_at, at=now)
         if self.metrics is not None:
@@ -335,3 +474,8 @@ class WebhookDispatcher:
         else:
             log.info("webhook_retry", error=error, retry_in_s=round(next_at - now, 2), **fields)
         return result == "delivered"
+
+
+def _blocked_text(e: TargetBlocked) -> str:
+    return (f"address not allowed: {e}; key-owned webhooks reach public addresses only "
+            "(the operator can allow more: webhooks.allow_private_targets, webhooks.allowed_target_networks)")

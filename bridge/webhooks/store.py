@@ -92,7 +92,7 @@ class WebhookStore(ABC):
     def enqueue(self, rows: Iterable[NewDelivery]) -> int: ...
 
     @abstractmethod
-    def chain_heads(self, limit: int) -> list[Delivery]: ...
+    def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]: ...
 
     @abstractmethod
     def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None: ...
@@ -236,15 +236,22 @@ class SqliteWebhookStore(WebhookStore):
                 " status, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?)", rows)
         return len(rows)
 
-    def chain_heads(self, limit: int) -> list[Delivery]:
-        """The oldest pending row of every (endpoint, job) chain of an enabled endpoint, soonest due first."""
+    def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]:
+        """The oldest pending row of each (endpoint, job) chain of an enabled endpoint: at most
+        `per_endpoint` per endpoint, soonest due first, interleaved across endpoints (every
+        endpoint's first, then every second, ...); and how many chains are pending in all.
+
+        Capped per endpoint, not overall: one key's thousand stuck chains must not crowd
+        another key's fresh event out of the scheduler's view."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT d.* FROM webhook_deliveries d JOIN (SELECT MIN(id) AS id FROM webhook_deliveries"
+                "SELECT * FROM (SELECT d.*, ROW_NUMBER() OVER (PARTITION BY d.endpoint_id"
+                " ORDER BY d.next_attempt_at, d.id) AS rn, COUNT(*) OVER () AS chains"
+                " FROM webhook_deliveries d JOIN (SELECT MIN(id) AS id FROM webhook_deliveries"
                 " WHERE status = 'pending' GROUP BY endpoint_id, job_id) h ON d.id = h.id"
-                " JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled = 1"
-                " ORDER BY d.next_attempt_at, d.id LIMIT ?", (limit,)).fetchall()
-        return [_row_delivery(r) for r in rows]
+                " JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled = 1)"
+                " WHERE rn <= ? ORDER BY rn, next_attempt_at, id", (per_endpoint,)).fetchall()
+        return [_row_delivery(r) for r in rows], (rows[0]["chains"] if rows else 0)
 
     def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None:
         """The oldest pending row of one chain (an index seek, for a chain being drained)."""
