@@ -11,7 +11,7 @@ from bench import corpus
 from bench.calls import speech_bounds, to_mulaw_roundtrip
 from bench.drive import new_leg, play, wait_for
 from bridge.events.types import Final, Partial
-from bridge.recognizer.agreement import norm
+from bridge.recognizer.agreement import norm, norm_text
 from bridge.recognizer.engine import DecodeOptions
 from bridge.recognizer.streamer import StreamerConfig
 
@@ -211,3 +211,21 @@ async def test_word_boost_terms_reach_the_decoder(pool):
     hits = lambda text: sum(t.lower() in text.lower() for t in terms)  # noqa: E731
     assert hits(boosted) >= 2, boosted  # measured: 3/3 spelled as given, or "Kubernete"
     assert hits(plain) == 0, plain  # the boost, not luck, put them there
+
+
+@pytest.mark.parametrize("reply", ["Bye.", "Okay."])
+async def test_short_replies_from_a_caller_are_kept(pool, reply):
+    """"Bye." and "Okay." are on the list of phrases whisper invents on noise, and real ones are
+    short (0.3-0.6 s here) and decoded unsure by tiny.en (mean token probability 0.4-0.6). The
+    filter used to drop a stock phrase when either held, so every one of these was lost; now it
+    keeps them, at 16 kHz and through the 8 kHz mu-law phone path. (espeak's en-us+f3 "Okay." at
+    16 kHz is still dropped, by the general log-probability floor: -1.08 < -1.0.)"""
+    lost = []
+    for voice, rate in (("en-us", 160), ("en-us", 140), ("en", 170)):
+        clip = np.concatenate([sil(0.3), speech(reply, rate=rate, voice=voice), sil(1.0)])
+        for path, audio in (("16k", clip), ("mulaw", to_mulaw_roundtrip(clip))):
+            run = new_leg(pool)
+            await play(run, audio, pace=None)
+            if [norm_text(f.text) for f in run.finals] != [norm_text(reply)]:
+                lost.append((voice, rate, path, [f.text for f in run.finals], run.recognizer.stats))
+    assert not lost, lost
