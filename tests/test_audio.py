@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soxr
 
+from bench.audio_frontend import PHONE_BAND_TONES, WIDE_TONES, snr_db, tone, tone_snr_db
 from bridge.audio import (
     MAX_FRAME_BYTES,
     AudioFormat,
@@ -35,17 +36,6 @@ from bridge.audio import (
 SOX = shutil.which("sox")
 needs_sox = pytest.mark.skipif(SOX is None, reason="sox not installed")
 SOX_ENC = {Encoding.PCM_MULAW: "u-law", Encoding.PCM_ALAW: "a-law"}
-
-
-def tone(rate: int, freq: float, seconds: float, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return np.round(amp * 32767 * np.sin(2 * np.pi * freq * t)).astype(np.int16)
-
-
-def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    err = got.astype(np.float64) - ref
-    return 10 * np.log10(np.sum(ref**2) / max(np.sum(err**2), 1e-12))
 
 
 def sox(*args: str) -> None:
@@ -162,19 +152,26 @@ def _resample_all(rate: int, x: np.ndarray, chunks=None) -> np.ndarray:
     return np.concatenate(parts)
 
 
-TONE_CASES = [(r, f) for r in (8000, 11025, 22050, 44100, 48000) for f in (300, 1000, 3400)]
-TONE_CASES += [(r, 6000) for r in (22050, 44100, 48000)]
+# docs/benchmarks.md says > 85 dB on telephone-band tones; bench.audio_frontend prints these
+# figures. Measured (python-soxr 1.1.0): 88.9-92.3 dB over the 15 rate/frequency pairs,
+# 73.0 dB at 6 kHz from 22.05 and 44.1 kHz (soxr HQ's pass-band ripple that close to the new
+# Nyquist) and 92.9 from 48 kHz. The figures are deterministic (no spread run to run; the
+# int16 input caps them near 92 dB), so the bounds are the documented figures themselves:
+# 85 dB is 3.9 dB under the worst pair measured, 70 dB is 3 dB under the 6 kHz worst, room for
+# another soxr build's rounding but not for a lower-quality filter (soxr "MQ": 57 dB worst).
+@pytest.mark.parametrize("rate,freq", PHONE_BAND_TONES)
+def test_resample_tone_snr_in_the_telephone_band(rate, freq):
+    assert tone_snr_db(rate, freq) > 85
 
 
-@pytest.mark.parametrize("rate,freq", TONE_CASES)
-def test_resample_tone_snr(rate, freq):
-    x = tone(rate, freq, 1.0)
-    y = _resample_all(rate, x, chunks=[rate // 50] * 50)  # 20 ms frames (+ remainder)
+@pytest.mark.parametrize("rate,freq", WIDE_TONES)
+def test_resample_tone_snr_at_6khz(rate, freq):
+    assert tone_snr_db(rate, freq) > 70
+
+
+def test_resample_tone_output_length():
+    y = _resample_all(44100, tone(44100, 1000, 1.0), chunks=[44100 // 50] * 50)  # 20 ms frames (+ remainder)
     assert y.dtype == np.int16 and y.size == 16000
-    # soxr is phase-aligned, so the ideal output is the same sine sampled at 16 kHz.
-    ideal = 0.5 * 32767 * np.sin(2 * np.pi * freq * np.arange(y.size) / 16000)
-    core = slice(800, -800)  # skip the start/end transients of a switched-on tone
-    assert snr_db(ideal[core], y[core]) > 60
 
 
 def test_resample_rejects_out_of_band():

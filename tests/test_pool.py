@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import corpus
+from bench.drive import wait_for
 from bridge.recognizer.engine import DecodeOptions
 from bridge.recognizer.pool import Priority, RecognizerPool, Superseded
 
@@ -28,12 +29,16 @@ async def test_finals_overtake_queued_partials(single):
         await single.decode(speech, DecodeOptions(partial=prio == Priority.PARTIAL), prio, key=key)
         done.append(name)
 
-    first = asyncio.create_task(job("busy", Priority.FINAL))
-    await asyncio.sleep(0.05)  # the only context is now decoding
+    # a full 30 s window keeps the only context busy while the others queue (0.3 s or more)
+    first = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    first.add_done_callback(lambda _: done.append("busy"))
+    assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     tasks = [asyncio.create_task(job(f"p{i}", Priority.PARTIAL, key=i)) for i in range(3)]
-    await asyncio.sleep(0.01)
+    assert await wait_for(lambda: single.queue_depth()["partial"] == 3, timeout=10), single.queue_depth()
     depth = single.queue_depth()
     tasks.append(asyncio.create_task(job("final", Priority.FINAL)))
+    assert await wait_for(lambda: single.queue_depth()["final"] == 1, timeout=10), single.queue_depth()
+    assert not first.done(), "the busy decode ended before the final was queued: nothing was overtaken"
     await asyncio.gather(first, *tasks)
     assert depth["partial"] == 3
     assert done[0] == "busy" and done[1] == "final", done
@@ -44,10 +49,10 @@ async def test_finals_overtake_queued_partials(single):
 
 async def test_newer_partial_of_a_leg_supersedes_the_queued_one(single):
     speech = corpus.synthesize("My card was charged twice for the same purchase last week.")
-    busy = asyncio.create_task(single.decode(speech, DecodeOptions(), Priority.FINAL))
-    await asyncio.sleep(0.05)
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     old = asyncio.create_task(single.decode(speech[:16000], DecodeOptions(partial=True), Priority.PARTIAL, key="leg"))
-    await asyncio.sleep(0.01)
+    assert await wait_for(lambda: single.queue_depth()["partial"] == 1, timeout=10), single.queue_depth()
     new = asyncio.create_task(single.decode(speech, DecodeOptions(partial=True), Priority.PARTIAL, key="leg"))
     with pytest.raises(Superseded):
         await old

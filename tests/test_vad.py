@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a repo tool, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import corpus  # noqa: E402
+from bench import corpus, vad_eval  # noqa: E402
 from bridge.recognizer.vad import DEFAULT_VAD, VAD_KINDS, Vad, make_vad  # noqa: E402
 
 KINDS = ["default", *VAD_KINDS]
+FAR_FRAMES = vad_eval.FAR_MS // 10  # 10 ms label frames
 
 
 def vad_for(kind: str) -> Vad:
@@ -69,9 +70,17 @@ def test_detects_clean_speech(kind, speech):
     hyp = per_10ms(run(vad, pcm), vad.frame_samples, len(labels))
     ref = labels[: len(hyp)]
     recall = np.sum(hyp & ref) / np.sum(ref)
-    assert recall > 0.8, f"{kind}: recall {recall:.2f}"
-    # and it does not call the whole clip speech
-    assert np.mean(hyp[~ref]) < 0.5
+    # Measured on this clip (670 speech frames, deterministic): silero 98.4 %, webrtc 98.7 %,
+    # energy 99.0 %; the misses are onsets and quiet word tails. 97.5 % allows 6 more missed
+    # frames (60 ms) than the worst, for another build's numerics, and nothing like a lost word.
+    assert recall >= 0.975, f"{kind}: recall {recall:.4f}"
+    # Non-speech frames called speech: next to speech that is onset/offset smearing and word
+    # gaps, which endpointing absorbs (measured 6-25 % of the 310 non-speech frames: energy,
+    # silero, webrtc); more than 200 ms from speech it could open a phantom segment (measured
+    # 0 of 156 for every kind, and 0.3 % for silero on bench.vad_eval's 96 s track).
+    assert np.mean(hyp[~ref]) <= 0.30, f"{kind}: false alarm {np.mean(hyp[~ref]):.3f}"
+    far = np.convolve(ref.astype(float), np.ones(2 * FAR_FRAMES + 1), "same") < 0.5
+    assert np.sum(hyp & far) <= 0.01 * np.sum(far), f"{kind}: {np.sum(hyp & far)} far false alarms"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,14 +107,33 @@ def test_default_ignores_noise_tone_music(noise_kind):
         assert np.mean(probs >= 0.5) < 0.05, f"{noise_kind} seed {seed}"
 
 
-def test_default_finds_speech_in_noise(speech):
-    """The reason for the choice: recall holds up at 10 dB SNR (docs/vad.md)."""
-    pcm, labels = speech
-    noisy = corpus.mix(pcm, corpus.noise("pink", 2.0, seed=7), 10)
-    vad = make_vad()
-    hyp = per_10ms(run(vad, noisy), vad.frame_samples, len(labels))
-    ref = labels[: len(hyp)]
-    assert np.sum(hyp & ref) / np.sum(ref) > 0.8
+def test_default_recall_as_documented():
+    """docs/vad.md and docs/benchmarks.md: the default detects 98.9 % of speech frames clean and
+    98.5 % pooled over the five backgrounds at 5 dB SNR (the hardest level), with 0.3 % far false
+    alarms. This measures exactly that, with bench.vad_eval's own track, mixing and scoring.
+
+    Bounds from measured spread: the figures are deterministic for a track, and over three
+    track seeds (python -m bench.vad_eval's speech_track(24, seed) for 1, 2, 3) they were clean
+    98.9 / 99.4 / 98.9 %, 5 dB pooled 98.5 / 98.7 / 98.7 %, far FA 0.29 / 0.37 / 0.36 %. So
+    clean >= 98.5 % (the documented floor), 5 dB >= 98.0 % (the documented 98.5 less twice the
+    seed-to-seed spread of 0.25 points) and far FA <= 1 % (here over clean and the four non-babble
+    5 dB mixes, measured 0.48 %; the documented 0.3 % pools all SNRs). Measured here: clean
+    98.87 %, 5 dB 98.48 %. About 9 s of CPU, mostly generating the noise."""
+    track, labels = vad_eval.speech_track(24)
+    runner = vad_eval.Runner(make_vad)
+    clean, noisy, far = vad_eval.Score(), vad_eval.Score(), vad_eval.Score()
+    conditions = [("clean", track)] + [
+        (kind, corpus.mix(track, corpus.noise(kind, len(track) / 16000, seed=100 + 10 * i + 2), 5))
+        for i, kind in enumerate(vad_eval.BACKGROUNDS)]  # seed as speech_conditions gives 5 dB
+    for kind, pcm in conditions:
+        probs, n = runner.probs(pcm)
+        hyp = vad_eval.to_label_frames(probs >= 0.5, n, len(labels))
+        (clean if kind == "clean" else noisy).add(hyp, labels)
+        if kind != "babble":  # babble is speech, just not the caller's
+            far.add(hyp, labels)
+    assert clean.recall >= 0.985, f"clean recall {clean.recall:.4f}"
+    assert noisy.recall >= 0.980, f"5 dB recall {noisy.recall:.4f}"
+    assert far.fa_far <= 0.01, f"far false alarms {far.fa_far:.4f}"
 
 
 def test_webrtc_aggressiveness():

@@ -12,7 +12,9 @@ import asyncio
 import os
 import json
 import re
+import struct
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ SENTENCES = [
     "Let me transfer you to the billing department, one moment please.",
 ]
 TEXT = " ".join(SENTENCES)
+WINDOW = (480, 1000)  # a phone-sized window (headless Chromium makes it at least 500 wide)
 RATE = 48000  # the fake microphone takes 16-bit mono WAV at 22050 or 48000 Hz
 
 PAGE_IDS = ["app", "api-key", "language", "start-stop", "status", "error", "captions", "finals", "partials",
@@ -114,7 +117,7 @@ def _speech_wav(path: Path) -> float:
     return len(pcm) / RATE
 
 
-def _chrome(tmp: Path, wav: Path | None = None, *, deny_mic: bool = False, size=(480, 1000)):
+def _chrome(tmp: Path, wav: Path | None = None, *, deny_mic: bool = False, size=WINDOW):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -203,8 +206,10 @@ def _drive_captions(url: str, tmp: Path, wav: Path) -> dict[str, Any]:
 
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shot = SCREENSHOT if UPDATE_SCREENSHOT else tmp / "webrtc-page.png"
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000  # a rendered page, not an empty image
+        assert driver.save_screenshot(str(shot)), "the screenshot was not written"
+        png = shot.read_bytes()
+        viewport = driver.execute_script(
+            "return [window.innerWidth * devicePixelRatio, window.innerHeight * devicePixelRatio]")
 
         # one export end to end: fetch with the Authorization header, saved from a Blob
         driver.find_element(*_by("export-txt")).click()
@@ -221,7 +226,8 @@ def _drive_captions(url: str, tmp: Path, wav: Path) -> dict[str, Any]:
         driver.close()
         driver.switch_to.window(page)
         return {"page_text": page_text, "lines": lines, "final_color": final_color, "partials": partials_seen,
-                "job_id": job_id, "job_href": job_href, "txt": txt.read_text(), "job": json.loads(job_json)}
+                "job_id": job_id, "job_href": job_href, "txt": txt.read_text(), "job": json.loads(job_json),
+                "screenshot": png, "viewport": tuple(round(v) for v in viewport)}
     finally:
         driver.quit()
 
@@ -243,7 +249,11 @@ async def test_browser_captions_from_fake_microphone(server, tmp_path):
     # the downloaded TXT export: "[HH:MM:SS.cc] caller: text" per segment
     exported = " ".join(re.sub(r"^\[[^\]]*\] caller: ", "", ln) for ln in got["txt"].splitlines())
     assert corpus.wer(TEXT, exported) <= 0.15, got["txt"]
-    assert SCREENSHOT.exists() and SCREENSHOT.stat().st_size > 10_000
+    # the screenshot this run took (not the committed docs/webrtc-page.png): a PNG of the window
+    # with the captions drawn, not a blank or truncated image
+    width, height, rows = _png_summary(got["screenshot"])
+    assert (width, height) == got["viewport"], ((width, height), got["viewport"])
+    assert rows >= 100, f"{rows} distinct pixel rows: a blank page?"  # 318 in docs/webrtc-page.png
 
     job = server.service.store.get_job(got["job_id"])
     assert job is not None
@@ -251,6 +261,25 @@ async def test_browser_captions_from_fake_microphone(server, tmp_path):
     assert job.speakers == ["caller"]
     saved = " ".join(s.text for s in server.service.store.segments(job.id))
     assert corpus.wer(TEXT, saved) <= 0.15, saved
+
+
+def _png_summary(png: bytes) -> tuple[int, int, int]:
+    """(width, height, distinct rows) of a PNG Chromium wrote (8-bit RGB(A), not interlaced).
+    Rows are compared as stored, filter byte included: a blank page gives a handful of distinct
+    rows, a page with text on it hundreds."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", png[16:29])
+    assert png[12:16] == b"IHDR" and depth == 8 and ctype in (2, 6) and interlace == 0, png[12:29]
+    data, pos = b"", 8
+    while pos < len(png):
+        n, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        if kind == b"IDAT":
+            data += png[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(data)
+    stride = 1 + width * (3 if ctype == 2 else 4)
+    assert len(raw) == stride * height, "truncated image data"
+    return width, height, len({raw[i:i + stride] for i in range(0, len(raw), stride)})
 
 
 def _drive_refusal(url: str, tmp: Path, *, deny_mic: bool = False, key: str | None = None,

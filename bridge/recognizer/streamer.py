@@ -29,12 +29,17 @@ log = structlog.get_logger(__name__)
 ENDPOINTING_RANGE = (0, 20000)
 
 # Phrases whisper invents on noise and silence (trained on subtitles). Dropped only when the
-# decode is also unsure or the speech was very short: callers do say "thank you".
+# decode is unsure and stands on more speech than such a phrase takes (STOCK_PHRASE_MAX_S):
+# callers do say "thank you", and a real "Bye." or "Okay." is short (0.3-0.6 s) and decoded
+# with a mean token probability of only 0.4-0.6 by tiny.en (tests/test_recognizer.py).
 HALLUCINATIONS = {
     "thank you", "thanks for watching", "thank you for watching", "thank you very much", "you",
     "bye", "okay", "so", "uh", "um", "hmm", "oh", "the end", "please subscribe",
     "subtitles by the amaraorg community", "thanks for listening", "i", "a", "and",
 }
+# A stock phrase decoded from this much VAD speech or more did not come from the speech: whisper
+# heard something it could not transcribe and filled in a subtitle phrase.
+STOCK_PHRASE_MAX_S = 1.5
 
 
 @dataclass
@@ -507,6 +512,8 @@ class StreamingRecognizer:
         floor = self.config.min_avg_logprob if speech_samples < 1.5 * SAMPLE_RATE else self.config.min_avg_logprob_long
         if hyp.avg_logprob < floor:
             return True
-        if text in HALLUCINATIONS and (hyp.confidence < 0.7 or speech_samples < 0.5 * SAMPLE_RATE):
+        # Short speech is judged by the log-probability floor above, like any other short reply;
+        # the old "or shorter than 0.5 s" and "unsure" alone dropped every real "Bye." and "Okay.".
+        if text in HALLUCINATIONS and hyp.confidence < 0.7 and speech_samples >= STOCK_PHRASE_MAX_S * SAMPLE_RATE:
             return True
         return False
