@@ -401,9 +401,11 @@ def test_jwt_issuer_checked_when_configured(store: KeyStore) -> None:
 
 @pytest.fixture
 async def jwt_server(tmp_path: Path, pool: Any, rsa_pem_path: str):
-    """The real service with API keys, HS256 and RS256 all accepted."""
+    """The real service with API keys, HS256 and RS256 all accepted; no authentication backoff
+    (the matrix sends dozens of refused credentials on purpose; the backoff is tested below)."""
     srv = await start_server(tmp_path / "data", pool, **{"auth.jwt_hs256_secret": HS_SECRET,
-                                                         "auth.jwt_rs256_public_key": rsa_pem_path})
+                                                         "auth.jwt_rs256_public_key": rsa_pem_path,
+                                                         "auth.failures_before_backoff": "0"})
     yield srv
     await srv.stop()
 

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import json_error, require_principal
+from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.auth import InsufficientCredits, Principal
 from bridge.calls import Call, credits_for
 from bridge.events.types import EventType
-from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
+from bridge.jobs.model import InvalidText, Job, JobSource, JobStatus, check_label, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import ENDPOINTING_RANGE, StreamerConfig
 
@@ -94,6 +94,12 @@ def job_ending(err: SessionError | None) -> tuple[JobStatus, dict[str, Any] | No
     return status, {"code": err.code.value, "message": err.message}
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value quoted in an error message, cut short: a refusal stays one short line."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _whisper_languages() -> frozenset[str]:
     import _pywhispercpp as pw
 
@@ -145,21 +151,22 @@ class StartConfig:
 
         if not isinstance(msg, dict) or msg.get("type") != "start":
             raise bad('the first frame must be a JSON text frame {"type": "start", ...}')
-        warnings = [f"unknown field {k!r} ignored" for k in sorted(set(msg) - _START_FIELDS)]
+        unknown = sorted(set(msg) - _START_FIELDS)
+        warnings = [f"unknown field {shown(k, 40)} ignored" for k in unknown[:20]]
 
         def typed(name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
             v = msg.get(name, default)
             if v is None:
                 return default
             if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-                raise bad(f"{name} must be {what}, got {json.dumps(v)}")
+                raise bad(f"{name} must be {what}, got {shown(v)}")
             return v
 
         language = typed("language", (str,), "en", 'a language code or "auto"').strip().lower()
         if language != "auto" and language not in _whisper_languages():
-            raise bad(f'language {language!r} is not a whisper language code (e.g. "en", "de") or "auto"')
+            raise bad(f'language {shown(language)} is not a whisper language code (e.g. "en", "de") or "auto"')
         if not multilingual and language not in ("en", "auto"):
-            raise bad(f'language {language!r} needs a multilingual model; this server runs an English-only '
+            raise bad(f'language {shown(language)} needs a multilingual model; this server runs an English-only '
                       f'model (use "en" or "auto", or start the server with --model base)')
         encoding = typed("encoding", (str,), "pcm_s16le", "a string")
         sample_rate = typed("sample_rate", (int,), 16000, "an integer (Hz)")
@@ -185,9 +192,13 @@ class StartConfig:
         speakers: tuple[str, ...] = tuple(f"ch{i}" for i in range(fmt.channels))
         if "speakers" in metadata:
             sp = metadata["speakers"]
-            if (not isinstance(sp, list) or len(sp) != fmt.channels
-                    or not all(isinstance(s, str) and s.strip() for s in sp)):
+            if not isinstance(sp, list) or len(sp) != fmt.channels:
                 raise bad(f"metadata.speakers must be a list of {fmt.channels} non-empty label(s), one per channel")
+            for i, label in enumerate(sp):
+                try:
+                    check_label(label, f"metadata.speakers[{i}]")
+                except InvalidText as e:
+                    raise bad(str(e)) from None
             if len(set(sp)) != len(sp):
                 raise bad("metadata.speakers labels must differ")
             speakers = tuple(s.strip() for s in sp)
@@ -202,9 +213,9 @@ class StartConfig:
 
 def _parse_text(data: str) -> dict[str, Any]:
     try:
-        msg = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise SessionError(ErrorCode.INVALID_CONFIG, f"malformed JSON in text frame: {e.msg} at char {e.pos}") from None
+        msg = parse_json(data)
+    except JsonInputError as e:
+        raise SessionError(ErrorCode.INVALID_CONFIG, f"text frame refused: {e}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise SessionError(ErrorCode.INVALID_CONFIG, 'a text frame must be a JSON object with a string "type"')
     return msg
@@ -501,7 +512,7 @@ def apply_control(call: Call, ctl: dict[str, Any]) -> bool:
         lo, hi = ENDPOINTING_RANGE
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise SessionError(ErrorCode.INVALID_CONFIG,
-                               f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {json.dumps(v)}")
+                               f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {shown(v)}")
         call.configure(v)
         call.log.info("configured", endpointing_ms=v)
         return False
@@ -510,7 +521,7 @@ def apply_control(call: Call, ctl: dict[str, Any]) -> bool:
     if kind == "start":
         raise SessionError(ErrorCode.INVALID_CONFIG, "start was already received; one start per session")
     raise SessionError(ErrorCode.INVALID_CONFIG,
-                       f"unknown frame type {kind!r}; expected keep_alive, force_endpoint, configure or end")
+                       f"unknown frame type {shown(kind)}; expected keep_alive, force_endpoint, configure or end")
 
 
 def wire_frame(event: Any, interim: bool) -> dict[str, Any] | None:
@@ -550,15 +561,20 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         resp = json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client")
         resp.headers["Upgrade"] = "websocket"
         return resp
-    await ws.prepare(request)
     session = StreamSession(svc, ws, principal)
     try:
+        await ws.prepare(request)
         await session.run()
     except asyncio.CancelledError:
         raise
     except Exception:  # noqa: BLE001
         log.exception("stream_handler_failed")
         await session._close(CLOSE_CODES[ErrorCode.INTERNAL], "INTERNAL")
+    finally:
+        if session.call is None and principal.token_hash is not None:
+            # a temporary token is claimed at the upgrade; no session opened (refused start, or the
+            # client left first), so it is given back for a retry
+            await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
     return ws
 
 
