@@ -19,9 +19,11 @@ import re
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import structlog
 
+from bridge.client.webrtc import WebRtcClient
 from bridge.jobs import export
 from bridge.jobs.model import Job, Segment
 from bridge.logs import configure_logging
@@ -283,6 +285,19 @@ async def test_hostile_control_frames_end_the_session_with_invalid_config(srv: A
             assert err["type"] == "error" and err["code"] == "INVALID_CONFIG", (name, err)
             job = srv.service.store.get_job(ready["job_id"])
             assert job.status.value == "failed" and job.error["code"] == "INVALID_CONFIG"
+    log.assert_no_traceback()
+
+
+async def test_hostile_json_on_the_webrtc_events_channel_ends_the_call_with_invalid_config(srv: Any, log: Log) -> None:
+    """The data channel takes the same control messages as the socket, through the same loader."""
+    for name, frame in [("deep_array", "[" * 5000 + "]" * 5000), ("huge_int", TEXT_FRAMES["huge_int"]),
+                        ("nan", '{"type": "configure", "endpointing_ms": NaN}')]:
+        async with WebRtcClient(srv.url, api_key=API_KEY, audio=np.zeros(16000, np.int16)) as c:
+            c.channel.send(frame)
+            events = [e async for e in c]
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "INVALID_CONFIG", (name, events[-1:])
+        job = srv.service.store.get_job(c.job_id)  # saved before the error was sent
+        assert job.status.value == "failed" and job.error["code"] == "INVALID_CONFIG", (name, job)
     log.assert_no_traceback()
 
 
