@@ -359,8 +359,9 @@ class KeyStore:
             if r is None:
                 raise AuthError("INVALID_CREDENTIALS", "unknown temporary token (mint one with POST /v1/tokens)")
             if r["used_at"] is not None:
-                raise AuthError("TOKEN_REUSED", "this temporary token was already used; "
-                                                "temporary tokens open one stream only, mint a new one")
+                raise AuthError("TOKEN_REUSED", "this temporary token was already used (or another connection is "
+                                                "opening a session with it); a temporary token opens one "
+                                                "session only, mint a new one")
             if r["expires_at"] <= now:
                 raise AuthError("TOKEN_EXPIRED", "this temporary token has expired; mint a new one")
             if r["revoked_at"] is not None:
