@@ -304,6 +304,21 @@ async def test_hostile_json_on_the_webrtc_events_channel_ends_the_call_with_inva
 # --------------------------------------------------------------------------- speaker labels and text
 
 
+async def test_oversized_start_values_are_refused_in_a_short_message(srv: Any, log: Log) -> None:
+    """A refusal quotes the value it refuses, cut short: a 100 kB field is not echoed (or logged) whole."""
+    async with aiohttp.ClientSession() as s:
+        for frame in ({"type": "start", "encoding": "e" * 100_000}, {"type": "start", "sample_rate": 10 ** 4000},
+                      {"type": "start", "language": "x" * 100_000}, {"type": "start", "channels": "2" * 100_000},
+                      {"type": "start", "word_boost": ["a\nb"]}, {"type": "start", "word_boost": ["\x00"]},
+                      {"type": "st" * 50_000}):
+            mark = log.mark()
+            err = await _refused_start(srv, s, json.dumps(frame))
+            assert err["code"] == "INVALID_CONFIG" and len(err["message"]) < 400, err["message"][:500]
+            (line,) = log.refusals(mark)
+            assert len(json.dumps(line)) < 1000
+    log.assert_no_traceback()
+
+
 async def test_bad_speaker_labels_are_refused_at_start(srv: Any, log: Log) -> None:
     async with aiohttp.ClientSession() as s:
         for name, label in BAD_LABELS.items():

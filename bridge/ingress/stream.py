@@ -29,7 +29,7 @@ from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.auth import InsufficientCredits, Principal
 from bridge.calls import Call, credits_for
 from bridge.events.types import EventType
-from bridge.jobs.model import InvalidText, Job, JobSource, JobStatus, check_label, new_job_id
+from bridge.jobs.model import InvalidText, Job, JobSource, JobStatus, check_label, is_unsafe_char, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import ENDPOINTING_RANGE, StreamerConfig
 
@@ -75,8 +75,13 @@ MAX_WORD_BOOST = 100
 MAX_METADATA_BYTES = 16384
 
 
+MAX_MESSAGE_CHARS = 300  # an error message quotes client values; it stays one short line
+
+
 class SessionError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -184,8 +189,10 @@ class StartConfig:
         if not lo <= endpointing <= hi:
             raise bad(f"endpointing_ms must be in {lo}..{hi}, got {endpointing}")
         boost = typed("word_boost", (list,), [], "a list of strings")
-        if len(boost) > MAX_WORD_BOOST or not all(isinstance(w, str) and 0 < len(w.strip()) <= 100 for w in boost):
-            raise bad(f"word_boost must be at most {MAX_WORD_BOOST} non-empty strings of up to 100 characters")
+        if len(boost) > MAX_WORD_BOOST or not all(isinstance(w, str) and 0 < len(w.strip()) <= 100
+                                                  and not any(is_unsafe_char(c) for c in w) for w in boost):
+            raise bad(f"word_boost must be at most {MAX_WORD_BOOST} non-empty strings of up to 100 characters, "
+                      "without control characters")
         metadata = typed("metadata", (dict,), {}, "a JSON object")
         if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             raise bad(f"metadata must be under {MAX_METADATA_BYTES} bytes of JSON")
