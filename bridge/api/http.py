@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -26,6 +27,11 @@ MAX_JSON_BYTES = 1 << 20
 class JsonInputError(ValueError):
     """Untrusted JSON refused: malformed, not UTF-8, too large, nested too deep, or holding a
     number JSON cannot carry (NaN, Infinity, 1e999, an integer of thousands of digits)."""
+
+
+# Only a number with 300+ digits or a 3-digit exponent can overflow a double; text without one
+# is parsed at C speed, text with one has every float checked.
+_HUGE_NUMBER = re.compile(r"[0-9]{300}|[eE][+-]?[0-9]{3}")
 
 
 def _no_constant(name: str) -> Any:
@@ -51,7 +57,7 @@ def _check_depth(value: Any, max_depth: int) -> None:
             continue
         if depth > max_depth:
             raise JsonInputError(f"nested deeper than {max_depth} levels")
-        stack.extend((c, depth + 1) for c in children)
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def parse_json(data: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -68,7 +74,8 @@ def parse_json(data: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth:
         except UnicodeDecodeError as e:
             raise JsonInputError(f"not UTF-8 (byte {e.start})") from None
     try:
-        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+        value = json.loads(data, parse_constant=_no_constant,
+                           parse_float=_finite if _HUGE_NUMBER.search(data) else None)
     except JsonInputError:
         raise
     except json.JSONDecodeError as e:
@@ -77,7 +84,8 @@ def parse_json(data: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth:
         raise JsonInputError(f"nested deeper than {max_depth} levels") from None
     except ValueError as e:  # an integer beyond int_max_str_digits
         raise JsonInputError(f"malformed JSON: {str(e)[:80]}") from None
-    _check_depth(value, max_depth)
+    if data.count("[") + data.count("{") > max_depth:  # fewer brackets than that cannot nest deeper
+        _check_depth(value, max_depth)
     return value
 
 
