@@ -33,6 +33,7 @@ from bridge.auth import (
     bootstrap_key,
     key_id_for,
 )
+from bridge.backoff import source_of
 from bridge.config import AuthConfig
 from tests.serving import API_KEY, OTHER_KEY, start_server
 
@@ -783,3 +784,11 @@ async def test_failed_authentication_backs_off_per_source(backoff_server: Any) -
     assert 'callbridge_auth_failures_total{code="RATE_LIMITED"} 5.0' in metrics, metrics
     assert 'callbridge_auth_failures_total{code="INVALID_CREDENTIALS"} 14.0' in metrics
     assert 'callbridge_auth_failures_total{code="UNAUTHORIZED"} 5.0' in metrics
+
+
+def test_backoff_sources_group_an_ipv6_host_by_its_64() -> None:
+    """One IPv6 host usually holds a whole /64: rotating addresses within it does not reset the count."""
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff:ffff:ffff:fffe") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("fe80::1%eth0") == "fe80::/64" and source_of(None) == "unknown"
