@@ -9,8 +9,10 @@ Three kinds of credential reach the service:
   `exp` and `sub` are required, `nbf` and `aud` (and `iss` when configured) are checked; the
   owner is `jwt:<sub>`, never limited by credits.
 - Temporary tokens (`cbt_...`) minted by `POST /v1/tokens` with an API key, so a browser can open
-  one stream without ever holding the key. Single use, short-lived, only for opening streams;
-  their principal is the key that minted them.
+  one ingest session (stream socket or WebRTC offer) without ever holding the key. Single use,
+  short-lived, refused everywhere else without being spent; their principal is the key that
+  minted them. The ingest route claims the token when it authenticates and gives it back
+  (`release_temp_token`) when no session opened: a refused `start` or offer does not burn it.
 
 `KeyStore` keeps keys, tokens and credit reservations in the service's SQLite database (its own
 tables, next to the job store's). `Authenticator` turns a request into a `Principal` or raises
@@ -27,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from bridge.backoff import AuthBackoff
 from bridge.db import Tx as _Tx
 from bridge.db import connect
 
@@ -62,6 +65,7 @@ KEY_FILE_NAME = "api_key"  # the generated key, in the data dir
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key MUST be at least 256 bits
 MIN_RSA_BITS = 2048
 MIN_CONFIG_KEY_CHARS = 16
+MAX_CREDENTIAL_CHARS = 8192  # far above any key, token or JWT of ours; keeps hashing and parsing bounded
 JWT_ALGORITHMS = ("HS256", "RS256")
 # A spent or expired token row is kept this long so a replay is told "reused"/"expired",
 # not just "invalid"; older rows are purged when new tokens are minted.
@@ -78,6 +82,9 @@ class Principal:
     kind: str  # "api_key" | "jwt" | "temp_token"
     key_id: str | None = None  # the API key behind it (temp tokens: the key that minted them)
     subject: str | None = None  # JWT `sub`
+    # temporary tokens: the hash of the token (not a credential), so an ingest route that claimed it
+    # can give it back when no session opened
+    token_hash: str | None = field(default=None, compare=False, repr=False)
 
 
 class AuthError(Exception):
@@ -352,8 +359,9 @@ class KeyStore:
             if r is None:
                 raise AuthError("INVALID_CREDENTIALS", "unknown temporary token (mint one with POST /v1/tokens)")
             if r["used_at"] is not None:
-                raise AuthError("TOKEN_REUSED", "this temporary token was already used; "
-                                                "temporary tokens open one stream only, mint a new one")
+                raise AuthError("TOKEN_REUSED", "this temporary token was already used (or another connection is "
+                                                "opening a session with it); a temporary token opens one "
+                                                "session only, mint a new one")
             if r["expires_at"] <= now:
                 raise AuthError("TOKEN_EXPIRED", "this temporary token has expired; mint a new one")
             if r["revoked_at"] is not None:
@@ -361,6 +369,14 @@ class KeyStore:
             if spend:
                 self._db.execute("UPDATE temp_tokens SET used_at = ? WHERE token_hash = ?", (now, hash_secret(token)))
         return r["key_id"]
+
+    def release_temp_token(self, token_hash: str) -> None:
+        """Give back a token that an ingest route claimed (spent) but that opened no session: its
+        `start` or offer was refused, or the client left before sending one. Only the claimer
+        calls this (a concurrent use was refused as reused), so the token is usable again until
+        it expires."""
+        with self._lock, _Tx(self._db):
+            self._db.execute("UPDATE temp_tokens SET used_at = NULL WHERE token_hash = ?", (token_hash,))
 
     # -- credits -------------------------------------------------------------------------------
 
@@ -446,6 +462,17 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return cred.strip()
 
 
+def _plausible(cred: str, source: str) -> str:
+    """Refuse what no key, token or JWT can be before anything parses or hashes it: non-ASCII or
+    unprintable characters (a header byte aiohttp decoded as a surrogate cannot even be hashed)
+    and implausible lengths."""
+    if len(cred) > MAX_CREDENTIAL_CHARS:
+        raise AuthError("INVALID_CREDENTIALS", f"the credential in the {source} is over {MAX_CREDENTIAL_CHARS} characters")
+    if not (cred.isascii() and cred.isprintable()):
+        raise AuthError("INVALID_CREDENTIALS", f"the credential in the {source} is not printable ASCII")
+    return cred
+
+
 class Authenticator:
     """Turns a request's credential into a Principal, or raises AuthError (401).
 
@@ -471,6 +498,7 @@ class Authenticator:
             self._jwt_keys["HS256"] = secret
         if config.jwt_rs256_public_key:
             self._jwt_keys["RS256"] = _load_rsa_public_key(config.jwt_rs256_public_key)
+        self.backoff = AuthBackoff(config)  # consulted by the HTTP layer, on the event loop
 
     @property
     def jwt_algorithms(self) -> tuple[str, ...]:
@@ -480,17 +508,17 @@ class Authenticator:
         """The caller of `request` (an aiohttp Request; only headers and query are read).
 
         `allow_temp=False` refuses temporary tokens without spending them: they are for
-        opening streams, and a REST call (or a retry of one) would otherwise burn them.
+        opening ingest sessions, and any other call (or a retry of one) would otherwise burn them.
         `spend_temp=False` checks a temporary token without spending it."""
         cred, source = self._credential(request)
         if _JWT_SHAPE.match(cred):
             return self._jwt(cred, source)
         if cred.startswith(TEMP_PREFIX):
             if not allow_temp:
-                raise AuthError("TEMP_TOKEN_NOT_ALLOWED", "temporary tokens only open streams "
-                                "(GET /v1/transcription/stream); use an API key or a JWT here")
+                raise AuthError("TEMP_TOKEN_NOT_ALLOWED", "temporary tokens only open an ingest session "
+                                "(GET /v1/transcription/stream, POST /v1/webrtc/offer); use an API key or a JWT here")
             key_id = self.keys.consume_temp_token(cred, spend=spend_temp)
-            return Principal(owner=key_id, kind="temp_token", key_id=key_id)
+            return Principal(owner=key_id, kind="temp_token", key_id=key_id, token_hash=hash_secret(cred))
         key = self.keys.verify_key(cred)
         if key is None:
             raise AuthError("INVALID_CREDENTIALS", f"the API key in the {source} is not valid")
@@ -502,25 +530,33 @@ class Authenticator:
     def _credential(request: Any) -> tuple[str, str]:
         cred = _bearer(request.headers)
         if cred is not None:
-            return cred, "Authorization header"
+            return _plausible(cred, "Authorization header"), "Authorization header"
         for param in ("api_key", "token"):
             value = request.query.get(param)
             if value is not None:
                 if not value.strip():
                     raise AuthError("UNAUTHORIZED", f"the {param} parameter is empty")
-                return value.strip(), f"{param} parameter"
+                return _plausible(value.strip(), f"{param} parameter"), f"{param} parameter"
         raise AuthError("UNAUTHORIZED", "no credentials: send 'Authorization: Bearer <API key or token>', "
                                         "or ?api_key=KEY or ?token=TOKEN")
 
     def _jwt(self, token: str, source: str) -> Principal:
+        # PyJWT refuses odd `kid`/`crit`/`b64` values with InvalidTokenError (not DecodeError), and
+        # its json.loads raises RecursionError on a deeply nested header: every one is a 401.
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
             raise AuthError("INVALID_CREDENTIALS", f"the JWT in the {source} is malformed "
                                                    "(its header is not base64url JSON)") from None
+        except jwt.InvalidTokenError as e:
+            raise AuthError("INVALID_CREDENTIALS", f"the JWT header is refused: {str(e)[:120]}") from None
+        except (RecursionError, ValueError, TypeError):
+            raise AuthError("INVALID_CREDENTIALS", f"the JWT in the {source} is malformed "
+                                                   "(its header is not a plain JSON object)") from None
         alg = header.get("alg")
-        if alg not in JWT_ALGORITHMS:
-            raise AuthError("INVALID_CREDENTIALS", f"JWT algorithm {alg!r} is not accepted; only HS256 and RS256 are")
+        if not isinstance(alg, str) or alg not in JWT_ALGORITHMS:
+            raise AuthError("INVALID_CREDENTIALS", f"JWT algorithm {repr(alg)[:40]} is not accepted; "
+                                                   "only HS256 and RS256 are")
         key = self._jwt_keys.get(alg)
         if key is None:
             setting = "auth.jwt_hs256_secret" if alg == "HS256" else "auth.jwt_rs256_public_key"
@@ -542,7 +578,9 @@ class Authenticator:
         except jwt.InvalidSignatureError:
             raise AuthError("INVALID_CREDENTIALS", f"the JWT signature does not verify with the {alg} key") from None
         except jwt.InvalidTokenError as e:
-            raise AuthError("INVALID_CREDENTIALS", f"the JWT is invalid: {e}") from None
+            raise AuthError("INVALID_CREDENTIALS", f"the JWT is invalid: {str(e)[:120]}") from None
+        except (RecursionError, ValueError, TypeError):  # a payload PyJWT's json.loads cannot take
+            raise AuthError("INVALID_CREDENTIALS", "the JWT is malformed (its claims are not a plain JSON object)") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip():
             raise AuthError("INVALID_CREDENTIALS", "the JWT 'sub' claim must be a non-empty string")

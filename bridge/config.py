@@ -168,6 +168,11 @@ class AuthConfig:
     jwt_audience: str = _f("callbridge", "required `aud` claim of JWTs")
     jwt_issuer: str = _f("", "required `iss` claim of JWTs; empty: any issuer")
     jwt_leeway_s: float = _f(30.0, "clock skew allowed on exp/nbf", min=0)
+    failures_before_backoff: int = _f(10, "refused credentials one address may send within failure_window_s "
+                                          "before it gets 429; 0 = no backoff", min=0)
+    failure_window_s: float = _f(60.0, "the window failed authentications are counted in", gt=0)
+    backoff_initial_s: float = _f(2.0, "first block of an address; each further one doubles", gt=0)
+    backoff_max_s: float = _f(300.0, "longest block of an address", gt=0)
 
 
 @dataclass(frozen=True)

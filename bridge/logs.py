@@ -17,6 +17,7 @@ import sys
 from typing import IO, Any, Iterator
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _HANDLER_FLAG = "_callbridge_handler"
 
@@ -31,6 +32,23 @@ def _shared_processors() -> list[Any]:
         structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.StackInfoRenderer(),
     ]
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header line over 8190 bytes, bytes that are not
+    HTTP) at error level with a traceback. The fault is the client's, and anyone can send one:
+    make it one info line naming the problem, so hostile traffic cannot fill the log with
+    tracebacks (the client still gets aiohttp's 400)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: malformed request ({type(exc).__name__}, {getattr(exc, 'code', 400)})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def configure_logging(fmt: str = "console", level: str = "info", stream: IO[str] | None = None) -> None:
@@ -60,6 +78,10 @@ def configure_logging(fmt: str = "console", level: str = "info", stream: IO[str]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     setattr(handler, _HANDLER_FLAG, True)
+
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequestFilter) for f in server.filters):
+        server.addFilter(_MalformedRequestFilter())
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_FLAG, False)]:

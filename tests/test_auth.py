@@ -33,6 +33,7 @@ from bridge.auth import (
     bootstrap_key,
     key_id_for,
 )
+from bridge.backoff import source_of
 from bridge.config import AuthConfig
 from tests.serving import API_KEY, OTHER_KEY, start_server
 
@@ -401,9 +402,11 @@ def test_jwt_issuer_checked_when_configured(store: KeyStore) -> None:
 
 @pytest.fixture
 async def jwt_server(tmp_path: Path, pool: Any, rsa_pem_path: str):
-    """The real service with API keys, HS256 and RS256 all accepted."""
+    """The real service with API keys, HS256 and RS256 all accepted; no authentication backoff
+    (the matrix sends dozens of refused credentials on purpose; the backoff is tested below)."""
     srv = await start_server(tmp_path / "data", pool, **{"auth.jwt_hs256_secret": HS_SECRET,
-                                                         "auth.jwt_rs256_public_key": rsa_pem_path})
+                                                         "auth.jwt_rs256_public_key": rsa_pem_path,
+                                                         "auth.failures_before_backoff": "0"})
     yield srv
     await srv.stop()
 
@@ -642,3 +645,150 @@ async def test_plain_get_of_stream_url_does_not_spend_a_temp_token(server):
             await ws.send_json({"type": "end"})
         async with http.get(f"{server.ws_url}?token={token}") as r:  # now spent: 401 says why
             assert r.status == 401 and (await r.json())["error"]["code"] == "TOKEN_REUSED"
+
+
+# --------------------------------------------------------------------------- temporary tokens: one ingest session
+
+
+async def test_temp_token_is_refused_on_event_routes_and_not_spent(server: Any) -> None:
+    """A token opens one ingest session; the live event routes (which would show every session of
+    the key) refuse it with 401 whatever else is wrong with the request, and do not spend it."""
+    async with aiohttp.ClientSession() as s:
+        token = await _mint(s, server)
+        # another session of the same key, live while the token is tried on its events
+        async with s.ws_connect(server.ws_url, params={"api_key": API_KEY}) as live:
+            await live.send_json({"type": "start"})
+            job_id = (await live.receive_json(timeout=15))["job_id"]
+            for path, extra in [("/v1/events", {}), ("/v1/events", {"types": "bogus", "source": "nope"}),
+                                (f"/v1/calls/{job_id}/events", {}), (f"/v1/calls/{job_id}/events", {"after": "x"}),
+                                ("/v1/calls/job_unknown/events", {})]:
+                url = f"{server.url}{path}"
+                async with s.get(url, params={"token": token, **extra}) as r:  # a plain GET
+                    assert r.status == 401 and r.content_type == "application/json", (path, r.status)
+                    assert (await r.json())["error"]["code"] == "TEMP_TOKEN_NOT_ALLOWED"
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    async with s.ws_connect(url, params=extra, headers={"Authorization": f"Bearer {token}"}):
+                        pass
+                assert e.value.status == 401, path
+            await live.send_json({"type": "end"})
+        # none of that spent it
+        assert await _stream_owner(s, server, {"token": token}) == key_id_for(API_KEY)
+        await _expect_401(s, server, "TOKEN_REUSED", {"token": token}, secret=token)
+
+
+async def test_ingest_refused_before_the_session_opens_does_not_spend_the_token(server: Any) -> None:
+    """The stream socket claims the token at the upgrade (a concurrent use is 401 TOKEN_REUSED) and
+    gives it back when no session opens: a refused `start`, a client gone before `start`. A WebRTC
+    offer claims it only once the offer is valid and gives it back when the call cannot open."""
+    async with aiohttp.ClientSession() as s:
+        token = await _mint(s, server)
+        params = {"token": token}
+        async with s.ws_connect(server.ws_url, params=params) as ws:
+            # while this socket holds the claim, another handshake with the token is refused
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                async with s.ws_connect(server.ws_url, params=params):
+                    pass
+            assert e.value.status == 401
+            await ws.send_json({"type": "start", "sample_rate": "fast"})
+            err = await ws.receive_json(timeout=15)
+            assert err["code"] == "INVALID_CONFIG"
+        async with s.ws_connect(server.ws_url, params=params) as ws:
+            await ws.send_bytes(b"\x00\x00")  # audio before start: refused
+            assert (await ws.receive_json(timeout=15))["code"] == "INVALID_CONFIG"
+        async with s.ws_connect(server.ws_url, params=params) as ws:
+            pass  # gone before start
+        offer = {"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}
+        for body in ({**offer, "config": {"endpointing_ms": -1}},  # refused by validation
+                     offer):  # valid JSON, refused by the WebRTC stack after the token was claimed
+            async with s.post(f"{server.url}/v1/webrtc/offer", params=params, json=body) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == "INVALID_CONFIG", await r.text()
+        # after all that, the token still opens its one session, and only one
+        assert await _stream_owner(s, server, params) == key_id_for(API_KEY)
+        await _expect_401(s, server, "TOKEN_REUSED", params, secret=token)
+        async with s.post(f"{server.url}/v1/webrtc/offer", params=params, json=offer) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "TOKEN_REUSED"
+    assert len(server.service.store.list_jobs(limit=100)[0]) == 1
+
+
+# --------------------------------------------------------------------------- backoff after failed authentication
+
+
+async def _status(session: aiohttp.ClientSession, srv: Any, key: str | None) -> tuple[int, dict, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with session.get(f"{srv.url}/v1/jobs", headers=headers) as r:
+        return r.status, await r.json(), r.headers
+
+
+@pytest.fixture
+async def backoff_server(tmp_path: Path, pool: Any):
+    srv = await start_server(tmp_path / "data", pool, **{
+        "auth.failures_before_backoff": "3", "auth.failure_window_s": "60",
+        "auth.backoff_initial_s": "10", "auth.backoff_max_s": "25"})
+    srv.service.auth.backoff.clock = Clock(1000.0)  # time moves when the test says so
+    yield srv
+    await srv.stop()
+
+
+def _from(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any 127.x.y.z is this machine's loopback)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0), force_close=True))
+
+
+async def test_failed_authentication_backs_off_per_source(backoff_server: Any) -> None:
+    srv = backoff_server
+    clock = srv.service.auth.backoff.clock
+    wrong = "cbk_wrong_key_guess_0000000000000000"
+    async with _from("127.0.0.1") as a, _from("127.0.0.2") as b, _from("127.0.0.3") as c:
+        for _ in range(3):  # the third failure starts a 10 s block
+            status, body, _h = await _status(a, srv, wrong)
+            assert status == 401 and body["error"]["code"] == "INVALID_CREDENTIALS"
+        status, body, headers = await _status(a, srv, wrong)
+        assert status == 429 and headers["Retry-After"] == "10", (status, body)
+        assert body["error"]["code"] == "RATE_LIMITED" and body["error"]["retry_after_s"] == 10
+        # while blocked, the address gets 429 before its credential is looked at, valid or not ...
+        assert (await _status(a, srv, API_KEY))[0] == 429
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            async with a.ws_connect(srv.ws_url, params={"api_key": API_KEY}):
+                pass
+        assert e.value.status == 429 and e.value.headers["Retry-After"] == "10"
+        # ... and a valid key from another address is not affected at all
+        assert (await _status(b, srv, API_KEY))[0] == 200
+        assert await _stream_owner(b, srv, {"api_key": API_KEY}) == key_id_for(API_KEY)
+        assert (await _status(b, srv, wrong))[0] == 401  # b has its own count: 1 of 3
+        # requests without a credential guess nothing and are not counted
+        for _ in range(5):
+            assert (await _status(c, srv, None))[1]["error"]["code"] == "UNAUTHORIZED"
+        assert (await _status(c, srv, API_KEY))[0] == 200
+
+        clock.now += 10  # the block is over: the valid key works from a again
+        assert (await _status(a, srv, API_KEY))[0] == 200
+        for _ in range(3):
+            assert (await _status(a, srv, wrong))[0] == 401
+        status, _b, headers = await _status(a, srv, wrong)
+        assert status == 429 and headers["Retry-After"] == "20"  # the next block doubles
+        clock.now += 20
+        for _ in range(3):
+            assert (await _status(a, srv, wrong))[0] == 401
+        assert (await _status(a, srv, wrong))[2]["Retry-After"] == "25"  # capped at backoff_max_s
+
+        # failures further apart than the window do not add up
+        for _ in range(2):
+            assert (await _status(b, srv, wrong))[0] == 401  # b: 3 failures, but the first is ...
+        clock.now += 25 + 61  # ... and these two are now more than a window old
+        for _ in range(2):
+            assert (await _status(b, srv, wrong))[0] == 401
+        assert (await _status(b, srv, API_KEY))[0] == 200
+
+    async with aiohttp.ClientSession() as s, s.get(f"{srv.url}/metrics") as r:
+        metrics = await r.text()
+    assert 'callbridge_auth_failures_total{code="RATE_LIMITED"} 5.0' in metrics, metrics
+    assert 'callbridge_auth_failures_total{code="INVALID_CREDENTIALS"} 14.0' in metrics
+    assert 'callbridge_auth_failures_total{code="UNAUTHORIZED"} 5.0' in metrics
+
+
+def test_backoff_sources_group_an_ipv6_host_by_its_64() -> None:
+    """One IPv6 host usually holds a whole /64: rotating addresses within it does not reset the count."""
+    assert source_of("2001:db8:1:2::1") == source_of("2001:db8:1:2:ffff:ffff:ffff:fffe") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") != source_of("2001:db8:1:2::1")
+    assert source_of("::ffff:192.0.2.7") == source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("fe80::1%eth0") == "fe80::/64" and source_of(None) == "unknown"

@@ -162,7 +162,7 @@ class _Feed:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     svc = service_of(request)
-    principal = await require_principal(request, allow_temp=True)
+    principal = await require_principal(request)  # temporary tokens: refused, not spent
     job_id = request.match_info["job_id"]
     after_raw = request.query.get("after")
     try:
@@ -237,7 +237,7 @@ def _choices(request: web.Request, name: str, phrase: str, allowed: list[str]) -
 
 async def all_events(request: web.Request) -> web.StreamResponse:
     svc = service_of(request)
-    principal = await require_principal(request, allow_temp=True)
+    principal = await require_principal(request)  # temporary tokens: refused, not spent
     sources = _choices(request, "source", "must be one of", [s.value for s in JobSource])
     types = _choices(request, "types", "must be among", sorted(t.value for t in LIVE_TYPES))
     ws = await _prepare(request)

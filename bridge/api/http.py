@@ -1,21 +1,99 @@
-"""Shared HTTP plumbing: JSON errors (every 4xx/5xx has a JSON body) and the caller's identity."""
+"""Shared HTTP plumbing: JSON errors (every 4xx/5xx has a JSON body), the caller's identity,
+and the one loader for untrusted JSON (REST bodies, socket and data channel frames)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from bridge.auth import AuthError, Principal
+from bridge.backoff import COUNTED_CODES, source_of
 from bridge.logs import get_logger
 from bridge.storage import is_storage_full
 
 if TYPE_CHECKING:
     from bridge.service import Service
 
-
 log = get_logger("bridge.api.http")
+
+MAX_JSON_DEPTH = 32  # arrays/objects inside each other; no body or frame of ours needs more than 4
+MAX_JSON_BYTES = 1 << 20
+
+
+class JsonInputError(ValueError):
+    """Untrusted JSON refused: malformed, not UTF-8, too large, nested too deep, or holding a
+    number JSON cannot carry (NaN, Infinity, 1e999, an integer of thousands of digits)."""
+
+
+# Only a number with 300+ digits or a 3-digit exponent can overflow a double; text without one
+# is parsed at C speed, text with one has every float checked.
+_HUGE_NUMBER = re.compile(r"[0-9]{300}|[eE][+-]?[0-9]{3}")
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonInputError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonInputError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _check_depth(value: Any, max_depth: int) -> None:
+    stack = [(value, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children: Any = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if depth > max_depth:
+            raise JsonInputError(f"nested deeper than {max_depth} levels")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
+def parse_json(data: str | bytes, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode untrusted JSON, or raise JsonInputError with a short message saying why.
+
+    Every JSON a client sends goes through here (REST bodies, `start` and control frames, the
+    WebRTC offer and data channel): `json.loads` alone raises RecursionError on deep nesting,
+    ValueError on huge integers and returns inf/NaN, each of which became a 500 or a traceback."""
+    if len(data) > max_bytes:
+        raise JsonInputError(f"over {max_bytes} bytes")
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JsonInputError(f"not UTF-8 (byte {e.start})") from None
+    try:
+        value = json.loads(data, parse_constant=_no_constant,
+                           parse_float=_finite if _HUGE_NUMBER.search(data) else None)
+    except JsonInputError:
+        raise
+    except json.JSONDecodeError as e:
+        raise JsonInputError(f"malformed JSON: {e.msg} at char {e.pos}") from None
+    except RecursionError:
+        raise JsonInputError(f"nested deeper than {max_depth} levels") from None
+    except ValueError as e:  # an integer beyond int_max_str_digits
+        raise JsonInputError(f"malformed JSON: {str(e)[:80]}") from None
+    if data.count("[") + data.count("{") > max_depth:  # fewer brackets than that cannot nest deeper
+        _check_depth(value, max_depth)
+    return value
+
+
+def client_source(request: web.Request) -> str:
+    """Who is on the other end, for the authentication backoff (bridge.backoff.source_of)."""
+    return source_of(request.remote)
+
 
 _REASON_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 
@@ -54,7 +132,9 @@ def json_error(status: int, code: str, message: str, **extra: Any) -> web.Respon
 
 
 def http_error(cls: type[web.HTTPException], code: str, message: str) -> web.HTTPException:
-    """An aiohttp exception carrying our JSON body, for raising from deep inside a handler."""
+    """An aiohttp exception carrying our JSON body, for raising from deep inside a handler.
+    Every refusal built here is logged in one line (info: the client's mistake, not ours)."""
+    log.info("request_refused", status=cls.status_code, code=code, message=message[:300])
     return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json")
 
 
@@ -70,31 +150,52 @@ def bad_request(message: str) -> web.HTTPException:
     return http_error(web.HTTPBadRequest, "INVALID_REQUEST", message)
 
 
+def _throttled(retry_after: int) -> web.HTTPException:
+    body = {"error": {"code": "RATE_LIMITED", "retry_after_s": retry_after,
+                      "message": f"too many failed authentications from this address; retry in {retry_after} s"}}
+    return web.HTTPTooManyRequests(text=json.dumps(body), content_type="application/json",
+                                   headers={"Retry-After": str(retry_after)})
+
+
 async def require_principal(request: web.Request, *, allow_temp: bool = False,
                             spend_temp: bool = True) -> Principal:
-    """Authenticate or raise 401 with a JSON body (counted in callbridge_auth_failures), before
-    any WebSocket upgrade. REST calls never take single-use tokens: those exist for browsers
-    opening sockets, and a REST call would burn them; `spend_temp=False` checks one without
+    """Authenticate or raise 401 with a JSON body, before any WebSocket upgrade; 429 (with
+    Retry-After) while the caller's address is in authentication backoff (bridge/backoff.py).
+    Both are counted in callbridge_auth_failures{code} and logged in one line.
+
+    Only the ingest routes take single-use tokens (`allow_temp`): a token opens one session, and
+    any other route refuses it without spending it; `spend_temp=False` checks one without
     spending it. The key lookup reads SQLite, so it runs in a thread: a slow disk must not
     stall live calls' events."""
-    import asyncio
-
     svc = service_of(request)
+    backoff = svc.auth.backoff
+    source = client_source(request)
+    wait = backoff.retry_after(source)
+    if wait:
+        svc.metrics.auth_failures.labels("RATE_LIMITED").inc()
+        # debug: a guesser hammering a blocked address must not flood the log (the block's start is a warning)
+        log.debug("auth_throttled", source=source, path=request.path, retry_after_s=wait)
+        raise _throttled(wait)
     try:
         return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=allow_temp,
                                        spend_temp=spend_temp)
     except AuthError as e:
         svc.metrics.auth_failures.labels(e.code).inc()
+        blocked = backoff.failed(source) if e.code in COUNTED_CODES else 0
+        if blocked:
+            log.warning("auth_backoff", source=source, path=request.path, code=e.code, blocked_s=blocked)
+        else:
+            log.info("auth_refused", source=source, path=request.path, code=e.code)
         raise web.HTTPUnauthorized(text=json.dumps(e.to_dict()), content_type="application/json",
                                    headers={"WWW-Authenticate": "Bearer"}) from None
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or 400 with a JSON body saying why."""
+    """The request body as JSON (bounded by `parse_json`), or 400 INVALID_REQUEST saying why."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise http_error(web.HTTPBadRequest, "INVALID_REQUEST", f"body is not valid JSON: {e}") from None
+        return parse_json(await request.read())
+    except JsonInputError as e:
+        raise bad_request(f"the body is not acceptable JSON: {e}") from None
 
 
 def limit_param(query: Any, default: int, maximum: int) -> int:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from bridge.api.http import bad_request, http_error, json_error, limit_param, read_json, require_principal, service_of
 from bridge.jobs import export
-from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+from bridge.jobs.model import MAX_LABEL_CHARS, InvalidText, Job, JobSource, JobStatus, Segment, check_label, check_text
 from bridge.logs import get_logger
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LABEL_CHARS", "MAX_LIMIT", "add_routes", "parse_since"]
@@ -27,7 +27,6 @@ log = get_logger("bridge.api.jobs")
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
-MAX_LABEL_CHARS = 100  # speaker labels end up in subtitle cues; keep them label-sized
 _EXTENSIONS = {"json": "json", "txt": "txt", "srt": "srt", "vtt": "vtt"}
 
 
@@ -174,7 +173,7 @@ def _validate_patch(body: Any, job: Job, segs: list[Segment]) -> tuple[list[dict
         raise bad_request("body must be a JSON object with `segments` and/or `speakers`")
     unknown = set(body) - {"segments", "speakers"}
     if unknown:
-        raise bad_request(f"unknown fields {sorted(unknown)}; expected `segments` and/or `speakers`")
+        raise bad_request(f"unknown fields {_names(unknown)}; expected `segments` and/or `speakers`")
     edits = body.get("segments") or []
     renames = body.get("speakers") or {}
     if not isinstance(edits, list):
@@ -192,7 +191,7 @@ def _validate_patch(body: Any, job: Job, segs: list[Segment]) -> tuple[list[dict
             raise bad_request(f"{where} must be an object")
         extra = set(e) - {"id", "text", "speaker"}
         if extra:
-            raise bad_request(f"{where} has unknown fields {sorted(extra)}")
+            raise bad_request(f"{where} has unknown fields {_names(extra)}")
         sid = e.get("id")
         if not isinstance(sid, int) or isinstance(sid, bool):
             raise bad_request(f"{where}.id must be an integer segment id")
@@ -203,24 +202,30 @@ def _validate_patch(body: Any, job: Job, segs: list[Segment]) -> tuple[list[dict
         seen.add(sid)
         if "text" not in e and "speaker" not in e:
             raise bad_request(f"{where} changes nothing: give `text` and/or `speaker`")
-        if "text" in e and not isinstance(e["text"], str):
-            raise bad_request(f"{where}.text must be a string")
+        if "text" in e:
+            _checked(check_text, e["text"], f"{where}.text")
         if "speaker" in e:
-            _check_label(e["speaker"], f"{where}.speaker")
+            _checked(check_label, e["speaker"], f"{where}.speaker")
 
     labels = set(job.speakers) | {s.speaker for s in segs}
     for old, new in renames.items():
         if old not in labels:
-            raise bad_request(f"speakers: {old!r} is not a speaker label of job {job.id} (labels: {sorted(labels)})")
-        _check_label(new, f"speakers[{old!r}]")
+            raise bad_request(f"speakers: {old[:40]!r} is not a speaker label of job {job.id} (labels: {sorted(labels)})")
+        _checked(check_label, new, f"speakers[{old[:40]!r}]")
     return edits, renames
 
 
-def _check_label(value: Any, where: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise bad_request(f"{where} must be a non-empty string")
-    if len(value) > MAX_LABEL_CHARS or any(c in value for c in "\r\n\t"):
-        raise bad_request(f"{where} must be one line of at most {MAX_LABEL_CHARS} characters")
+def _names(keys: set[str]) -> list[str]:
+    """Client-chosen field names for an error message, cut short: a refusal stays one short line."""
+    return sorted(k[:40] for k in keys)[:10]
+
+
+def _checked(check: Any, value: Any, where: str) -> None:
+    """Run a bridge.jobs.model text check; its refusal becomes a 400 naming the field."""
+    try:
+        check(value, where)
+    except InvalidText as e:
+        raise bad_request(str(e)) from None
 
 
 def _apply_patch(store: Any, job_id: str, edits: list[dict[str, Any]], renames: dict[str, str]) -> None:

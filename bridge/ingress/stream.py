@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import json_error, require_principal
+from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.auth import InsufficientCredits, Principal
 from bridge.calls import Call, credits_for
 from bridge.events.types import EventType
-from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
+from bridge.jobs.model import InvalidText, Job, JobSource, JobStatus, check_label, is_unsafe_char, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import ENDPOINTING_RANGE, StreamerConfig
 from bridge.storage import StorageFull, is_storage_full
@@ -78,8 +78,13 @@ MAX_WORD_BOOST = 100
 MAX_METADATA_BYTES = 16384
 
 
+MAX_MESSAGE_CHARS = 300  # an error message quotes client values; it stays one short line
+
+
 class SessionError(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -106,6 +111,12 @@ def job_ending(err: SessionError | None) -> tuple[JobStatus, dict[str, Any] | No
         return JobStatus.COMPLETED, None
     status = JobStatus.COMPLETED if err.code in _COMPLETING else JobStatus.FAILED
     return status, {"code": err.code.value, "message": err.message}
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value quoted in an error message, cut short: a refusal stays one short line."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _whisper_languages() -> frozenset[str]:
@@ -159,21 +170,22 @@ class StartConfig:
 
         if not isinstance(msg, dict) or msg.get("type") != "start":
             raise bad('the first frame must be a JSON text frame {"type": "start", ...}')
-        warnings = [f"unknown field {k!r} ignored" for k in sorted(set(msg) - _START_FIELDS)]
+        unknown = sorted(set(msg) - _START_FIELDS)
+        warnings = [f"unknown field {shown(k, 40)} ignored" for k in unknown[:20]]
 
         def typed(name: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
             v = msg.get(name, default)
             if v is None:
                 return default
             if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-                raise bad(f"{name} must be {what}, got {json.dumps(v)}")
+                raise bad(f"{name} must be {what}, got {shown(v)}")
             return v
 
         language = typed("language", (str,), "en", 'a language code or "auto"').strip().lower()
         if language != "auto" and language not in _whisper_languages():
-            raise bad(f'language {language!r} is not a whisper language code (e.g. "en", "de") or "auto"')
+            raise bad(f'language {shown(language)} is not a whisper language code (e.g. "en", "de") or "auto"')
         if not multilingual and language not in ("en", "auto"):
-            raise bad(f'language {language!r} needs a multilingual model; this server runs an English-only '
+            raise bad(f'language {shown(language)} needs a multilingual model; this server runs an English-only '
                       f'model (use "en" or "auto", or start the server with --model base)')
         encoding = typed("encoding", (str,), "pcm_s16le", "a string")
         sample_rate = typed("sample_rate", (int,), 16000, "an integer (Hz)")
@@ -191,17 +203,23 @@ class StartConfig:
         if not lo <= endpointing <= hi:
             raise bad(f"endpointing_ms must be in {lo}..{hi}, got {endpointing}")
         boost = typed("word_boost", (list,), [], "a list of strings")
-        if len(boost) > MAX_WORD_BOOST or not all(isinstance(w, str) and 0 < len(w.strip()) <= 100 for w in boost):
-            raise bad(f"word_boost must be at most {MAX_WORD_BOOST} non-empty strings of up to 100 characters")
+        if len(boost) > MAX_WORD_BOOST or not all(isinstance(w, str) and 0 < len(w.strip()) <= 100
+                                                  and not any(is_unsafe_char(c) for c in w) for w in boost):
+            raise bad(f"word_boost must be at most {MAX_WORD_BOOST} non-empty strings of up to 100 characters, "
+                      "without control characters")
         metadata = typed("metadata", (dict,), {}, "a JSON object")
         if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             raise bad(f"metadata must be under {MAX_METADATA_BYTES} bytes of JSON")
         speakers: tuple[str, ...] = tuple(f"ch{i}" for i in range(fmt.channels))
         if "speakers" in metadata:
             sp = metadata["speakers"]
-            if (not isinstance(sp, list) or len(sp) != fmt.channels
-                    or not all(isinstance(s, str) and s.strip() for s in sp)):
+            if not isinstance(sp, list) or len(sp) != fmt.channels:
                 raise bad(f"metadata.speakers must be a list of {fmt.channels} non-empty label(s), one per channel")
+            for i, label in enumerate(sp):
+                try:
+                    check_label(label, f"metadata.speakers[{i}]")
+                except InvalidText as e:
+                    raise bad(str(e)) from None
             if len(set(sp)) != len(sp):
                 raise bad("metadata.speakers labels must differ")
             speakers = tuple(s.strip() for s in sp)
@@ -216,9 +234,9 @@ class StartConfig:
 
 def _parse_text(data: str) -> dict[str, Any]:
     try:
-        msg = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise SessionError(ErrorCode.INVALID_CONFIG, f"malformed JSON in text frame: {e.msg} at char {e.pos}") from None
+        msg = parse_json(data)
+    except JsonInputError as e:
+        raise SessionError(ErrorCode.INVALID_CONFIG, f"text frame refused: {e}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise SessionError(ErrorCode.INVALID_CONFIG, 'a text frame must be a JSON object with a string "type"')
     return msg
@@ -540,7 +558,7 @@ def apply_control(call: Call, ctl: dict[str, Any]) -> bool:
         lo, hi = ENDPOINTING_RANGE
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise SessionError(ErrorCode.INVALID_CONFIG,
-                               f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {json.dumps(v)}")
+                               f"configure.endpointing_ms must be an integer in {lo}..{hi}, got {shown(v)}")
         call.configure(v)
         call.log.info("configured", endpointing_ms=v)
         return False
@@ -549,7 +567,7 @@ def apply_control(call: Call, ctl: dict[str, Any]) -> bool:
     if kind == "start":
         raise SessionError(ErrorCode.INVALID_CONFIG, "start was already received; one start per session")
     raise SessionError(ErrorCode.INVALID_CONFIG,
-                       f"unknown frame type {kind!r}; expected keep_alive, force_endpoint, configure or end")
+                       f"unknown frame type {shown(kind)}; expected keep_alive, force_endpoint, configure or end")
 
 
 def wire_frame(event: Any, interim: bool) -> dict[str, Any] | None:
@@ -589,15 +607,20 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         resp = json_error(426, "UPGRADE_REQUIRED", f"{PATH} is a WebSocket: connect with a WebSocket client")
         resp.headers["Upgrade"] = "websocket"
         return resp
-    await ws.prepare(request)
     session = StreamSession(svc, ws, principal)
     try:
+        await ws.prepare(request)
         await session.run()
     except asyncio.CancelledError:
         raise
     except Exception:  # noqa: BLE001
         log.exception("stream_handler_failed")
         await session._close(CLOSE_CODES[ErrorCode.INTERNAL], "INTERNAL")
+    finally:
+        if session.call is None and principal.token_hash is not None:
+            # a temporary token is claimed at the upgrade; no session opened (refused start, or the
+            # client left first), so it is given back for a retry
+            await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
     return ws
 
 

@@ -35,12 +35,13 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from bridge.api.http import json_error, require_principal
+from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
 from bridge.audio.resample import StreamResampler
-from bridge.auth import AuthError, Principal
+from bridge.auth import Principal
 from bridge.calls import Call
 from bridge.ingress.stream import (
     job_ending,
+    shown,
     ErrorCode,
     SessionError,
     StartConfig,
@@ -97,7 +98,7 @@ def parse_offer(body: Any, svc: "Service") -> tuple[str, StartConfig]:
     if not isinstance(body, dict):
         raise bad('the body must be a JSON object {"sdp": "...", "type": "offer", "config": {...}}')
     if body.get("type", "offer") != "offer":
-        raise bad(f'type must be "offer", got {json.dumps(body.get("type"))}')
+        raise bad(f'type must be "offer", got {shown(body.get("type"))}')
     sdp = body.get("sdp")
     if not isinstance(sdp, str) or not sdp.strip():
         raise bad("sdp must be the offer's SDP text (RTCPeerConnection.localDescription.sdp)")
@@ -292,9 +293,9 @@ class WebRtcSession:
         if self.call is None:
             return
         try:
-            msg = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"malformed JSON on the events channel: {e}"))
+            msg = parse_json(data)
+        except JsonInputError as e:
+            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"events channel message refused: {e}"))
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
             self._end(SessionError(ErrorCode.INVALID_CONFIG, 'a message must be a JSON object with a string "type"'))
@@ -304,7 +305,7 @@ class WebRtcSession:
             self._end(Ending.BYE)
             return
         if kind not in ("keep_alive", "force_endpoint", "configure"):
-            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"unknown message type {kind!r}; expected bye, "
+            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"unknown message type {shown(kind)}; expected bye, "
                                                              "force_endpoint, configure or keep_alive"))
             return
         try:
@@ -539,24 +540,27 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
         return json_error(404, "NOT_FOUND", "WebRTC is disabled on this server (webrtc.enabled = false)")
     if not svc.ready or svc.draining or ingress is None or ingress.closing:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
-    # checked first without spending a single-use token: a refused offer does not burn it
+    # checked first without spending a single-use token: a malformed offer does not burn it
     principal = await require_principal(request, allow_temp=True, spend_temp=False)
     try:
         refusal = svc.storage.refusal()  # before the SDP work and before a single-use token is spent
         if refusal is not None:
             raise SessionError(ErrorCode.STORAGE_FULL, refusal)
         try:
-            body = json.loads(await request.text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = parse_json(await request.read())
+        except JsonInputError as e:
             raise SessionError(ErrorCode.INVALID_CONFIG,
                                f'the body must be JSON {{"sdp": "...", "type": "offer", "config": {{...}}}}: {e}') from None
         sdp, start = parse_offer(body, svc)
         if principal.kind == "temp_token":
-            try:
-                principal = await asyncio.to_thread(svc.auth.authenticate, request, spend_temp=True)
-            except AuthError as e:  # spent by a concurrent request in the meantime
-                return web.json_response(e.to_dict(), status=401, headers={"WWW-Authenticate": "Bearer"})
-        return web.json_response(await ingress.offer(principal, sdp, start))
+            # claimed now (401 if a concurrent request got it first), given back below if no call opens
+            principal = await require_principal(request, allow_temp=True, spend_temp=True)
+        try:
+            return web.json_response(await ingress.offer(principal, sdp, start))
+        except BaseException:
+            if principal.token_hash is not None:  # SDP refused, rate limit, credits...: no call, token kept
+                await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
+            raise
     except SessionError as e:
         svc.metrics.errors.labels(e.code.value).inc()
         log.info("webrtc_offer_refused", owner=principal.owner, code=e.code.value, message=e.message)

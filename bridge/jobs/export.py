@@ -1,6 +1,11 @@
 """Transcript exports (json, txt, srt, vtt) as pure functions of a job and its segments.
 
 Segments carry the edited text, so human corrections show in every format.
+
+Labels and text are checked where they come in (bridge.jobs.model.check_label/check_text), but a
+value stored before those checks, or by another path, must still not be able to add cues: the
+text formats never copy a line break, control character or bidi override out of a label or a
+segment (they become spaces), SRT lines never hold `-->`, and VTT escapes `&`, `<` and `>`.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.jobs.model import Job, Segment
+from bridge.jobs.model import MAX_LABEL_CHARS, Job, Segment, is_unsafe_char
 
 MAX_LINE = 42  # broadcast subtitle convention: at most 2 lines of 42 characters per cue
 MAX_LINES = 2
@@ -21,6 +26,20 @@ CONTENT_TYPES = {
     "srt": "application/x-subrip; charset=utf-8",
     "vtt": "text/vtt; charset=utf-8",
 }
+
+
+def _one_line(s: str) -> str:
+    """`s` with every unsafe character (line breaks, controls, bidi overrides) turned into a space
+    and runs of whitespace collapsed: one line of plain text, whatever was stored."""
+    return " ".join("".join(" " if is_unsafe_char(c) else c for c in s).split())
+
+
+def _label(speaker: str, cap: int = MAX_LABEL_CHARS) -> str:
+    return _one_line(speaker)[:cap].strip()
+
+
+def _words(text: str) -> list[str]:
+    return _one_line(text).split()
 
 
 def _visible(segs: list[Segment]) -> list[Segment]:
@@ -47,7 +66,7 @@ def _clock(t: float, sep: str, digits: int = 3) -> str:
 
 def to_txt(job: Job, segs: list[Segment]) -> str:
     """One line per segment: "[HH:MM:SS.cc] speaker: text"."""
-    lines = [f"[{_clock(s.start, '.', 2)}] {s.speaker}: {' '.join(s.text.split())}" for s in _visible(segs)]
+    lines = [f"[{_clock(s.start, '.', 2)}] {_label(s.speaker)}: {' '.join(_words(s.text))}" for s in _visible(segs)]
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -90,7 +109,7 @@ def _cues(seg: Segment, first_cap: int) -> list[Cue]:
 
     `first_cap` is the room on a cue's first line (less than MAX_LINE when a speaker prefix is shown).
     """
-    tokens = seg.text.split()
+    tokens = _words(seg.text)
     tokens, times = _split_long(tokens, _token_times(seg, tokens), min(first_cap, MAX_LINE))
     groups: list[tuple[list[str], int]] = []  # (lines, index of first token)
     i = 0
@@ -119,7 +138,13 @@ def _cues(seg: Segment, first_cap: int) -> list[Cue]:
 
 
 def _prefix(speaker: str) -> str:
-    return f"{speaker[:_MAX_LABEL]}: " if speaker else ""
+    label = _label(speaker, _MAX_LABEL)
+    return f"{label}: " if label else ""
+
+
+def _srt_line(line: str) -> str:
+    # a line holding "-->" reads as a timing line to lenient SRT parsers
+    return line.replace("-->", "->")
 
 
 def to_srt(job: Job, segs: list[Segment]) -> str:
@@ -129,7 +154,7 @@ def to_srt(job: Job, segs: list[Segment]) -> str:
         pre = _prefix(seg.speaker)
         for cue in _cues(seg, MAX_LINE - len(pre)):
             n += 1
-            text = "\n".join([pre + cue.lines[0], *cue.lines[1:]])
+            text = "\n".join(_srt_line(x) for x in [pre + cue.lines[0], *cue.lines[1:]])
             blocks.append(f"{n}\n{_clock(cue.start, ',')} --> {_clock(cue.end, ',')}\n{text}\n")
     return "\n".join(blocks)
 
@@ -142,7 +167,8 @@ def to_vtt(job: Job, segs: list[Segment]) -> str:
     """WebVTT; the speaker is a `<v speaker>` voice tag, so lines carry only spoken text."""
     blocks = ["WEBVTT\n"]
     for seg in _visible(segs):
-        tag = f"<v {_vtt_escape(seg.speaker)}>" if seg.speaker else ""
+        label = _label(seg.speaker)
+        tag = f"<v {_vtt_escape(label)}>" if label else ""
         for cue in _cues(seg, MAX_LINE):
             lines = [_vtt_escape(x) for x in cue.lines]
             lines[0] = tag + lines[0]

@@ -5,9 +5,20 @@ from __future__ import annotations
 import os
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+MAX_LABEL_CHARS = 100  # speaker labels end up in subtitle cues and every event: keep them label-sized
+MAX_TEXT_CHARS = 10000  # an edited segment's text; recognized ones are one utterance (<= 15 s)
+
+# Characters that end a line or steer rendering: control characters (C0, C1, DEL; newline and tab
+# too), unpaired surrogates, line/paragraph separators, and the bidi embeddings, overrides and
+# isolates that make a label display as something else. A subtitle or text export with one of
+# these in a label or a line can be made to show cues that were never spoken.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A))))
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ulid_lock = threading.Lock()
@@ -95,6 +106,42 @@ class Segment:
             d.update(original_text=self.original_text, original_speaker=self.original_speaker,
                      edited_at=self.edited_at)
         return d
+
+
+def is_unsafe_char(c: str) -> bool:
+    """True for a character no label or transcript line may hold (see `_UNSAFE_CATEGORIES`)."""
+    return c in _BIDI_CONTROLS or unicodedata.category(c) in _UNSAFE_CATEGORIES
+
+
+class InvalidText(ValueError):
+    """A speaker label or segment text from a client that cannot be stored; the message names it."""
+
+
+def check_label(value: object, where: str) -> str:
+    """A speaker label as given, or InvalidText: a non-empty single line of printable characters
+    of at most MAX_LABEL_CHARS. Checked where labels come in (start metadata, PATCH), so every
+    export and event can carry them as they are."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidText(f"{where} must be a non-empty string")
+    if len(value) > MAX_LABEL_CHARS:
+        raise InvalidText(f"{where} must be at most {MAX_LABEL_CHARS} characters, got {len(value)}")
+    bad = next((c for c in value if is_unsafe_char(c)), None)
+    if bad is not None:
+        raise InvalidText(f"{where} must be one line without control characters, got U+{ord(bad):04X}")
+    return value
+
+
+def check_text(value: object, where: str) -> str:
+    """Edited segment text as given, or InvalidText: a string of at most MAX_TEXT_CHARS without
+    control characters or line breaks (a segment is one utterance; exports lay out the lines)."""
+    if not isinstance(value, str):
+        raise InvalidText(f"{where} must be a string")
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidText(f"{where} must be at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+    bad = next((c for c in value if is_unsafe_char(c)), None)
+    if bad is not None:
+        raise InvalidText(f"{where} must be one line without control characters, got U+{ord(bad):04X}")
+    return value
 
 
 def _b32(n: int, length: int) -> str:
