@@ -39,7 +39,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,8 @@ class Dispatcher:
                  public_address: str | None = None, logger: Any = None,
                  t1: float = T1, worker_timeout: float = 2.0, dialog_ttl: float = 4 * 3600.0,
                  retry_after_full: int = 5, retry_after_draining: int = 30,
-                 max_entries: int = 50_000, tcp_idle_timeout: float = 900.0) -> None:
+                 max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
+                 admission: Callable[[int], tuple[str, int] | None] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
         ids = [w.id for w in workers]
@@ -248,6 +249,8 @@ class Dispatcher:
         self.max_entries = max_entries
         self.tcp_idle_timeout = tcp_idle_timeout
         self.draining = False
+        # the service's capacity check: legs needed -> (why, Retry-After s) to refuse with 503, or None
+        self.admission = admission
 
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -619,6 +622,10 @@ class Dispatcher:
             needed = 2 if self.router.target_for(msg.request_user, headers) else 1
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
+        refused = self.admission(needed) if self.admission is not None else None
+        if refused is not None:
+            why, retry_after = refused
+            return 503, None, [("Retry-After", str(retry_after)), _warning(399, why)], why
         worker = self._pick(needed, ())
         if worker is None:
             alive = [w for w in self.workers if w.alive]

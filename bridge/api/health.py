@@ -10,7 +10,8 @@ from bridge.metrics import CONTENT_TYPE
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 once the model is loaded (and, when SIP is on, listening); 503 while starting or draining."""
+    """200 once the model is loaded (and, when SIP is on, listening); 503 while starting or draining.
+    `capacity` is the decode headroom (bridge/admission.py): legs free and whether sessions are admitted."""
     from bridge.service import SERVICE
 
     svc = request.app[SERVICE]
@@ -18,7 +19,9 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": "ok" if svc.ready and sip_ok and not svc.draining else ("draining" if svc.draining else "starting"),
             "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1),
-            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False}}
+            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False},
+            # a full node is healthy: it answers 200 and says here that new sessions are refused
+            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
     return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 
