@@ -104,7 +104,7 @@ class CapacityConfig:
     max_legs: int = _f(0, "live legs admitted at once; 0 = model.pool_size x legs_per_context", min=0)
     legs_per_context: int = _f(8, "legs one decode context keeps on time (measure: python -m bench.capacity)",
                                min=1)
-    max_final_latency_s: float = _f(1.5, "refuse new sessions while finals spend longer than this in the "
+    max_final_latency_s: float = _f(1.2, "refuse new sessions while finals spend longer than this in the "
                                          "decode pool (p95 over window_s, or the oldest one waiting)", gt=0)
     window_s: float = _f(30.0, "how far back the final latency p95 looks", gt=0)
     retry_after_s: int = _f(5, "Retry-After sent with a capacity refusal", min=1)
