@@ -1,27 +1,48 @@
-"""Capacity: how many legs one box recognizes concurrently at real-time pace.
+"""Capacity: how many legs one box recognizes concurrently at real-time pace, and what admission does past it.
 
-Run: python -m bench.capacity [--legs 2,4,6,8,10] [--seconds 30]
-For each count, that many legs play different calls at once through one shared pool; the
-figure that matters is final latency p95 (target under 2 s). Resident memory is sampled
-while the legs run; memory per added leg is the growth over the pool-only baseline measured
-in the same run.
+Run: python -m bench.capacity [--legs 2,4,6,8,10] [--seconds 30] [--no-stop-after-fail] [--offer 32]
+
+Sweep (`--legs`): for each count, that many legs play different calls at once through one
+shared pool; the figure that matters is final latency p95 (target under 2 s). Resident memory
+is sampled while the legs run; memory per added leg is the growth over the pool-only baseline
+measured in the same run. By default the sweep stops at the first count over 2 s
+(`--no-stop-after-fail` runs every count).
+
+Admission (`--offer N`, 0 = skip; `--legs ""` skips the sweep): the real service in this
+process (embedded defaults, capacity admission on), N stream sessions offered 0.2 s apart by
+callers in a separate process, each playing a different call at real-time pace. Reported:
+sessions admitted and refused (RATE_LIMITED), and the admitted legs' final latency p50/p95
+(arrival of the final at the client minus the moment its sentence's speech ended). With
+`--compare` (default) the same offer runs again with admission effectively off (no leg cap, no
+latency bound), which is how every call degrades without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from bridge.models.store import resolve
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.streamer import StreamerConfig
 
-from .calls import standard_calls
+from . import corpus
+from .calls import Call, standard_calls
 from .drive import play_many
 from .metrics import final_latencies, partial_lags, pct
 from .report import emit_table
+from .service import BENCH_KEY, running_service
+from .sip_capacity import latencies
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGGER_S = 0.2
+TAIL_S = 1.0
 
 
 def rss_mb() -> float:
@@ -89,14 +110,144 @@ def leg_memory_mb(pool: RecognizerPool, pcm, legs: int = 16) -> float:
     return (after - before) / legs
 
 
+# --------------------------------------------------------------------------- admission (real service)
+
+
+async def _offer_one(url: str, wav: Path, i: int) -> dict:
+    """One stream session offered at 0.2 s x i: refused (code, message, retry) or played at real time."""
+    from bridge.client.stream import StreamClient, StreamError
+
+    await asyncio.sleep(STAGGER_S * i)
+    pcm, rate = corpus.read_wav(wav)
+    data = pcm.tobytes()
+    step = rate // 50 * 2  # 20 ms of 16-bit mono
+    finals: list[tuple[float, dict]] = []
+    try:
+        s = await StreamClient(url, api_key=BENCH_KEY, sample_rate=rate).__aenter__()
+    except StreamError as e:
+        return {"refused": e.code, "message": str(e)}
+    try:
+        t0 = time.monotonic()
+
+        async def send() -> None:
+            for k in range(0, len(data), step):
+                await s.send_audio(data[k : k + step])
+                await asyncio.sleep(max(0.0, t0 + (k + step) / 2 / rate - time.monotonic()))
+            await asyncio.sleep(TAIL_S)
+            await s.end()
+
+        sender = asyncio.create_task(send())
+        async with asyncio.timeout(600):
+            async for ev in s:
+                if ev["type"] == "final":
+                    finals.append((time.monotonic(), ev))
+        await sender
+    finally:
+        await s.aclose()
+    return {"job_id": s.job_id, "t0": t0, "finals": finals, "completed": s.completed is not None}
+
+
+async def _offer_all(url: str, wav_dir: Path, n: int) -> list[dict]:
+    res = await asyncio.gather(*(_offer_one(url, wav_dir / f"call{i}.wav", i) for i in range(n)),
+                               return_exceptions=True)
+    return [r if isinstance(r, dict) else {"error": repr(r)} for r in res]
+
+
+def _caller_main(args: argparse.Namespace) -> None:
+    from bridge.logs import configure_logging
+
+    configure_logging("console", "warning")
+    out = asyncio.run(_offer_all(args.url, Path(args.dir), args.offer))
+    (Path(args.dir) / "offer.json").write_text(json.dumps(out))
+
+
+async def offer_phase(calls: list[Call], wav_dir: Path, data_dir: Path, overrides: dict[str, str]) -> dict:
+    """The real service with `overrides`; the N callers in a child process. Admitted/refused and latency."""
+    async with running_service(data_dir, **{"sip.enabled": "false", **overrides}) as (svc, url):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.capacity", "--caller", "--url", url, "--dir", str(wav_dir),
+            "--offer", str(len(calls)), cwd=str(ROOT))
+        rc = await proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"the callers exited with {rc}")
+        res = json.loads((wav_dir / "offer.json").read_text())
+        cap = svc.admission.legs_capacity
+        pool = svc.pool.size
+    lats: list[float] = []
+    admitted = refused = completed = 0
+    reasons: dict[str, int] = {}
+    failures = [r["error"] for r in res if "error" in r]
+    for c, r in zip(calls, res):
+        if "refused" in r:
+            refused += 1
+            key = r["refused"] + (": at capacity" if "at capacity" in r["message"] else
+                                  ": recognizer behind" if "behind" in r["message"] else "")
+            reasons[key] = reasons.get(key, 0) + 1
+        elif "job_id" in r:
+            admitted += 1
+            completed += r["completed"]
+            lats += latencies(c, [(t, ev) for t, ev in r["finals"]], r["t0"])
+    return {"admitted": admitted, "refused": refused, "completed": completed, "lat50": pct(lats, 50),
+            "lat95": pct(lats, 95), "finals": len(lats), "reasons": reasons, "failures": failures, "cap": cap,
+            "pool": pool}
+
+
+async def admission_bench(args: argparse.Namespace) -> None:
+    calls = standard_calls(args.offer, args.seconds)
+    on = {k: v for k, v in (("capacity.max_legs", str(args.max_legs) if args.max_legs else ""),) if v}
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cb-capbench-") as tmp:
+        wav_dir = Path(tmp)
+        for i, c in enumerate(calls):
+            corpus.write_wav(wav_dir / f"call{i}.wav", c.pcm, 16000)
+        runs.append(("admission on (defaults" + (f", max_legs {args.max_legs}" if args.max_legs else "") + ")",
+                     await offer_phase(calls, wav_dir, wav_dir / "data-on", on)))
+        if args.compare:
+            off = {"capacity.max_legs": "100000", "capacity.max_final_latency_s": "1e9"}
+            runs.append(("admission off (no leg cap, no latency bound)",
+                         await offer_phase(calls, wav_dir, wav_dir / "data-off", off)))
+    rows, notes = [], []
+    for name, r in runs:
+        rows.append([name, str(args.offer), str(r["admitted"]), str(r["refused"]), f"{r['completed']}/{r['admitted']}",
+                     f"{r['lat50']:.2f}", f"{r['lat95']:.2f}", str(r["finals"])])
+        notes.append(f"{name}: leg capacity {r['cap']}; refusals by reason {r['reasons'] or 'none'}"
+                     + (f"; caller failures {r['failures']}" if r["failures"] else ""))
+    emit_table(
+        "capacity_admission",
+        f"Admission: {args.offer} stream sessions of {args.seconds:.0f} s offered {STAGGER_S:g} s apart to one "
+        f"service, decode pool {runs[0][1]['pool']} context(s), model tiny.en, {os.cpu_count()} cores",
+        ["run", "offered", "admitted", "refused", "completed", "admitted final lat p50 s", "p95 s", "finals scored"],
+        rows, notes=notes + ["Final latency: arrival of the final at the client minus the end of its sentence's "
+                             "speech (callers in a separate process). Refused sessions got `error` RATE_LIMITED "
+                             "with retry_after_s and did not retry."])
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--legs", default="1,2,4,6,8,10,12,14,16")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--legs", default="1,2,4,6,8,10,12,14,16", help='sweep counts; "" skips the sweep')
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--pool", type=int, default=0, help="contexts (default: cores)")
-    ap.add_argument("--stop-after-fail", action="store_true", default=True)
+    ap.add_argument("--stop-after-fail", action=argparse.BooleanOptionalAction, default=True,
+                    help="end the sweep at the first count whose final p95 is over 2 s")
+    ap.add_argument("--offer", type=int, default=32, help="sessions offered to the real service; 0 skips")
+    ap.add_argument("--max-legs", type=int, default=0, help="capacity.max_legs for the admission run (0: default)")
+    ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                    help="also offer them with admission off")
+    ap.add_argument("--caller", action="store_true", help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.caller:
+        _caller_main(args)
+        return
+    if args.legs:
+        sweep(args)
+    if args.offer:
+        asyncio.run(admission_bench(args))
+
+
+def sweep(args: argparse.Namespace) -> None:
     counts = [int(x) for x in args.legs.split(",")]
     model = str(resolve(args.model))
     calls = standard_calls(max(counts), args.seconds)

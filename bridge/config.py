@@ -103,6 +103,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class CapacityConfig:
+    max_legs: int = _f(0, "live legs admitted at once; 0 = model.pool_size x legs_per_context", min=0)
+    legs_per_context: int = _f(8, "legs one decode context keeps on time (measure: python -m bench.capacity)",
+                               min=1)
+    max_final_latency_s: float = _f(1.2, "refuse new sessions while finals spend longer than this in the "
+                                         "decode pool (p95 over window_s, or the oldest one waiting)", gt=0)
+    window_s: float = _f(30.0, "how far back the final latency p95 looks", gt=0)
+    retry_after_s: int = _f(5, "Retry-After sent with a capacity refusal", min=1)
+
+
+@dataclass(frozen=True)
 class CreditsConfig:
     per_minute: int = _f(220, "credits charged per minute of audio", min=0)
     usage_interval_s: float = _f(5.0, "seconds between usage messages", gt=0)
@@ -191,6 +202,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
     credits: CreditsConfig = field(default_factory=CreditsConfig)
     sip: SipConfig = field(default_factory=SipConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
@@ -227,6 +239,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
+    "capacity": CapacityConfig,
     "credits": CreditsConfig,
     "sip": SipConfig,
     "webrtc": WebRtcConfig,

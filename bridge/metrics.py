@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from bridge.admission import Headroom
     from bridge.service import Service
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,6 +31,8 @@ class Metrics:
                                      registry=self.registry)
         self.webhook_attempts = Counter("callbridge_webhook_attempts", "Webhook delivery attempts, by result"
                                         " (delivered, failed = will retry, dead)", ["result"], registry=self.registry)
+        self.capacity_refused = Counter("callbridge_capacity_refused", "New sessions refused for lack of decode "
+                                        "capacity, by ingress", ["source"], registry=self.registry)
         self.registry.register(_LiveCollector(service))
 
     def render(self) -> bytes:
@@ -78,6 +81,8 @@ class _LiveCollector:
             d = st.get("dispatcher") or {}
             yield GaugeMetricFamily("callbridge_sip_invites", "INVITEs received on the public SIP port",
                                     value=d.get("invites", 0))
+        if svc.admission is not None:
+            yield from _headroom(svc.admission.headroom())
         if svc.pool is None:
             return
         stats = svc.pool.stats()
@@ -90,6 +95,24 @@ class _LiveCollector:
         yield from _histograms("callbridge_decode_seconds", "whisper.cpp decode time", stats["decode_seconds"])
         yield from _histograms("callbridge_queue_wait_seconds", "Time a decode waited for a context",
                                stats["queue_wait_seconds"])
+
+
+def _headroom(h: "Headroom") -> Iterator[Metric]:
+    yield GaugeMetricFamily("callbridge_capacity_legs", "Recognizer legs admitted at most (capacity.max_legs)",
+                            value=h.legs_capacity)
+    yield GaugeMetricFamily("callbridge_capacity_legs_free", "Legs a new session may still take", value=h.legs_free)
+    yield GaugeMetricFamily("callbridge_capacity_admitting", "1 while new sessions are admitted, 0 while refused",
+                            value=1 if h.admitting else 0)
+    yield GaugeMetricFamily("callbridge_capacity_final_latency_p95_seconds",
+                            "p95 of finals' time in the decode pool over capacity.window_s (NaN: none decoded)",
+                            value=h.final_latency_p95_s if h.final_latency_p95_s is not None else float("nan"))
+    yield GaugeMetricFamily("callbridge_capacity_final_latency_bound_seconds",
+                            "capacity.max_final_latency_s: above it new sessions are refused", value=h.max_final_latency_s)
+    yield GaugeMetricFamily("callbridge_capacity_oldest_final_wait_seconds", "Age of the oldest final still queued",
+                            value=h.oldest_final_wait_s)
+    yield GaugeMetricFamily("callbridge_capacity_final_utilization",
+                            "Share of the decode contexts' time spent on finals over capacity.window_s",
+                            value=h.final_utilization)
 
 
 def _histograms(name: str, doc: str, by_kind: dict[str, dict[str, Any]]) -> Iterator[Metric]:

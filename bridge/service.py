@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.admission import Admission
 from bridge.calls import CallRegistry
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
@@ -49,6 +50,7 @@ class Service:
         self.sip: Any = None
         self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
         self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
+        self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
         self.ready = False
         self.started_at = time.time()
 
@@ -91,6 +93,7 @@ class Service:
             await asyncio.to_thread(self.pool.start)
         else:
             self.model_path = getattr(self.pool, "model_path", None)
+        self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
         if self.config.sip.enabled:
             from bridge.ingress.sip import SipIngress
 

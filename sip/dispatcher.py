@@ -224,7 +224,8 @@ class Dispatcher:
                  public_address: str | None = None, logger: Any = None,
                  t1: float = T1, worker_timeout: float = 2.0, dialog_ttl: float = 4 * 3600.0,
                  retry_after_full: int = 5, retry_after_draining: int = 30,
-                 max_entries: int = 50_000, tcp_idle_timeout: float = 900.0) -> None:
+                 max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
+                 admission: Callable[[int], tuple[str, int] | None] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
         ids = [w.id for w in workers]
@@ -248,8 +249,9 @@ class Dispatcher:
         self.max_entries = max_entries
         self.tcp_idle_timeout = tcp_idle_timeout
         self.draining = False
-        # why new calls are refused now (e.g. the service's disk is full), or None: answered 503
-        self.refuse_new: Callable[[], str | None] | None = None
+        # the service's admission check (disk reserve, decode capacity): legs needed -> (why,
+        # Retry-After s) to refuse with 503, or None
+        self.admission = admission
 
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
@@ -594,9 +596,6 @@ class Dispatcher:
         if self.draining:
             return (503, None, [("Retry-After", str(self.retry_after_draining)),
                                 _warning(399, "The service is shutting down")], "draining")
-        why = self.refuse_new() if self.refuse_new is not None else None
-        if why:
-            return 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why
         accepted = ", ".join(self.codecs)
         if not msg.body.strip():
             return (488, None, [_warning(399, "An SDP offer is required in the INVITE (late offer is not "
@@ -624,6 +623,10 @@ class Dispatcher:
             needed = 2 if self.router.target_for(msg.request_user, headers) else 1
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
+        refused = self.admission(needed) if self.admission is not None else None
+        if refused is not None:
+            why, retry_after = refused
+            return 503, None, [("Retry-After", str(retry_after)), _warning(399, why)], why
         worker = self._pick(needed, ())
         if worker is None:
             alive = [w for w in self.workers if w.alive]

@@ -39,7 +39,10 @@ class RunningServer:
 async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningServer:
     """`overrides` are dotted config keys as text, e.g. {"limits.idle_timeout_s": "2"}."""
     ov = {"data_dir": str(data_dir), "server.api_keys": f"{API_KEY},{OTHER_KEY}", "logging.format": "console",
-          "sip.enabled": "false"}  # SIP tests turn it on (workers are processes: slower to start)
+          "sip.enabled": "false",  # SIP tests turn it on (workers are processes: slower to start)
+          # late finals on a busy test machine must not refuse sessions of tests about something else;
+          # tests/test_capacity.py sets the bound it tests
+          "capacity.max_final_latency_s": "3600"}
     ov.update({k: str(v) for k, v in overrides.items()})
     config = load_config(ov, env={})
     service = Service(config, pool=pool)

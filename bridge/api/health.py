@@ -14,7 +14,8 @@ async def healthz(request: web.Request) -> web.Response:
     """200 once the model is loaded (and, when SIP is on, listening), as the protocol says; 503
     while starting or draining. `degraded` (still 200: the service is up and its REST API works,
     e.g. DELETE to free space) means new sessions are refused because the data directory is
-    (nearly) full; `disk` says how full."""
+    (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
+    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
     from bridge.service import SERVICE
 
     svc = request.app[SERVICE]
@@ -28,7 +29,8 @@ async def healthz(request: web.Request) -> web.Response:
         status = "degraded" if disk.low else "ok"
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
-            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False}}
+            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False},
+            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 
 

@@ -115,8 +115,8 @@ class SipIngress:
         self.dispatcher = Dispatcher(
             self.host, self.port, [Worker(id=w.id, host=wk_host, port=w.port, capacity=self.cfg.calls_per_worker)
                                    for w in self.workers],
-            router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log)
-        self.dispatcher.refuse_new = self.svc.storage.refusal  # 503 while the disk is (nearly) full
+            router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log,
+            admission=self._admit_invite)
         await self.dispatcher.start()
         self.port = self.dispatcher.port
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
@@ -128,6 +128,20 @@ class SipIngress:
         self.listening = True
         log.info("sip_listening", host=self.host, port=self.port, workers=len(self.workers),
                  capacity=len(self.workers) * self.cfg.calls_per_worker)
+
+    def _admit_invite(self, slots: int) -> tuple[str, int] | None:
+        """Asked by the dispatcher before an INVITE goes to a worker: (why, Retry-After) refuses it
+        with 503 while the data directory is under its free-space reserve (bridge/storage.py) or
+        when the decode pool has no room for its legs (bridge/admission.py)."""
+        disk_full = self.svc.storage.refusal()
+        if disk_full is not None:
+            return disk_full, self.dispatcher.retry_after_full
+        legs = slots if self.cfg.transcribe_agent else 1
+        refused = self.svc.admission.refusal(legs) if self.svc.admission is not None else None
+        if refused is None:
+            return None
+        self.svc.metrics.capacity_refused.labels(JobSource.SIP.value).inc()
+        return refused.reason, refused.retry_after_s
 
     def _worker_config(self, w: _Worker) -> dict[str, Any]:
         from sip.routing import parse_routes

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from bridge.admission import CapacityRefused
 from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
@@ -82,15 +83,29 @@ MAX_MESSAGE_CHARS = 300  # an error message quotes client values; it stays one s
 
 
 class SessionError(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    """`retry_after_s`: the refusal is temporary (sent as `retry_after_s` in the frame, Retry-After over
+    HTTP); `http_status`: what an HTTP ingress answers instead of the code's usual status."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retry_after_s: int | None = None,
+                 http_status: int | None = None) -> None:
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[:MAX_MESSAGE_CHARS] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+        self.http_status = http_status
+
+    @classmethod
+    def over_capacity(cls, refused: CapacityRefused) -> "SessionError":
+        """The server has no decode capacity for the session: RATE_LIMITED on the socket, 503 over HTTP."""
+        return cls(ErrorCode.RATE_LIMITED, refused.reason, retry_after_s=refused.retry_after_s, http_status=503)
 
     def frame(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.code.value, "message": self.message}
+        out = {"type": "error", "code": self.code.value, "message": self.message}
+        if self.retry_after_s is not None:
+            out["retry_after_s"] = self.retry_after_s
+        return out
 
 
 def failure_error(exc: BaseException) -> SessionError:
@@ -497,8 +512,9 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
     """Session slot, credit reservation, then the opened Call and a bus subscription to its events.
 
     Raises SessionError (UPSTREAM_ERROR while draining, STORAGE_FULL while the data directory is
-    under its free-space reserve, RATE_LIMITED, INSUFFICIENT_CREDITS); each
-    refusal undoes the steps before it, so a refused session leaves no job and no reservation.
+    under its free-space reserve, RATE_LIMITED for the key's session limit or the server's decode
+    capacity (bridge/admission.py), INSUFFICIENT_CREDITS); each refusal undoes the steps before
+    it, so a refused session leaves no job and no reservation.
     `config` is what the job records as its config (default: `start.effective()`)."""
     limit = svc.config.limits.max_sessions_per_key
     if svc.draining:
@@ -509,6 +525,13 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
     if not svc.calls.admit(owner, limit):
         raise SessionError(ErrorCode.RATE_LIMITED,
                            f"{svc.calls.active(owner)} sessions already live for this key (limit {limit})")
+    assert svc.admission is not None, "the service is not started"
+    try:
+        held = svc.admission.reserve(start.channels)
+    except CapacityRefused as e:
+        svc.calls.release(owner)
+        svc.metrics.capacity_refused.labels(source.value).inc()
+        raise SessionError.over_capacity(e) from None
     job_id = new_job_id()
     sub = None
     try:
@@ -532,6 +555,7 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
         full = is_storage_full(e)  # the disk filled between the check and the first write
         if full:
             svc.storage.exhaust(e)  # frees the emergency reserve: the settle below can commit
+        held.release()
         svc.calls.release(owner)
         if sub is not None:
             sub.close()
@@ -540,6 +564,7 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
             raise failure_error(e) from None
         raise
     svc.calls.add(call, owner)
+    held.release()  # its legs now count as live
     svc.metrics.sessions.labels(source.value).inc()
     return call, sub
 

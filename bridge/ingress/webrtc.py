@@ -564,7 +564,11 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
     except SessionError as e:
         svc.metrics.errors.labels(e.code.value).inc()
         log.info("webrtc_offer_refused", owner=principal.owner, code=e.code.value, message=e.message)
-        return json_error(_HTTP_STATUS.get(e.code, 400), e.code.value, e.message)
+        resp = json_error(e.http_status or _HTTP_STATUS.get(e.code, 400), e.code.value, e.message,
+                          **({"retry_after_s": e.retry_after_s} if e.retry_after_s is not None else {}))
+        if e.retry_after_s is not None:
+            resp.headers["Retry-After"] = str(e.retry_after_s)
+        return resp
 
 
 def add_routes(app: web.Application) -> None:

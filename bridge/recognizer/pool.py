@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -69,6 +70,17 @@ class Histogram:
                 "p50": self.quantile(0.5), "p95": self.quantile(0.95)}
 
 
+@dataclass(frozen=True)
+class FinalTiming:
+    """How the pool has been serving finals lately: what admission (bridge/admission.py) reads."""
+
+    window_s: float
+    finals: int  # finals decoded in the window
+    latency_p95_s: float | None  # p95 of queue wait + decode over those finals; None without any
+    oldest_waiting_s: float  # age of the oldest final still queued (0 when none): lateness not yet observed
+    utilization: float  # share of the contexts' time spent decoding finals in the window
+
+
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -111,6 +123,9 @@ class RecognizerPool:
         self.superseded = 0
         self.retried = 0
         self.engines: list[WhisperEngine] = []
+        # (done, wait + decode, decode) of recent finals; bounded so a busy pool cannot grow it
+        self._recent_finals: deque[tuple[float, float, float]] = deque(maxlen=4096)
+        self._started_at = time.monotonic()
 
     def start(self) -> None:
         """Load the contexts (blocking: seconds) and start the workers."""
@@ -157,6 +172,21 @@ class RecognizerPool:
     def finals_waiting(self) -> int:
         with self._cv:
             return sum(1 for j in self._heap if not j.cancelled and j.priority == Priority.FINAL)
+
+    def final_timing(self, window_s: float) -> FinalTiming:
+        """Finals over the last `window_s`: their p95 time in the pool, the oldest one still
+        waiting, and how busy finals alone keep the contexts (the part of the load that cannot
+        be shed: partials are superseded or dropped under load, finals never are)."""
+        now = time.monotonic()
+        with self._cv:
+            while self._recent_finals and now - self._recent_finals[0][0] > window_s:
+                self._recent_finals.popleft()
+            recent = list(self._recent_finals)
+            waiting = [now - j.enqueued for j in self._heap if not j.cancelled and j.priority == Priority.FINAL]
+        span = max(1e-3, min(window_s, now - self._started_at))
+        lat = float(np.quantile([r[1] for r in recent], 0.95)) if recent else None
+        busy = sum(r[2] for r in recent)
+        return FinalTiming(window_s, len(recent), lat, max(waiting, default=0.0), busy / (span * self.size))
 
     async def decode(
         self,
@@ -224,6 +254,10 @@ class RecognizerPool:
                 pr = Priority(job.priority)
                 self.decode_hist[pr].observe(hyp.decode_s)
                 self.completed[pr] += 1
+                if pr is Priority.FINAL:
+                    now = time.monotonic()
+                    with self._cv:
+                        self._recent_finals.append((now, now - job.enqueued, hyp.decode_s))
                 self.retried += int(hyp.retried)
                 job.loop.call_soon_threadsafe(_resolve, job.future, hyp)
             finally:

@@ -1,0 +1,182 @@
+"""Admission by capacity through the real service: past its decode capacity, new sessions are refused
+with a clear, temporary error, live ones go on, and a leg that ends makes room again."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import aiohttp
+import numpy as np
+
+from bench import corpus
+from bench.calls import speech_bounds
+from bench.drive import wait_for
+from bridge.client.stream import StreamClient
+from bridge.recognizer.pool import RecognizerPool
+from tests.serving import API_KEY, start_server
+
+SR = 16000
+OFFER = "/v1/webrtc/offer"
+
+
+def sil(s: float) -> np.ndarray:
+    return np.zeros(int(s * SR), np.int16)
+
+
+def speech(text: str) -> np.ndarray:
+    s = corpus.synthesize(text)
+    a, b = speech_bounds(s)
+    return s[a:b]
+
+
+async def _open(url: str, channels: int = 1) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse, dict]:
+    """A raw ingest socket after its start frame: (session, socket, the server's first frame)."""
+    http = aiohttp.ClientSession()
+    ws = await http.ws_connect(f"{url}/v1/transcription/stream?api_key={API_KEY}")
+    await ws.send_str(json.dumps({"type": "start", "channels": channels}))
+    return http, ws, json.loads((await ws.receive()).data)
+
+
+async def _refused(url: str, channels: int = 1) -> tuple[dict, int | None]:
+    """The error frame and close code of a session the server refuses."""
+    http, ws, first = await _open(url, channels)
+    try:
+        msg = await ws.receive()
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), (first, msg)
+        return first, ws.close_code
+    finally:
+        await ws.close()
+        await http.close()
+
+
+async def _end(http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> dict:
+    await ws.send_str(json.dumps({"type": "end"}))
+    last = None
+    async for msg in ws:
+        last = json.loads(msg.data)
+    await http.close()
+    return last
+
+
+async def _get(url: str, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + path) as r:
+            return r.status, await r.text()
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+async def test_capacity_admits_n_refuses_the_next_and_admits_again_when_a_leg_ends(tmp_path, pool):
+    srv = await start_server(tmp_path / "data", pool, **{"capacity.max_legs": "3",
+                                                          "capacity.max_final_latency_s": "3600"})
+    svc = srv.service
+    try:
+        a = await _open(srv.url)
+        b = await _open(srv.url, channels=2)  # a stereo session takes two legs
+        assert a[2]["type"] == "ready" and b[2]["type"] == "ready", (a[2], b[2])
+        frame, close = await _refused(srv.url)
+        assert frame["type"] == "error" and frame["code"] == "RATE_LIMITED", frame
+        assert "capacity" in frame["message"] and frame["retry_after_s"] == 5, frame
+        assert close == 4429
+        status, body = await _get(srv.url, "/healthz")
+        cap = json.loads(body)["capacity"]
+        assert status == 200 and cap["legs_free"] == 0 and cap["admitting"] is False, cap
+        assert cap["legs_live"] == 3 and cap["legs_capacity"] == 3, cap
+        _, text = await _get(srv.url, "/metrics")
+        assert _metric(text, "callbridge_capacity_admitting") == 0
+        assert _metric(text, "callbridge_capacity_legs_free") == 0
+        assert _metric(text, 'callbridge_capacity_refused_total{source="stream"}') == 1
+
+        assert (await _end(*b[:2]))["type"] == "completed"  # two legs free again
+        assert await wait_for(lambda: svc.calls.legs == 1), svc.calls.legs
+        c = await _open(srv.url, channels=2)
+        assert c[2]["type"] == "ready", c[2]
+        frame, close = await _refused(srv.url)  # full again: 1 + 2 legs
+        assert frame["code"] == "RATE_LIMITED" and close == 4429, frame
+        for s in (a, c):
+            assert (await _end(*s[:2]))["type"] == "completed"
+        jobs, _ = svc.store.list_jobs()
+        assert len(jobs) == 3  # refused sessions leave no job
+        assert await wait_for(lambda: svc.calls.legs == 0)
+        status, body = await _get(srv.url, "/healthz")
+        assert json.loads(body)["capacity"]["legs_free"] == 3
+    finally:
+        await srv.stop()
+
+
+async def test_webrtc_offer_over_capacity_is_503_with_retry_after(tmp_path, pool):
+    from tests.test_webrtc import _offer_sdp
+
+    srv = await start_server(tmp_path / "data", pool, **{"capacity.max_legs": "1",
+                                                          "capacity.max_final_latency_s": "3600"})
+    try:
+        live = await _open(srv.url)
+        assert live[2]["type"] == "ready"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{srv.url}{OFFER}", data=json.dumps({"sdp": await _offer_sdp(), "type": "offer"}),
+                                 headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                status, retry, body = r.status, r.headers.get("Retry-After"), await r.json()
+        assert status == 503 and retry == "5", (status, retry, body)
+        assert body["error"]["code"] == "RATE_LIMITED" and "capacity" in body["error"]["message"], body
+        assert (await _end(*live[:2]))["type"] == "completed"
+        assert len(srv.service.store.list_jobs()[0]) == 1
+    finally:
+        await srv.stop()
+
+
+async def test_late_finals_close_admission_until_the_pool_catches_up(tmp_path, model_path):
+    """The live signal: finals that spent longer in the pool than the bound refuse new sessions
+    (whatever the leg count), and admission reopens once they fall out of the window."""
+    own = RecognizerPool(model_path, size=1, threads=1)  # its own pool: no other test's finals in the window
+    own.start()
+    srv = await start_server(tmp_path / "data", own, **{"capacity.max_final_latency_s": "0.001",
+                                                         "capacity.window_s": "2"})
+    try:
+        pcm = np.concatenate([sil(0.3), speech("I would like to check the status of my order, please."), sil(1.0)])
+        async with StreamClient(srv.url, api_key=API_KEY, sample_rate=SR) as s:
+            await s.send_audio(pcm.tobytes())
+            await s.end()
+            events = [ev async for ev in s]
+        assert any(e["type"] == "final" and e["text"] for e in events), events
+        frame, close = await _refused(srv.url)
+        assert frame["code"] == "RATE_LIMITED" and "behind" in frame["message"] and close == 4429, frame
+        assert await wait_for(lambda: srv.service.admission.headroom().admitting, timeout=30)
+        http, ws, first = await _open(srv.url)
+        assert first["type"] == "ready", first
+        assert (await _end(http, ws))["type"] == "completed"
+    finally:
+        await srv.stop()
+        own.close()
+
+
+async def test_sip_invite_over_capacity_gets_503_with_retry_after(tmp_path, pool):
+    """The dispatcher asks the service before it hands an INVITE to a worker (bridge/ingress/sip.py)."""
+    import asyncio
+
+    from tests.test_sip_dispatcher import SDP, Peer, request
+
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "capacity.max_legs": "1",
+                                                          "capacity.max_final_latency_s": "3600"})
+    loop = asyncio.get_running_loop()
+    transport, caller = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    try:
+        live = await _open(srv.url)
+        assert live[2]["type"] == "ready"
+        caller.send(request("INVITE", caller.port, call_id="cap-1", body=SDP), ("127.0.0.1", srv.service.sip.port))
+        resp = await caller.expect(503, timeout=10)
+        assert resp.get("Retry-After") == "5", resp.headers
+        assert "capacity" in (resp.get("Warning") or ""), resp.headers
+        assert [j.source.value for j in srv.service.store.list_jobs()[0]] == ["stream"]  # no SIP job
+        assert (await _end(*live[:2]))["type"] == "completed"
+        assert await wait_for(lambda: srv.service.calls.legs == 0)
+        caller.send(request("INVITE", caller.port, call_id="cap-2", body=SDP), ("127.0.0.1", srv.service.sip.port))
+        assert (await caller.recv(timeout=10)).status == 100  # room again: handed to the worker
+    finally:
+        transport.close()
+        await srv.stop()
