@@ -20,6 +20,7 @@ from bridge.config import Config
 from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
+from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -44,6 +45,7 @@ class Service:
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
         self.sip: Any = None
+        self.sip_unavailable: str | None = None  # why SIP is off although sip.enabled (no pjsua2)
         self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
         self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
         self.ready = False
@@ -85,7 +87,11 @@ class Service:
             await asyncio.to_thread(self.pool.start)
         else:
             self.model_path = getattr(self.pool, "model_path", None)
-        if self.config.sip.enabled:
+        self.sip_unavailable = pjsua2_missing() if self.config.sip.enabled else None
+        if self.sip_unavailable:  # e.g. Python 3.12+: the service runs, without SIP
+            log.warning("sip_disabled", reason=self.sip_unavailable,
+                        hint=f"{PJSUA2_HINT}, or set CALLBRIDGE_SIP_ENABLED=false")
+        elif self.config.sip.enabled:
             from bridge.ingress.sip import SipIngress
 
             self.sip = SipIngress(self)

@@ -18,7 +18,7 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": "ok" if svc.ready and sip_ok and not svc.draining else ("draining" if svc.draining else "starting"),
             "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1),
-            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False}}
+            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable}}
     return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
 

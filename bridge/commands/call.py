@@ -10,13 +10,14 @@ status is printed), 2 bad input (no such file, not a 16-bit mono WAV, pjsua2 not
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["DISPATCH", "add_call_parser", "cmd_call"]
 
@@ -71,8 +72,9 @@ def cmd_call(args: argparse.Namespace) -> int:
     from bridge.cli import UsageError
     from sip.peer import wav_seconds
 
-    if importlib.util.find_spec("pjsua2") is None:
-        raise UsageError("pjsua2 is not installed (pip install pjsua2-python)")
+    missing = pjsua2_missing()
+    if missing:
+        raise UsageError(f"{missing}; {PJSUA2_HINT}")
     if not args.uri.lower().startswith(("sip:", "sips:")):
         raise UsageError(f"{args.uri!r} is not a sip: URI")
     if not Path(args.play).is_file():
