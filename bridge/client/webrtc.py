@@ -372,6 +372,7 @@ async def _main(args: argparse.Namespace) -> int:
                     printer.event(ev)
             finally:
                 ender.cancel()
+        printer.finish(c.completed)
     except ApiError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1

@@ -108,7 +108,7 @@ class _Printer:
         elif t == "error":
             print(f"\nerror {ev.get('code')}: {ev.get('message')}", file=sys.stderr)
 
-    def finish(self, completed: dict | None, cut_short: bool, sent_s: float) -> None:
+    def finish(self, completed: dict | None, cut_short: bool = False, sent_s: float = 0.0) -> None:
         """The last line, once the close code says whether `completed` was the end we asked for."""
         if completed is None:
             return
