@@ -152,13 +152,13 @@ class Service:
 
     # -- the aiohttp application ------------------------------------------------------------
     def build_app(self) -> web.Application:
-        from bridge.api import events, health, jobs, tokens, web as web_page, webhooks
+        from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
         from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[_json_errors])
         app[SERVICE] = self
-        for module in (health, stream, jobs, tokens, events, webhooks, webrtc, web_page):
+        for module in (health, openapi, stream, jobs, tokens, events, webhooks, webrtc, web_page):
             module.add_routes(app)
         return app
 
