@@ -55,6 +55,7 @@ __all__ = [
     "KeyStore",
     "Principal",
     "bootstrap_key",
+    "config_key_problem",
     "hash_secret",
     "key_id_for",
 ]
@@ -72,6 +73,18 @@ JWT_ALGORITHMS = ("HS256", "RS256")
 TEMP_TOKEN_RETENTION_S = 86400.0
 
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # empty 3rd part: alg "none"
+
+
+def config_key_problem(secret: str) -> str | None:
+    """Why `secret` cannot be an operator-given API key, or None. `bridge.config` checks keys with
+    this when it reads them, so a short key is a config error naming its source, not a traceback."""
+    if len(secret) < MIN_CONFIG_KEY_CHARS:
+        return (f"every key must be at least {MIN_CONFIG_KEY_CHARS} characters (one has {len(secret)}); "
+                "`callbridge keys create` makes strong ones")
+    if secret.startswith(TEMP_PREFIX) or _JWT_SHAPE.match(secret):
+        return (f"a key must not start with {TEMP_PREFIX!r} or look like a JWT (three dot-separated parts): "
+                "it would be read as a token")
+    return None
 
 
 @dataclass(frozen=True)
@@ -247,12 +260,9 @@ class KeyStore:
         now = self.clock()
         rows = []
         for secret in secrets:
-            if len(secret) < MIN_CONFIG_KEY_CHARS:
-                raise ValueError(f"server.api_keys: every key must be at least {MIN_CONFIG_KEY_CHARS} "
-                                 f"characters (one has {len(secret)}); `callbridge keys create` makes strong ones")
-            if secret.startswith(TEMP_PREFIX) or _JWT_SHAPE.match(secret):
-                raise ValueError(f"server.api_keys: a key must not start with {TEMP_PREFIX!r} or look like "
-                                 "a JWT (three dot-separated parts): it would be read as a token")
+            problem = config_key_problem(secret)
+            if problem:
+                raise ValueError(f"server.api_keys: {problem}")
             rows.append((key_id_for(secret), hash_secret(secret), _display_prefix(secret), "config", now))
         if not rows:
             return

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from bridge.auth import config_key_problem
+
 ENV_PREFIX = "CALLBRIDGE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
 
@@ -59,7 +61,8 @@ class ServerConfig:
     http_port: int = _f(8080, "HTTP + WebSocket port", min=1, max=65535)
     sip_port: int = _f(5060, "SIP port (UDP and TCP); 0 = any free port", min=0, max=65535)
     data_dir: str = _f("./data", "SQLite database, recordings and the generated API key", nonempty=True)
-    api_keys: tuple[str, ...] = _f((), "accepted API keys; empty: `serve` creates one in data_dir")
+    api_keys: tuple[str, ...] = _f((), "accepted API keys, at least 16 characters each; empty: `serve` creates "
+                                       "one in data_dir", api_keys=True)
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,11 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
     elif kind is dict:
         return _endpoint_tables(value, bad)
 
+    if meta.get("api_keys"):
+        for i, secret in enumerate(value, 1):
+            problem = config_key_problem(secret)
+            if problem:  # the key itself is never echoed: it is a secret
+                raise bad(f"key {i} of {len(value)}: {problem}")
     if meta.get("nonempty") and not value.strip():
         raise bad("must not be empty")
     if "choices" in meta and value not in meta["choices"]:

@@ -22,6 +22,7 @@ from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.storage import StorageGuard
+from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -48,6 +49,7 @@ class Service:
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
         self.sip: Any = None
+        self.sip_unavailable: str | None = None  # why SIP is off although sip.enabled (no pjsua2)
         self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
         self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
         self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
@@ -94,7 +96,11 @@ class Service:
         else:
             self.model_path = getattr(self.pool, "model_path", None)
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
-        if self.config.sip.enabled:
+        self.sip_unavailable = pjsua2_missing() if self.config.sip.enabled else None
+        if self.sip_unavailable:  # e.g. Python 3.12+: the service runs, without SIP
+            log.warning("sip_disabled", reason=self.sip_unavailable,
+                        hint=f"{PJSUA2_HINT}, or set CALLBRIDGE_SIP_ENABLED=false")
+        elif self.config.sip.enabled:
             from bridge.ingress.sip import SipIngress
 
             self.sip = SipIngress(self)
@@ -160,14 +166,14 @@ class Service:
 
     # -- the aiohttp application ------------------------------------------------------------
     def build_app(self) -> web.Application:
-        from bridge.api import events, health, jobs, tokens, web as web_page, webhooks
+        from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
         from bridge.api.http import json_errors
         from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[json_errors])
         app[SERVICE] = self
-        for module in (health, stream, jobs, tokens, events, webhooks, webrtc, web_page):
+        for module in (health, openapi, stream, jobs, tokens, events, webhooks, webrtc, web_page):
             module.add_routes(app)
         return app
 

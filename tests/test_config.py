@@ -101,7 +101,7 @@ def test_nested_env_names_and_conversion():
         "CALLBRIDGE_CREDITS_PER_MINUTE": "100",
         "CALLBRIDGE_LOGGING_FORMAT": "json",
         "CALLBRIDGE_LOGGING_LEVEL": "DEBUG",
-        "CALLBRIDGE_API_KEYS": " k1, k2 ,,k3 ",
+        "CALLBRIDGE_API_KEYS": " key1-0123456789ab, key2-0123456789ab ,,key3-0123456789ab ",
         "CALLBRIDGE_MODEL": "small.en",
         "CALLBRIDGE_UNRELATED": "ignored",
     }
@@ -111,7 +111,7 @@ def test_nested_env_names_and_conversion():
     assert c.recognizer.endpointing_ms == 0 and c.recognizer.vad == "webrtc"
     assert c.credits.per_minute == 100
     assert (c.logging.format, c.logging.level) == ("json", "debug")
-    assert c.server.api_keys == ("k1", "k2", "k3")
+    assert c.server.api_keys == ("key1-0123456789ab", "key2-0123456789ab", "key3-0123456789ab")
     assert c.model.name == "small.en"
     assert env_name("limits", "idle_timeout_s") == "CALLBRIDGE_LIMITS_IDLE_TIMEOUT_S"
     assert env_name("server", "http_port") == "CALLBRIDGE_HTTP_PORT"
@@ -136,12 +136,12 @@ def test_argparse_flags():
 
 
 def test_to_dict_masks_api_keys():
-    c = load_config(env={"CALLBRIDGE_API_KEYS": "secretsecret1234,short"})
+    c = load_config(env={"CALLBRIDGE_API_KEYS": "secretsecret1234,othersecret56789"})
     d = c.to_dict()
-    assert d["server"]["api_keys"] == ["secr…", "****"]
-    assert "secretsecret1234" not in repr(d)
+    assert d["server"]["api_keys"] == ["secr…", "othe…"]
+    assert "secretsecret1234" not in repr(d) and "othersecret56789" not in repr(d)
     assert d["limits"]["idle_timeout_s"] == 60
-    assert c.to_dict(mask_keys=False)["server"]["api_keys"] == ["secretsecret1234", "short"]
+    assert c.to_dict(mask_keys=False)["server"]["api_keys"] == ["secretsecret1234", "othersecret56789"]
 
 
 # ---------------------------------------------------------------- errors name key and source
@@ -205,3 +205,32 @@ def test_flag_errors_name_flag():
         load_config({"http_port": "x"}, env={})
     with pytest.raises(ConfigError, match=r"model\.name must not be empty.*flag --model"):
         load_config({"model": ""}, env={})
+
+
+def test_short_or_token_shaped_api_keys_are_a_config_error_naming_the_source_not_the_key(toml):
+    with pytest.raises(ConfigError, match=r"server\.api_keys key 1 of 2: every key must be at least 16 characters "
+                                          r"\(one has 2\).*environment variable CALLBRIDGE_API_KEYS") as e:
+        load_config(env={"CALLBRIDGE_API_KEYS": "k1,k2"})
+    assert "k1" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"key 2 of 2: .*at least 16.*config file"):
+        load_config(env={}, config_file=str(toml('[server]\napi_keys = ["0123456789abcdef", "short-key"]\n')))
+    with pytest.raises(ConfigError, match=r"must not start with 'cbt_'.*override server\.api_keys"):
+        load_config({"server.api_keys": "cbt_0123456789abcdef"}, env={})
+    keys = load_config(env={"CALLBRIDGE_API_KEYS": "0123456789abcdef, fedcba9876543210"}).server.api_keys
+    assert keys == ("0123456789abcdef", "fedcba9876543210")
+
+
+def test_serve_with_short_api_keys_prints_one_line_and_exits_2(tmp_path):
+    """`CALLBRIDGE_API_KEYS=k1,k2 callbridge serve` once ended in a ValueError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CALLBRIDGE_API_KEYS": "k1,k2", "CALLBRIDGE_SIP_ENABLED": "false"}
+    r = subprocess.run([sys.executable, "-m", "bridge", "serve", "--data-dir", str(tmp_path / "data"),
+                        "--http-port", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("callbridge: error: server.api_keys key 1 of 2: every key must be at least 16")
+    assert "CALLBRIDGE_API_KEYS" in r.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created

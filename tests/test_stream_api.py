@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import wave
 
 import aiohttp
@@ -385,26 +386,52 @@ async def test_unknown_routes_and_plain_get_answer_json(server):
             assert r.status == 426 and (await r.json())["error"]["code"] == "UPGRADE_REQUIRED"
 
 
-async def test_readme_raw_websocket_example_runs(server, tmp_path):
-    """The README's raw-WebSocket example, run as written (port and paths pointed at this server)."""
-    import re
-    import sys
+def readme_stream_example() -> str:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(import asyncio, json, wave, websockets.*?)```", readme, re.S).group(1)
-    code = code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}")
+    return readme.split("## Streaming audio in", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_raw_websocket_example_imports_only_installed_packages():
+    """It once imported `websockets`, which only the dev extra installs."""
+    import ast
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    installed = {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower() for d in pyproject["project"]["dependencies"]}
+    imported = set()
+    for node in ast.walk(ast.parse(readme_stream_example())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names)
+    assert third_party and third_party <= installed, third_party - installed
+
+
+async def test_readme_raw_websocket_example_runs(server, tmp_path):
+    """The README's raw-WebSocket example, run as written: saved as a file and run with a WAV
+    argument from the directory holding data/api_key (only the port pointed at this server)."""
+    import sys
+
+    code = readme_stream_example()
+    assert code.count("127.0.0.1:8080") == 1
     cwd = tmp_path / "user"
     (cwd / "data").mkdir(parents=True)
     (cwd / "data" / "api_key").write_text(API_KEY + "\n")
+    (cwd / "stream_file.py").write_text(code.replace("127.0.0.1:8080", f"127.0.0.1:{server.port}"))
     corpus.write_wav(cwd / "call.wav", np.concatenate([sil(0.3), speech(EN[0]), sil(1.0)]))
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=str(cwd),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "stream_file.py", "call.wav", cwd=str(cwd),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    assert proc.returncode == 0 and not err, err.decode()
     lines = out.decode().splitlines()
     assert "'type': 'ready'" in lines[0]
     assert lines[1].startswith("ch0 [0.") and corpus.wer(EN[0], lines[1].split("] ", 1)[1]) < 0.2
+    assert lines[-1].startswith("{'type': 'completed'")
 
 
 async def test_cli_stream_raw_mulaw_from_stdin(server):

@@ -261,6 +261,7 @@ async def test_cli_prints_finals(server, tmp_path):
     lines = out.decode().splitlines()
     assert lines and "caller:" in lines[0] and corpus.wer(EN[0], lines[0].split(":", 2)[2]) < 0.2, lines
     assert "completed: job job_" in err.decode()
+    assert "Warning" not in err.decode()  # runpy warned on every run while bridge.client imported this module
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge.client.webrtc", str(wav), "--url", server.url, "--api-key", "wrong",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -353,3 +354,14 @@ async def test_rate_limit_and_query_key(tmp_path, pool):
         assert events[-1]["type"] == "completed" and corpus.wer(EN[0], text_of(events)) < 0.2
     finally:
         await srv.stop()
+
+
+def test_cli_help_runs_without_warnings():
+    """`python -m bridge.client.webrtc` as the README shows it: nothing on stderr but what it means."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bridge.client.webrtc", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("usage: python -m bridge.client.webrtc")

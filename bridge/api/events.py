@@ -1,4 +1,4 @@
-"""Live events for dashboards (../shared/spec/stream-protocol.md, "Live events for dashboards").
+"""Live events for dashboards (docs/stream-protocol.md, "Live events for dashboards"; docs/events.md).
 
 `GET /v1/calls/{job_id}/events` follows one job: first its finals so far (read from the store,
 where every final is saved before it is published), then the job's live events. `GET /v1/events`

@@ -29,7 +29,7 @@ async def healthz(request: web.Request) -> web.Response:
         status = "degraded" if disk.low else "ok"
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
-            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False},
+            "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable},
             "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 

@@ -1,5 +1,5 @@
 """Webhook endpoints of the caller's key: `/v1/webhooks` (create, list, get, update, delete),
-their delivery log and redelivery (../shared/spec/stream-protocol.md, "Webhooks"; docs/events.md).
+their delivery log and redelivery (docs/stream-protocol.md, "Webhooks"; docs/webhooks.md).
 
 An endpoint belongs to the key that created it and receives only that key's jobs' events;
 another key's endpoint answers 404 like an unknown id. The secret is shown once, in the answer

@@ -8,7 +8,9 @@ iterate events out of.
             ...
 
 Iteration ends after `completed` or `error` (also kept as `.completed` / `.error`) or a close.
-Sending and iterating may run in different tasks at the same time.
+Sending and iterating may run in different tasks at the same time. A server that shuts down ends
+live sessions itself: `completed` (what it received is saved), then close 1001; `.cut_short` tells
+that apart from a session that ended because the client sent `end`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import numpy as np
 from .controls import SessionControls
 from .errors import ApiError
 
-__all__ = ["StreamClient", "StreamError", "ws_url"]
+__all__ = ["CLOSE_GOING_AWAY", "StreamClient", "StreamError", "ws_url"]
 
 STREAM_PATH = "/v1/transcription/stream"
+CLOSE_GOING_AWAY = 1001  # docs/stream.md, "Shutdown": the server ended the session, not the client
 
 
 class StreamError(Exception):
@@ -90,6 +93,12 @@ class StreamClient(SessionControls):
     @property
     def job_id(self) -> str | None:
         return self.ready["job_id"] if self.ready else None
+
+    @property
+    def cut_short(self) -> bool:
+        """The server shut down and ended the session before the client's `end` (close 1001):
+        `completed` then covers only the audio the server received."""
+        return self.close_code == CLOSE_GOING_AWAY
 
     async def __aenter__(self) -> "StreamClient":
         self._http = aiohttp.ClientSession()

@@ -9,7 +9,7 @@
             if ev["type"] == "final":
                 print(ev["text"])
 
-It offers Opus audio plus an ordered data channel "events" (as ../shared/spec/stream-protocol.md
+It offers Opus audio plus an ordered data channel "events" (as docs/stream-protocol.md
 asks of browsers), POSTs the offer to /v1/webrtc/offer, plays the WAV at real time from a
 MediaStreamTrack paced like a microphone (20 ms frames at 48 kHz), and yields every message the
 server sends (`ready` first, then `partial`/`final`/`usage`, then `completed` or `error`).
@@ -372,6 +372,7 @@ async def _main(args: argparse.Namespace) -> int:
                     printer.event(ev)
             finally:
                 ender.cancel()
+        printer.finish(c.completed)
     except ApiError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,10 @@
 """`callbridge stream FILE|-`: send a WAV file or raw stdin to a server at real-time pace and
 print the transcript live, like the hosted SDKs' examples: on a terminal the partial rewrites one
-line and each final is printed below it; `--json` prints every server frame as a JSON line."""
+line and each final is printed below it; `--json` prints every server frame as a JSON line.
+
+Exit codes: 0 the whole input was transcribed (`completed` after our `end`), 1 the server ended
+the session first (an `error`, or its shutdown: `completed` then close 1001, which is not a
+success as the rest of the input was never transcribed), 2 bad input."""
 
 from __future__ import annotations
 
@@ -103,9 +107,18 @@ class _Printer:
             self.out.flush()
         elif t == "error":
             print(f"\nerror {ev.get('code')}: {ev.get('message')}", file=sys.stderr)
-        elif t == "completed":
-            print(f"completed: job {ev['job_id']}, {ev['streamed_seconds']:.1f} s, {ev['credits_used']} credits "
-                  f"(transcript: {ev['transcript_path']})", file=sys.stderr)
+
+    def finish(self, completed: dict | None, cut_short: bool = False, sent_s: float = 0.0) -> None:
+        """The last line, once the close code says whether `completed` was the end we asked for."""
+        if completed is None:
+            return
+        if cut_short:
+            print(f"callbridge: error: the server shut down before the stream ended: job {completed['job_id']} "
+                  f"kept {completed['streamed_seconds']:.1f} s of the {sent_s:.1f} s sent "
+                  f"(transcript: {completed['transcript_path']})", file=sys.stderr)
+        elif not self.json:
+            print(f"completed: job {completed['job_id']}, {completed['streamed_seconds']:.1f} s, "
+                  f"{completed['credits_used']} credits (transcript: {completed['transcript_path']})", file=sys.stderr)
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -132,8 +145,11 @@ async def _stream(args: argparse.Namespace, url: str, src: IO[bytes], fmt: dict,
         if args.json:
             printer.event(s.ready or {})
 
+        sent = 0.0
+
         async def send() -> None:
-            t0, sent = time.monotonic(), 0.0
+            nonlocal sent
+            t0 = time.monotonic()
             loop = asyncio.get_running_loop()
             reader = iter(_chunks(src, chunk))
             while True:
@@ -153,6 +169,7 @@ async def _stream(args: argparse.Namespace, url: str, src: IO[bytes], fmt: dict,
         finally:
             if not sender.done():
                 sender.cancel()
-            elif not sender.cancelled() and sender.exception() and not s.error:
+            elif not sender.cancelled() and sender.exception() and not s.error and not s.cut_short:
                 raise sender.exception()  # type: ignore[misc]
-    return 0 if s.completed else 1
+    printer.finish(s.completed, s.cut_short, sent)
+    return 0 if s.completed and not s.cut_short else 1

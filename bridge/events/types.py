@@ -1,6 +1,6 @@
 """Typed events that recognizers emit and every sink (sockets, webhooks, store) consumes.
 
-Field names follow ../shared/spec/stream-protocol.md; `to_dict()` gives the wire object.
+Field names follow docs/stream-protocol.md; `to_dict()` gives the wire object.
 """
 
 from __future__ import annotations

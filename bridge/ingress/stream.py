@@ -1,4 +1,4 @@
-"""The ingest WebSocket, `GET /v1/transcription/stream` (../shared/spec/stream-protocol.md).
+"""The ingest WebSocket, `GET /v1/transcription/stream` (docs/stream-protocol.md).
 
 Wire in, Call out: this module parses client frames, enforces the session limits, and turns a
 session into a Call (bridge/calls.py) fed through the audio front-end. It writes to the socket

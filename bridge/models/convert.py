@@ -1,7 +1,7 @@
 """CTranslate2 whisper -> whisper.cpp ggml, optionally quantized (q8_0, q5_0).
 
 Our own converter, so that the bundled model needs no model hub and no whisper.cpp or
-PyTorch tool chain. Name mapping and layout facts: ../shared/notes/whisper-model-from-ct2.md.
+PyTorch tool chain. Name mapping and layout: docs/models.md, "Conversion".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The registries ship whisper weights only in CTranslate2 format; whisper.cpp needs ggml. This
 module reads the CT2 container (format version 6, as written by ctranslate2 >= 3) into numpy
-arrays so `bridge.models.convert` can re-emit them. Layout facts: ../shared/notes.
+arrays so `bridge.models.convert` can re-emit them. Layout: docs/models.md, "Conversion".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One whisper.cpp context and how we call it for streaming.
 
-The costs that shape this module (measured in ../shared/notes and docs/benchmarks.md):
+The costs that shape this module (measured in docs/benchmarks.md; see docs/recognizer.md):
 whisper.cpp pads every decode to a 30 s window unless `audio_ctx` is lowered, so we size the
 encoder context to the audio; a reduced context can make the decoder loop on short audio, so
 tokens are capped per second of audio and repetition is detected. `whisper_full` releases the
