@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
+import importlib
 import json
 import os
 import re
@@ -144,6 +145,22 @@ def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "c
     ep.libInit(cfg)
     ep.audDevManager().setNullDev()
     return ep, [writer]
+
+
+def pjsua_call_counter() -> Any:
+    """pjsua's own count of call slots in use (`pjsua_call_get_count`, called through ctypes: the
+    wheel exports it but pjsua2 does not wrap it). It differs from the calls the application
+    sees: after a hangup pjsua reports the call DISCONNECTED at once but keeps its slot until the
+    BYE transaction ends, up to 32 s (Timer F) when the caller does not answer the BYE, and
+    refuses new calls with 486 meanwhile. None where the symbol is missing."""
+    try:
+        lib = ctypes.CDLL(importlib.import_module("pjsua2._pjsua2").__file__)
+        fn = lib.pjsua_call_get_count
+    except (OSError, AttributeError, ImportError) as e:
+        log(f"pjsua_call_get_count unavailable ({e}); reporting the calls we track")
+        return None
+    fn.restype, fn.argtypes = ctypes.c_uint, []
+    return fn
 
 
 def stop_media_clock(ep: Any) -> None:
@@ -317,6 +334,8 @@ class Worker:
         self.stopping: asyncio.Event | None = None
         self.stop_reason = ""
         self._load_pending = False
+        self._slots_reported = -1
+        self._call_count: Any = None  # pjsua_call_counter(), once pjsua is loaded
         self._closed = False
 
     # ---------------------------------------------------------------- control channel
@@ -340,10 +359,16 @@ class Worker:
             self._load_pending = True
             self.loop.call_soon(self._send_load)
 
+    def slots_used(self) -> int:
+        """Call slots pjsua holds: what decides whether it takes the next INVITE or answers 486."""
+        held = self._call_count() if self._call_count is not None else 0
+        return max(held, len(self.alive))
+
     def _send_load(self) -> None:
         self._load_pending = False
+        self._slots_reported = self.slots_used()
         self.send({"type": "load", "calls": sum(1 for s in self.sessions.values() if not s.closing),
-                   "slots_used": len(self.alive)})
+                   "slots_used": self._slots_reported})
 
     def request_stop(self, why: str) -> None:
         if self.stopping is not None and not self.stopping.is_set():
@@ -439,6 +464,7 @@ class Worker:
         cfg = self.cfg
         self._build()
         self.ep, self._keep = create_endpoint(log_level=cfg.log_level, max_calls=cfg.max_calls)
+        self._call_count = pjsua_call_counter()
         enabled = set_codecs(self.ep, cfg.codecs)
         public = cfg.public_address if cfg.public_address not in ("", "0.0.0.0", "::", "[::]") else ""
         for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
@@ -810,6 +836,8 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 self.ep.libHandleEvents(0)
+                if self.slots_used() != self._slots_reported:
+                    self.schedule_load()  # e.g. a hung-up call's slot freed once its BYE completed
                 if time.monotonic() >= next_monitor:
                     next_monitor += MONITOR_S
                     if os.getppid() != self.parent:  # reparented: the service died
