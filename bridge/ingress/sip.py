@@ -98,7 +98,7 @@ class SipIngress:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from sip.dispatcher import Dispatcher, Worker
+        from sip.dispatcher import Dispatcher, TcpLimits, Worker
         from sip.routing import Router
 
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
@@ -121,7 +121,10 @@ class SipIngress:
         self.dispatcher = Dispatcher(
             self.host, self.port, [Worker(id=w.id, host=wk_host, port=w.port, capacity=self.cfg.calls_per_worker)
                                    for w in self.workers],
-            router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log)
+            router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log,
+            tcp_idle_timeout=self.cfg.tcp_idle_timeout_s, tcp_limits=TcpLimits(
+                self.cfg.tcp_max_connections, self.cfg.tcp_max_connections_per_source,
+                self.cfg.tcp_max_message_bytes, self.cfg.tcp_message_timeout_s))
         await self.dispatcher.start()
         self.port = self.dispatcher.port
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
