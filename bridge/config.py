@@ -138,6 +138,13 @@ class SipConfig:
     transcribe_agent: bool = _f(True, "transcribe the bridged (agent) leg too")
     public_address: str = _f("", "address put in SDP and Contact; empty = server.host")
     owner_key: str = _f("", "API key id that owns SIP jobs; empty = the oldest active key")
+    tcp_max_connections: int = _f(512, "SIP over TCP: connections open at once; more are closed at once", min=1)
+    tcp_max_connections_per_source: int = _f(32, "SIP over TCP: connections from one IP address", min=1)
+    tcp_max_message_bytes: int = _f(32768, "SIP over TCP: largest header section, and largest body; "
+                                           "larger gets 413 (or 513) and the connection closed", min=1024)
+    tcp_message_timeout_s: float = _f(10.0, "SIP over TCP: a message must arrive whole this long after its "
+                                            "first byte (slow senders are cut off)", gt=0)
+    tcp_idle_timeout_s: float = _f(900.0, "SIP over TCP: close a connection silent this long", gt=0)
 
 
 @dataclass(frozen=True)

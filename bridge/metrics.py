@@ -81,6 +81,10 @@ class _LiveCollector:
             d = st.get("dispatcher") or {}
             yield GaugeMetricFamily("callbridge_sip_invites", "INVITEs received on the public SIP port",
                                     value=d.get("invites", 0))
+            yield GaugeMetricFamily("callbridge_sip_tcp_connections", "SIP TCP connections open",
+                                    value=d.get("tcp_connections", 0))
+            yield GaugeMetricFamily("callbridge_sip_tcp_refused", "SIP TCP connections closed at once (over a limit)",
+                                    value=d.get("tcp_refused", 0))
         if svc.admission is not None:
             yield from _headroom(svc.admission.headroom())
         if svc.pool is None:

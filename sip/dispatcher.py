@@ -48,6 +48,7 @@ from sip.message import (
     MAGIC_COOKIE,
     SipMessage,
     SipParseError,
+    SipTooLarge,
     StreamParser,
     Via,
     common_codecs,
@@ -59,7 +60,7 @@ from sip.message import (
 )
 from sip.routing import RouteError, Router
 
-__all__ = ["ALLOW", "FAILOVER_CODES", "Dispatcher", "Worker"]
+__all__ = ["ALLOW", "FAILOVER_CODES", "Dispatcher", "TcpLimits", "Worker"]
 
 T1 = 0.5  # RFC 3261 round-trip estimate
 T2 = 4.0
@@ -71,6 +72,20 @@ _KNOWN_NOT_ALLOWED = frozenset({"REGISTER", "SUBSCRIBE", "NOTIFY", "PUBLISH", "M
                                 "INFO", "UPDATE", "PRACK"})
 _NOT_AUDIO = frozenset({"telephone-event", "cn"})
 _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+_TCP_READ = 16 << 10  # bytes per read, and the StreamReader's buffer limit
+
+
+@dataclass(frozen=True)
+class TcpLimits:
+    """What one TCP peer may cost (config [sip] tcp_*): without them each connection could buffer
+    a 1 MiB message and trickle it for the whole idle timeout, and connections were unbounded."""
+
+    max_connections: int = 512  # open at once, all sources together; more are closed at once
+    max_connections_per_source: int = 32  # from one IP address
+    max_message_bytes: int = 32 << 10  # header section, and body (Content-Length), each
+    message_timeout_s: float = 10.0  # a message must be complete this long after its first byte
 
 
 @dataclass
@@ -225,6 +240,7 @@ class Dispatcher:
                  t1: float = T1, worker_timeout: float = 2.0, dialog_ttl: float = 4 * 3600.0,
                  retry_after_full: int = 5, retry_after_draining: int = 30,
                  max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
+                 tcp_limits: TcpLimits | None = None,
                  admission: Callable[[int], tuple[str, int] | None] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
@@ -248,6 +264,7 @@ class Dispatcher:
         self.retry_after_draining = retry_after_draining
         self.max_entries = max_entries
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_limits = tcp_limits or TcpLimits()
         self.draining = False
         # the service's admission check (disk reserve, decode capacity): legs needed -> (why,
         # Retry-After s) to refuse with 503, or None
@@ -256,6 +273,7 @@ class Dispatcher:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._conns: set[_Conn] = set()
+        self._conns_by_ip: Counter[str] = Counter()
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._via_host = ""
@@ -284,7 +302,7 @@ class Dispatcher:
                                        f"{e.strerror or e}") from None
             port = udp.get_extra_info("sockname")[1]
             try:
-                self._tcp = await asyncio.start_server(self._on_tcp, self.host, port)
+                self._tcp = await asyncio.start_server(self._on_tcp, self.host, port, limit=_TCP_READ)
             except OSError as e:
                 udp.close()
                 if attempt + 1 < attempts:
@@ -387,6 +405,9 @@ class Dispatcher:
             "parse_errors": self._n["parse_errors"],
             "stray_responses": self._n["stray_responses"],
             "keepalives": self._n["keepalives"],
+            "tcp_connections": len(self._conns),
+            "tcp_refused": self._n["tcp_refused"],
+            "tcp_slow_messages": self._n["tcp_slow_messages"],
             "internal_errors": self._n["internal_errors"],
             "draining": self.draining,
             "transactions": len(self._clients),
@@ -415,20 +436,48 @@ class Dispatcher:
 
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
+        lim = self.tcp_limits
+        why = ("connections" if len(self._conns) >= lim.max_connections
+               else "connections_per_source" if self._conns_by_ip[peer[0]] >= lim.max_connections_per_source
+               else None)
+        if why is not None:  # closed at once: a connection costs memory until its first timeout
+            self._n["tcp_refused"] += 1
+            self._warn("sip_tcp_refused", source=f"{peer[0]}:{peer[1]}", limit=why,
+                       open=len(self._conns), from_source=self._conns_by_ip[peer[0]])
+            writer.transport.abort()
+            return
         await self._serve_conn(reader, _Conn(writer, (peer[0], peer[1])))
 
     async def _serve_conn(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
-        """Read SIP messages off one TCP connection until it closes, idles out or mis-frames."""
+        """Read SIP messages off one TCP connection until it closes, idles out, mis-frames, sends
+        a message over the size limit or takes longer than `message_timeout_s` to send one."""
         self._conns.add(conn)
+        self._conns_by_ip[conn.peer[0]] += 1
         origin = _Origin("TCP", conn.peer, conn)
-        parser = StreamParser()
+        lim = self.tcp_limits
+        parser = StreamParser(max_header=lim.max_message_bytes, max_body=lim.max_message_bytes)
         pongs = 0
+        started: float | None = None  # when the first byte of the message being read arrived
         try:
             while not conn.closed:
+                timeout = self.tcp_idle_timeout
+                if parser.in_message:
+                    now = time.monotonic()
+                    started = now if started is None else started
+                    timeout = started + lim.message_timeout_s - now
+                    if timeout <= 0:
+                        self._n["tcp_slow_messages"] += 1
+                        self._warn("sip_tcp_message_timeout", source=f"{conn.peer[0]}:{conn.peer[1]}",
+                                   after_s=lim.message_timeout_s, buffered=parser.buffered)
+                        break
+                else:
+                    started = None
                 try:
-                    data = await asyncio.wait_for(reader.read(65536), self.tcp_idle_timeout)
+                    data = await asyncio.wait_for(reader.read(_TCP_READ), timeout)
                 except TimeoutError:
-                    break
+                    if parser.in_message:
+                        continue  # the message timeout: logged and closed above
+                    break  # idle
                 if not data:
                     break
                 parser.feed(data)
@@ -454,6 +503,9 @@ class Dispatcher:
         finally:
             conn.close()
             self._conns.discard(conn)
+            self._conns_by_ip[conn.peer[0]] -= 1
+            if self._conns_by_ip[conn.peer[0]] <= 0:
+                del self._conns_by_ip[conn.peer[0]]
 
     def _bad(self, e: SipParseError, origin: _Origin, head: bytes) -> None:
         """A message that does not parse: count, log, and answer 400 if it is a request we can
@@ -468,7 +520,7 @@ class Dispatcher:
             via = self._fix_via(p, origin)
         except SipParseError:
             return
-        self._reply(p, origin, via, 400, None, [_warning(399, str(e))])
+        self._reply(p, origin, via, e.status if isinstance(e, SipTooLarge) else 400, None, [_warning(399, str(e))])
 
     def _on_message(self, msg: SipMessage, origin: _Origin) -> None:
         if msg.is_response:

@@ -26,6 +26,7 @@ __all__ = [
     "MAGIC_COOKIE",
     "MAX_BODY_BYTES",
     "MAX_HEADER_BYTES",
+    "SipTooLarge",
     "REASONS",
     "SdpCodec",
     "SipMessage",
@@ -89,6 +90,15 @@ class SipParseError(ValueError):
     def __init__(self, message: str, partial: SipMessage | None = None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+class SipTooLarge(SipParseError):
+    """A message over the size limits: `status` is the answer, 413 (body, its headers parsed)
+    or 513 (the message as a whole; no headers to answer with)."""
+
+    def __init__(self, message: str, status: int, partial: SipMessage | None = None) -> None:
+        super().__init__(message, partial)
+        self.status = status
 
 
 def canonical_name(name: str) -> str:
@@ -592,9 +602,10 @@ class StreamParser:
     lost, so the connection must be closed. A missing Content-Length is taken as 0.
     """
 
-    def __init__(self, max_header: int = MAX_HEADER_BYTES) -> None:
+    def __init__(self, max_header: int = MAX_HEADER_BYTES, max_body: int = MAX_BODY_BYTES) -> None:
         self._buf = bytearray()
         self.max_header = max_header
+        self.max_body = max_body
         self.pings = 0
         self._head: SipMessage | None = None
         self._need = 0
@@ -606,6 +617,11 @@ class StreamParser:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def in_message(self) -> bool:
+        """Part of a message has arrived, not all of it (a CRLF keep-alive does not count)."""
+        return self._head is not None or bool(self._buf.strip(b"\r\n"))
 
     def pop(self) -> SipMessage | None:
         if self.failed:
@@ -627,11 +643,11 @@ class StreamParser:
             if m is None:
                 if len(self._buf) > self.max_header:
                     self.failed = True
-                    raise SipParseError(f"no end of headers within {self.max_header} bytes")
+                    raise SipTooLarge(f"no end of headers within {self.max_header} bytes", 513)
                 return None
             if m.start() > self.max_header:
                 self.failed = True
-                raise SipParseError(f"header section of {m.start()} bytes is over {self.max_header}")
+                raise SipTooLarge(f"header section of {m.start()} bytes is over {self.max_header}", 513)
             head = bytes(self._buf[:m.start()])
             del self._buf[:m.end()]
             try:
@@ -642,6 +658,9 @@ class StreamParser:
             except SipParseError:
                 self.failed = True
                 raise
+            if self._need > self.max_body:
+                self.failed = True
+                raise SipTooLarge(f"Content-Length {self._need} is over the {self.max_body} bytes allowed", 413, msg)
             self._head = msg
         if len(self._buf) < self._need:
             return None

@@ -13,7 +13,8 @@ worker -> service
   dtmf          {call, leg: int, digit: "0-9*#A-D", duration_ms: int, at: float (unix time)}
   call_ended    {call, reason: "bye_caller" | "bye_agent" | "cancel" | "rtp_timeout" | "hangup"
                  | "error" | "shutdown", sip_code: int | null, detail: str}
-  load          {calls: int, slots_used: int}   (after every change)
+  load          {calls: int, slots_used: int}   (after every change; slots_used is what pjsua holds,
+                                                 hung-up calls whose BYE is still in progress too)
   log           {level, event, ...}             (optional: forwarded into the service's log)
 
 service -> worker

@@ -2,6 +2,11 @@
 the dispatcher forwards to it and streams each call leg's audio to the service.
 
     python -m sip.worker --id N --host 127.0.0.1 --port P --control /path/sock --config-json '{...}'
+                         [--parent-pid PID]
+
+The worker dies with the service: SIGTERM from the kernel when its parent dies (PR_SET_PDEATHSIG),
+a stop when the control channel ends however it ends (EOF, reset), and a check of its parent pid
+every second; once stopping, SIGALRM ends it after STOP_DEADLINE_S even if pjsua hangs.
 
 config-json keys (all optional): rtp_port_start (first RTP port; the worker uses a block of 100),
 codecs (priority list, e.g. ["PCMU/8000", "PCMA/8000", "G722/16000"]; every other codec is disabled
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
+import importlib
 import json
 import os
 import re
@@ -47,6 +54,8 @@ SHUTDOWN_GRACE_S = 0.5  # SIP kept running after the last hangup (ACK-delayed BY
 RTP_BLOCK = 100
 MAX_BUFFERED = 64 << 20  # control-channel bytes queued before the service is declared stuck
 PJ_ETOOMANY = 70010
+PR_SET_PDEATHSIG = 1
+STOP_DEADLINE_S = 15  # once stopping, SIGALRM ends the process after this even if pjsua hangs
 DTMF_IS_UPDATE, DTMF_IS_END = 1 << 0, 1 << 1  # pjmedia_stream_dtmf_event_flags (not exported by the wheel)
 
 _COMPACT = {"i": "Call-ID", "f": "From", "t": "To", "m": "Contact", "v": "Via", "c": "Content-Type",
@@ -56,7 +65,27 @@ _URI_USER = re.compile(r"^sips?:([^@;?]+)@", re.IGNORECASE)
 
 
 def log(msg: str) -> None:
-    print(f"sip.worker[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+    """To stderr (the service's pipe). Once the service is gone the pipe is broken; a failed log
+    line must not abort what the worker is doing (shutting down, most likely)."""
+    try:
+        print(f"sip.worker[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGTERM when the service dies, whatever kills it (kill -9 too): the
+    handler hangs up and exits, so no worker outlives the service holding its ports. Linux only
+    (prctl PR_SET_PDEATHSIG); the parent watch in `Worker.run` is the second guard. The signal
+    comes when the *thread* that spawned us exits: the service spawns from its event loop thread.
+    False if `parent` is already gone (we were reparented before the prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
+    except (OSError, AttributeError) as e:
+        log(f"prctl(PR_SET_PDEATHSIG) unavailable: {e}")
+    return os.getppid() == parent
 
 
 def _guarded(fn: Any, *args: Any) -> None:
@@ -85,7 +114,10 @@ def _stderr_writer():
 
         def write(self, entry: Any) -> None:
             msg = entry.msg
-            sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+            try:
+                sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+            except (OSError, ValueError):
+                pass  # the service (our stderr pipe) is gone: nothing to report to
 
     return StderrLog()
 
@@ -113,6 +145,22 @@ def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "c
     ep.libInit(cfg)
     ep.audDevManager().setNullDev()
     return ep, [writer]
+
+
+def pjsua_call_counter() -> Any:
+    """pjsua's own count of call slots in use (`pjsua_call_get_count`, called through ctypes: the
+    wheel exports it but pjsua2 does not wrap it). It differs from the calls the application
+    sees: after a hangup pjsua reports the call DISCONNECTED at once but keeps its slot until the
+    BYE transaction ends, up to 32 s (Timer F) when the caller does not answer the BYE, and
+    refuses new calls with 486 meanwhile. None where the symbol is missing."""
+    try:
+        lib = ctypes.CDLL(importlib.import_module("pjsua2._pjsua2").__file__)
+        fn = lib.pjsua_call_get_count
+    except (OSError, AttributeError, ImportError) as e:
+        log(f"pjsua_call_get_count unavailable ({e}); reporting the calls we track")
+        return None
+    fn.restype, fn.argtypes = ctypes.c_uint, []
+    return fn
 
 
 def stop_media_clock(ep: Any) -> None:
@@ -271,8 +319,9 @@ class Session:
 
 
 class Worker:
-    def __init__(self, wid: int, host: str, port: int, control: str, cfg: WorkerConfig) -> None:
+    def __init__(self, wid: int, host: str, port: int, control: str, cfg: WorkerConfig, parent: int = 0) -> None:
         self.wid, self.host, self.port, self.control, self.cfg = wid, host, port, control, cfg
+        self.parent = parent or os.getppid()
         self.router = Router(cfg.routes, cfg.target_header, cfg.allow_target_header)
         self.sessions: dict[str, Session] = {}
         self.alive: set[Any] = set()  # WCalls holding a pjsua slot
@@ -285,6 +334,8 @@ class Worker:
         self.stopping: asyncio.Event | None = None
         self.stop_reason = ""
         self._load_pending = False
+        self._slots_reported = -1
+        self._call_count: Any = None  # pjsua_call_counter(), once pjsua is loaded
         self._closed = False
 
     # ---------------------------------------------------------------- control channel
@@ -308,22 +359,31 @@ class Worker:
             self._load_pending = True
             self.loop.call_soon(self._send_load)
 
+    def slots_used(self) -> int:
+        """Call slots pjsua holds: what decides whether it takes the next INVITE or answers 486."""
+        held = self._call_count() if self._call_count is not None else 0
+        return max(held, len(self.alive))
+
     def _send_load(self) -> None:
         self._load_pending = False
+        self._slots_reported = self.slots_used()
         self.send({"type": "load", "calls": sum(1 for s in self.sessions.values() if not s.closing),
-                   "slots_used": len(self.alive)})
+                   "slots_used": self._slots_reported})
 
     def request_stop(self, why: str) -> None:
         if self.stopping is not None and not self.stopping.is_set():
             self.stop_reason = why
             self.stopping.set()
+            signal.alarm(STOP_DEADLINE_S)  # a shutdown stuck in pjsua must not keep the ports bound
 
     async def _read_control(self, reader: asyncio.StreamReader) -> None:
+        """Until the channel ends, however it ends: then the worker stops (the service is gone
+        or wants it gone). A reset (the service killed with our audio unread) counts too."""
+        why = "control channel closed"
         try:
             while True:
                 msg = await read_message(reader)
                 if msg is None:
-                    self.request_stop("control channel closed")
                     return
                 h, _ = msg
                 kind = h.get("type")
@@ -337,13 +397,14 @@ class Worker:
                     else:
                         self.finish(sess, "hangup", detail=why, unanswered_code=480, bye_reason=why)
                 elif kind == "shutdown":
-                    self.request_stop("shutdown requested")
+                    why = "shutdown requested"
                     return
                 else:
                     log(f"ignoring control message {kind!r}")
         except (MessageError, ConnectionError, OSError) as e:
-            log(f"control channel error: {e}")
-            self.request_stop("control channel error")
+            why = f"control channel error: {e}"
+        finally:
+            self.request_stop(why)
 
     # ---------------------------------------------------------------- pjsua2 objects
 
@@ -403,6 +464,7 @@ class Worker:
         cfg = self.cfg
         self._build()
         self.ep, self._keep = create_endpoint(log_level=cfg.log_level, max_calls=cfg.max_calls)
+        self._call_count = pjsua_call_counter()
         enabled = set_codecs(self.ep, cfg.codecs)
         public = cfg.public_address if cfg.public_address not in ("", "0.0.0.0", "::", "[::]") else ""
         for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
@@ -774,8 +836,12 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 self.ep.libHandleEvents(0)
+                if self.slots_used() != self._slots_reported:
+                    self.schedule_load()  # e.g. a hung-up call's slot freed once its BYE completed
                 if time.monotonic() >= next_monitor:
                     next_monitor += MONITOR_S
+                    if os.getppid() != self.parent:  # reparented: the service died
+                        self.request_stop("the service process is gone")
                     self._monitor()
                     self._prune()
                 await asyncio.sleep(POLL_S)
@@ -845,14 +911,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True, help="SIP port (UDP and TCP)")
     p.add_argument("--control", required=True, help="the service's Unix socket")
     p.add_argument("--config-json", default="{}", help="worker settings as a JSON object")
+    p.add_argument("--parent-pid", type=int, default=0, help="the service's pid: exit when it is gone (default: ours)")
     args = p.parse_args(argv)
+    parent = args.parent_pid or os.getppid()
+    if not die_with_parent(parent):
+        log(f"the service (pid {parent}) is already gone; exiting")
+        return 1
     try:
         cfg = WorkerConfig.from_json(args.config_json)
     except (ValueError, TypeError) as e:
         log(f"bad --config-json: {e}")
         return 2
     os.dup2(2, 1)  # pjsua2 prints to stdout; everything goes to stderr
-    worker = Worker(args.id, args.host, args.port, args.control, cfg)
+    worker = Worker(args.id, args.host, args.port, args.control, cfg, parent)
     return asyncio.run(worker.run())
 
 

@@ -189,6 +189,23 @@ async def test_kill_9_before_any_final_bills_the_audio_received(tmp_path, pool):
         await srv2.stop()
 
 
+async def first_final(srv: Serve, timeout: float = 60.0) -> dict:
+    """Wait, through REST, until the first job has a saved final; returns that job."""
+    hdr = {"Authorization": f"Bearer {API_KEY}"}
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(headers=hdr) as http:
+        while time.monotonic() < deadline:
+            async with http.get(srv.url + "/v1/jobs") as r:
+                jobs = (await r.json())["jobs"]
+            if jobs:
+                async with http.get(f"{srv.url}/v1/jobs/{jobs[-1]['id']}") as r:
+                    job = await r.json()
+                if any(g["text"] for g in job["segments"]):
+                    return job
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"no final saved within {timeout} s")
+
+
 async def test_serve_with_sip_call_then_sigterm_hangs_up_and_leaves_no_workers(tmp_path):
     """`serve` with SIP on: `callbridge call` reaches it; SIGTERM ends the live call cleanly
     (BYE to the caller, job completed with what was said) and no worker process outlives it."""
@@ -207,7 +224,7 @@ async def test_serve_with_sip_call_then_sigterm_hangs_up_and_leaves_no_workers(t
         caller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge", "call", f"sip:support@127.0.0.1:{sip_port}", "--play", str(wav), "--json",
             cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        await asyncio.sleep(6.0)  # the sentence has been said; the call is still up (8 s of silence follow)
+        await first_final(srv)  # the sentence has been said; the call is still up (8 s of silence follow)
         logs = [json.loads(x) for x in srv.log.read_text().splitlines() if x.startswith("{")]
         worker_pids = [x["pid"] for x in logs if x.get("event") == "sip_worker_spawned"]
         assert len(worker_pids) == 2
@@ -229,3 +246,83 @@ async def test_serve_with_sip_call_then_sigterm_hangs_up_and_leaves_no_workers(t
         assert corpus.wer(CALLER, text) <= 0.15, text
     finally:
         store.close()
+
+
+async def wait_log(srv: Serve, event: str, timeout: float = 30.0, **match) -> dict:
+    """The first JSON log line of `srv` with this event (and fields), as it is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for x in srv.log.read_text().splitlines():
+            if x.startswith("{"):
+                line = json.loads(x)
+                if line.get("event") == event and all(line.get(k) == v for k, v in match.items()):
+                    return line
+        if time.monotonic() > deadline or srv.proc.returncode is not None:
+            raise AssertionError(f"no {event} {match} in the log of serve (rc {srv.proc.returncode})")
+        await asyncio.sleep(0.1)
+
+
+async def unread_on(path: str, pid: int, timeout: float = 10.0) -> None:
+    """Until a Unix socket of `pid` accepted on `path` has bytes queued unread (from `ss -x`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = await asyncio.create_subprocess_exec("ss", "-xnp", stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        for line in out.decode().splitlines():
+            f = line.split()
+            if len(f) > 4 and f[4] == path and f"pid={pid}," in line and int(f[2]) > 0:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing queued unread on {path} in {timeout} s")
+
+
+async def test_kill_9_during_sip_call_workers_die_and_next_serve_takes_the_ports(tmp_path):
+    """kill -9 of `serve` while a worker holds a call: that worker hangs up and exits by itself
+    (PR_SET_PDEATHSIG / control channel); a worker that could not (SIGSTOPped here) is ended by
+    the next `serve` on the same data dir, which then binds the same ports and answers a call."""
+    from sip.leftovers import PID_FILE, ProcessId, wait_exited
+    from sip.ports import free_sip_port
+    from tests.test_sip_service import CALLER, speech_wav
+
+    data = tmp_path / "data"
+    sip_port = free_sip_port(span=3)  # the dispatcher, then its 2 workers on the next ports
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_SIP_ENABLED": "true", "CALLBRIDGE_SIP_PORT": str(sip_port),
+           "CALLBRIDGE_SIP_WORKERS": "2", "CALLBRIDGE_SIP_WORKER_BASE_PORT": "0"}
+    long_wav = speech_wav(tmp_path / "long.wav", CALLER, tail=30.0)
+    async with Serve(data, env) as srv:
+        spawned = {}
+        for wid in (0, 1):
+            spawned[wid] = (await wait_log(srv, "sip_worker_spawned", worker=wid))["pid"]
+        procs = {wid: ProcessId.of(pid) for wid, pid in spawned.items()}
+        control = json.loads((data / PID_FILE).read_text())["control"]
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sip.peer", "call", f"sip:support@127.0.0.1:{sip_port}", "--play", str(long_wav),
+            cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        busy = (await wait_log(srv, "sip_call_started"))["worker"]
+        idle = 1 - busy
+        os.kill(spawned[idle], signal.SIGSTOP)  # cannot act on any signal but SIGKILL
+        # a stalled service: the worker's audio piles up unread, so the kill resets the channel
+        srv.proc.send_signal(signal.SIGSTOP)
+        await unread_on(control, srv.proc.pid)
+        srv.proc.send_signal(signal.SIGKILL)
+        await srv.proc.wait()
+        assert await wait_exited(procs[busy], 20), f"worker {busy} outlived the service"
+        out, err = await asyncio.wait_for(caller.communicate(), 30)
+        info = json.loads(out.decode().splitlines()[-1])
+        assert info["sip_code"] == 200 and info["hangup_by"] == "remote", err.decode()[-1000:]  # it got a BYE
+        assert procs[idle].alive() and Path(control).parent.is_dir()
+    wav = speech_wav(tmp_path / "c.wav", CALLER)
+    try:
+        async with Serve(data, env) as again:  # same data dir, same SIP ports
+            assert not procs[idle].alive() and not Path(control).parent.exists()
+            again_pids = {(await wait_log(again, "sip_worker_spawned", worker=w))["pid"] for w in (0, 1)}
+            assert not again_pids & set(spawned.values())
+            rc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sip.peer", "call", f"sip:support@127.0.0.1:{sip_port}", "--play", str(wav),
+                cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(rc.communicate(), 60)
+            assert rc.returncode == 0 and json.loads(out.decode().splitlines()[-1])["sip_code"] == 200, err.decode()
+            await wait_log(again, "sip_call_ended")
+    finally:
+        if procs[idle].alive():
+            os.kill(procs[idle].pid, signal.SIGKILL)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sip.dispatcher import ALLOW, Dispatcher, Worker
+from sip.dispatcher import ALLOW, Dispatcher, TcpLimits, Worker
 from sip.message import SipMessage, StreamParser, make_response, parse_message
 from sip.routing import Router
 
@@ -524,3 +524,99 @@ async def test_stats_and_stop_leave_nothing_behind(make_rig) -> None:
     assert s["workers"][0]["pending"] == 0
     await rig.d.stop()
     await rig.d.stop()  # idempotent
+
+
+async def _held(port: int, source: str = HOST) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection from `source` that the dispatcher serves (an OPTIONS on it gets 200)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port, local_addr=(source, 0)), 2.0)
+    local = writer.get_extra_info("sockname")[1]
+    writer.write(request("OPTIONS", local, call_id=f"opt-{source}-{local}", transport="TCP"))
+    resp = await _tcp_read(reader, StreamParser())
+    assert resp.status == 200
+    return reader, writer
+
+
+async def _closed_at_once(port: int, source: str = HOST) -> None:
+    """A connection from `source` that the dispatcher closes without reading a byte of it."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port, local_addr=(source, 0)), 2.0)
+    try:
+        try:
+            got = await asyncio.wait_for(reader.read(), 2.0)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""
+    finally:
+        writer.close()
+
+
+async def test_tcp_connections_capped_in_total_and_per_source(make_rig) -> None:
+    rig = await make_rig(1, tcp_limits=TcpLimits(max_connections=3, max_connections_per_source=2))
+    port = rig.d.port
+    held = [await _held(port), await _held(port)]
+    await _closed_at_once(port)  # a third from 127.0.0.1
+    held.append(await _held(port, "127.0.0.2"))  # another source still gets one
+    await _closed_at_once(port, "127.0.0.3")  # but the total is reached
+    s = rig.d.stats()
+    assert s["tcp_connections"] == 3 and s["tcp_refused"] == 2
+    held.pop()[1].close()
+    while rig.d.stats()["tcp_connections"] > 2:  # the dispatcher sees the close
+        await asyncio.sleep(0.01)
+    held.append(await _held(port, "127.0.0.3"))  # room again
+    for _, w in held:
+        w.close()
+
+
+async def test_tcp_oversized_messages_refused_and_closed(make_rig) -> None:
+    rig = await make_rig(1, tcp_limits=TcpLimits(max_message_bytes=2048))
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, rig.d.port), 2.0)
+    try:  # a body over the limit: its headers are answered 413, then the connection closes
+        port = writer.get_extra_info("sockname")[1]
+        big = "a=x-pad:" + "p" * 4000 + "\r\n"
+        writer.write(request("INVITE", port, call_id="tcp-big", body=SDP + big, transport="TCP"))
+        resp = await _tcp_read(reader, StreamParser())
+        assert resp.status == 413 and "2048" in resp.get("Warning")
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+    finally:
+        writer.close()
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, rig.d.port), 2.0)
+    try:  # a header section that never ends within the limit: closed (no headers to answer)
+        writer.write(b"INVITE sip:1000@127.0.0.1 SIP/2.0\r\nX-Pad: " + b"p" * 4000)
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+    finally:
+        writer.close()
+    await rig.workers[0].silent(0.05)  # nothing reached the worker
+    assert rig.d.stats()["rejected"] == {413: 1}
+    reader, writer = await _held(rig.d.port)  # and the dispatcher carries on
+    writer.close()
+
+
+async def test_tcp_trickling_message_closed_after_message_timeout(make_rig) -> None:
+    """Slowloris: a message sent a byte at a time is cut off `message_timeout_s` after its first
+    byte although bytes keep coming; an idle connection (no message started) is left open."""
+    rig = await make_rig(1, tcp_limits=TcpLimits(message_timeout_s=0.5))
+    idle = await _held(rig.d.port)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, rig.d.port), 2.0)
+    port = writer.get_extra_info("sockname")[1]
+    data = request("INVITE", port, call_id="slow", body=SDP, transport="TCP")
+
+    async def trickle() -> None:
+        for b in data:
+            writer.write(bytes([b]))
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(trickle())
+    try:
+        try:
+            got = await asyncio.wait_for(reader.read(), 10.0)
+        except ConnectionResetError:
+            got = b""
+        assert got == b"" and not sender.done()  # closed while bytes were still coming
+    finally:
+        sender.cancel()
+        writer.close()
+    assert rig.d.stats()["tcp_slow_messages"] == 1
+    await rig.workers[0].silent(0.05)
+    assert rig.d.stats()["tcp_connections"] == 1  # the idle one is still open
+    idle[1].write(request("OPTIONS", idle[1].get_extra_info("sockname")[1], call_id="still", transport="TCP"))
+    assert (await _tcp_read(idle[0], StreamParser())).status == 200
+    idle[1].close()

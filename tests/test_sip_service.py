@@ -17,6 +17,7 @@ import pytest
 
 from bench import corpus
 from bench.calls import speech_bounds
+from sip.message import SipMessage, make_response, name_addr_uri, new_branch, parse_message
 from sip.ports import free_sip_port
 from tests.serving import start_server
 
@@ -251,4 +252,106 @@ async def test_dtmf_and_max_duration(tmp_path, pool):
         assert 3.5 <= job.duration_s <= 5.0
         assert "".join(d["digit"] for d in job.metadata["dtmf"]) == "42#"
     finally:
+        await srv.stop()
+
+
+class _FloodCaller(asyncio.DatagramProtocol):
+    """A bare UDP user agent for floods: sends INVITEs and, like a flood tool, neither ACKs the
+    200s nor answers the BYEs that follow until told to (`catch_up`)."""
+
+    def __init__(self) -> None:
+        self.finals: dict[str, SipMessage] = {}
+        self.requests: list[tuple[SipMessage, tuple[str, int]]] = []
+        self.polite = False
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data, addr) -> None:
+        m = parse_message(data)
+        if m.is_response and (m.status or 0) >= 200 and m.call_id not in self.finals:
+            self.finals[m.call_id or ""] = m
+            if m.status == 200 and self.polite:
+                self._send_to_contact(m, "ACK", 1)
+        elif m.is_request:
+            self.requests.append((m, addr))
+            if self.polite:
+                self.answer_requests()
+        self.changed.set()
+
+    def invite(self, sip_port: int, call_id: str) -> None:
+        sdp = _sdp(self.port, "0", "a=rtpmap:0 PCMU/8000\r\n")
+        self.transport.sendto(_invite(sip_port, self.port, sdp=sdp, call_id=call_id), ("127.0.0.1", sip_port))
+
+    def _send_to_contact(self, resp: SipMessage, method: str, cseq: int) -> None:
+        contact = name_addr_uri(resp.get("Contact") or "")
+        host, port = contact.split("@", 1)[1].split(";")[0].split(":")
+        req = SipMessage(method=method, uri=contact)
+        req.headers += [("Via", f"SIP/2.0/UDP 127.0.0.1:{self.port};branch={new_branch()};rport"),
+                        ("Max-Forwards", "70"), ("From", resp.get("From") or ""), ("To", resp.get("To") or ""),
+                        ("Call-ID", resp.call_id or ""), ("CSeq", f"{cseq} {method}"), ("Content-Length", "0")]
+        self.transport.sendto(req.to_bytes(), (host, int(port)))
+
+    def catch_up(self) -> None:
+        """ACK every 200 so far and answer every request, now and from now on."""
+        self.polite = True
+        for m in self.finals.values():
+            if m.status == 200:
+                self._send_to_contact(m, "ACK", 1)
+        self.answer_requests()
+
+    def hang_up(self, call_id: str) -> None:
+        self._send_to_contact(self.finals[call_id], "BYE", 2)
+
+    def answer_requests(self) -> None:
+        for req, addr in self.requests:
+            if req.method != "ACK":
+                self.transport.sendto(make_response(req, 200).to_bytes(), addr)
+        self.requests.clear()
+
+    async def until(self, cond, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+
+
+async def _until_free(worker) -> None:
+    while worker.used:  # the dispatcher's view, set by the worker's load reports
+        await asyncio.sleep(0.02)
+
+
+async def test_slots_after_a_flood_follow_the_workers(tmp_path, pool):
+    """A flood of INVITEs on one worker (4 slots): 4 answered, the rest refused. The flood tool
+    ACKs nothing, and the worker ends the 4 calls (no RTP): pjsua keeps their slots until the
+    ACK comes or times out, so the dispatcher must refuse a new call itself (503), not send it to
+    a worker that answers 486. Once the caller catches up, the worker says its slots are free and
+    the next call is answered."""
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                         "sip.workers": "1", "sip.rtp_timeout_s": "1"})
+    loop = asyncio.get_running_loop()
+    transport, ua = await loop.create_datagram_endpoint(_FloodCaller, local_addr=("127.0.0.1", 0))
+    try:
+        sip = srv.service.sip
+        flood = [f"flood-{i}" for i in range(10)]
+        for cid in flood:
+            ua.invite(sip.port, cid)
+        await ua.until(lambda: all(c in ua.finals for c in flood))
+        codes = sorted(ua.finals[c].status for c in flood)
+        assert codes.count(200) == 4 and all(c >= 300 for c in codes if c != 200), codes
+        await wait_job_done(srv.service.store, n=4)  # the worker ended the 4 calls
+        ua.invite(sip.port, "while-unacked")
+        await ua.until(lambda: "while-unacked" in ua.finals)
+        busy = ua.finals["while-unacked"]
+        assert busy.status == 503 and busy.get("Retry-After"), (busy.status, busy.reason, sip.dispatcher.stats())
+        ua.catch_up()  # ACKs, then answers the BYEs: pjsua frees the slots and the worker reports it
+        await asyncio.wait_for(_until_free(sip.dispatcher.workers[0]), 20)
+        ua.invite(sip.port, "after")
+        await ua.until(lambda: "after" in ua.finals)
+        assert ua.finals["after"].status == 200, ua.finals["after"].status
+        ua.hang_up("after")
+    finally:
+        transport.close()
         await srv.stop()

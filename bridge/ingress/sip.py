@@ -8,7 +8,9 @@ legs `caller` and, when bridged, `agent`) exactly like a stream session, and enf
 maximum duration by asking the worker to hang up.
 
 A worker that dies takes its calls with it: their jobs end `failed` with what was received, and
-the worker is restarted.
+the worker is restarted. Workers die with the service (sip/worker.py); what a killed service left
+anyway (workers in the pid file of its data dir, control-socket directories) is cleared at start
+(sip/leftovers.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from bridge.ingress.stream import failure_error
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
+from sip.leftovers import ProcessId, WorkerPidFile, make_sock_dir, remove_dead_sock_dirs, stop_stale_workers
 from sip.ports import free_sip_port
 from sip.protocol import MessageError, encode, read_message
 
@@ -59,6 +62,7 @@ class _Worker:
     restarts: int = 0
     stopping: bool = False
     stderr_task: asyncio.Task | None = None
+    start_error: str = ""  # the worker's last "cannot start SIP" line (port in use, ...)
     watch_task: asyncio.Task | None = None
 
     async def send(self, header: dict[str, Any]) -> None:
@@ -88,6 +92,7 @@ class SipIngress:
         self.dispatcher: Any = None
         self._server: asyncio.AbstractServer | None = None
         self._sock_dir: str | None = None
+        self._pid_file: WorkerPidFile | None = None
         self.sock_path = ""
         self.worker_host = "127.0.0.1"
         self.listening = False
@@ -95,7 +100,7 @@ class SipIngress:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from sip.dispatcher import Dispatcher, Worker
+        from sip.dispatcher import Dispatcher, TcpLimits, Worker
         from sip.routing import Router
 
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
@@ -104,7 +109,10 @@ class SipIngress:
         if importlib.util.find_spec("pjsua2") is None:
             raise RuntimeError("SIP needs the pjsua2-python wheel (Python 3.11, `pip install pjsua2-python`); "
                                "install it or turn SIP off with CALLBRIDGE_SIP_ENABLED=false / [sip] enabled = false")
-        self._sock_dir = tempfile.mkdtemp(prefix="callbridge-sip-")  # Unix socket paths max out at 108 bytes
+        self._pid_file = WorkerPidFile(self.svc.data_dir)
+        await stop_stale_workers(self._pid_file, log)  # a killed service's workers hold our ports
+        remove_dead_sock_dirs(log)
+        self._sock_dir = make_sock_dir()  # Unix socket paths max out at 108 bytes
         self.sock_path = os.path.join(self._sock_dir, "control.sock")
         self._server = await asyncio.start_unix_server(self._on_worker, path=self.sock_path)
         base = self.cfg.worker_base_port or (self.port + 1 if self.port else 0)
@@ -116,15 +124,20 @@ class SipIngress:
             self.host, self.port, [Worker(id=w.id, host=wk_host, port=w.port, capacity=self.cfg.calls_per_worker)
                                    for w in self.workers],
             router, codecs=tuple(self.cfg.codecs), public_address=self.cfg.public_address or None, logger=log,
-            admission=self._admit_invite)
+            admission=self._admit_invite,
+            tcp_idle_timeout=self.cfg.tcp_idle_timeout_s, tcp_limits=TcpLimits(
+                self.cfg.tcp_max_connections, self.cfg.tcp_max_connections_per_source,
+                self.cfg.tcp_max_message_bytes, self.cfg.tcp_message_timeout_s))
         await self.dispatcher.start()
         self.port = self.dispatcher.port
         await asyncio.gather(*(self._spawn(w) for w in self.workers))
         try:
             await asyncio.wait_for(asyncio.gather(*(w.hello.wait() for w in self.workers)), HELLO_TIMEOUT_S)
         except asyncio.TimeoutError:
-            missing = [w.id for w in self.workers if not w.hello.is_set()]
-            raise RuntimeError(f"SIP workers {missing} did not start within {HELLO_TIMEOUT_S:g} s") from None
+            missing = [w for w in self.workers if not w.hello.is_set()]
+            why = "; ".join(f"worker {w.id}: {w.start_error}" for w in missing if w.start_error)
+            raise RuntimeError(f"SIP workers {[w.id for w in missing]} did not start within {HELLO_TIMEOUT_S:g} s"
+                               + (f" ({why})" if why else "")) from None
         self.listening = True
         log.info("sip_listening", host=self.host, port=self.port, workers=len(self.workers),
                  capacity=len(self.workers) * self.cfg.calls_per_worker)
@@ -157,11 +170,20 @@ class SipIngress:
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sip.worker", "--id", str(w.id), "--host", self.worker_host, "--port", str(w.port),
             "--control", self.sock_path, "--config-json", json.dumps(self._worker_config(w)),
+            "--parent-pid", str(os.getpid()),
             cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE)
+        self._record_pids()
         w.stderr_task = asyncio.create_task(self._pipe_stderr(w, w.proc))
         w.watch_task = asyncio.create_task(self._watch(w, w.proc))
         log.info("sip_worker_spawned", worker=w.id, pid=w.proc.pid, sip_port=w.port)
+
+    def _record_pids(self) -> None:
+        procs = [ProcessId.of(w.proc.pid) for w in self.workers if w.proc is not None and w.proc.returncode is None]
+        try:
+            self._pid_file.write(self.sock_path, [p for p in procs if p is not None])
+        except OSError as e:
+            log.warning("sip_pid_file_unwritable", path=str(self._pid_file.path), error=str(e))
 
     async def _pipe_stderr(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -169,6 +191,8 @@ class SipIngress:
             text = line.decode(errors="replace").rstrip()
             if text:
                 log.debug("sip_worker_output", worker=w.id, line=text[:500])
+                if "cannot start SIP" in text:
+                    w.start_error = text[:300]
 
     async def _watch(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         """Restart a worker that exits on its own; its calls' jobs end failed, audio kept."""
@@ -221,9 +245,9 @@ class SipIngress:
             self._server.close()
             await self._server.wait_closed()
         if self._sock_dir:
-            with contextlib.suppress(OSError):
-                os.unlink(self.sock_path)
-                os.rmdir(self._sock_dir)
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+        if self._pid_file is not None and all(w.proc is None or w.proc.returncode is not None for w in self.workers):
+            self._pid_file.remove()
 
     # -- worker connections --------------------------------------------------------------------
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
