@@ -6,7 +6,8 @@ import importlib
 import sys
 import time
 
-ALL = ["audio_frontend", "vad_eval", "quantization", "attention", "accuracy", "latency", "capacity", "sip_capacity", "webrtc_capacity", "webhooks", "auth_guessing"]
+ALL = ["audio_frontend", "vad_eval", "quantization", "attention", "accuracy", "monologue", "latency", "capacity",
+       "sip_capacity", "webrtc_capacity", "webhooks", "auth_guessing"]
 
 
 def main() -> None:

@@ -140,14 +140,20 @@ async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, mo
         for k in range(1, 4):
             assert tail[-k:] != head[:k], (f1.text, f2.text)
         assert f1.end <= f2.start + 0.05
-    # nothing lost: streaming is about as accurate as one offline pass over the same audio
+    # nothing lost: streaming is about as accurate as one offline pass over the same audio.
+    # docs/benchmarks.md's target, streaming <= offline + 1 point, is pooled over bench.accuracy's
+    # call sets; one 139-word call cannot resolve it (a word is 0.7 points), and where the pieces
+    # are cut varies with when partials agree. `python -m bench.monologue --seeds 1 --runs 9`-style
+    # runs of this audio measured -1.4 to +4.3 points (0 in 6 of 9 runs, +2.2 and +4.3 when it was
+    # cut into 4 pieces instead of 2-3). The bound is the claim plus that spread, rounded up to
+    # whole words: +5 points (7 words); the test allowed +8 before.
     from bridge.recognizer.engine import WhisperEngine
 
     offline = WhisperEngine(model_path, n_threads=2).decode(audio, DecodeOptions(full_ctx=True)).text
     w_stream, w_off = corpus.wer(ref, run.text), corpus.wer(ref, offline)
     n_ref, n_hyp = len(corpus.normalize_text(ref).split()), len(corpus.normalize_text(run.text).split())
     assert abs(n_hyp - n_ref) <= 0.1 * n_ref, (n_ref, n_hyp, run.text)
-    assert w_stream <= w_off + 0.08, (w_stream, w_off, run.text, offline)
+    assert w_stream <= w_off + 0.05, (w_stream, w_off, run.text, offline)
 
 
 def test_decode_does_not_depend_on_the_previous_decode(model_path):
