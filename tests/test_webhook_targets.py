@@ -232,5 +232,7 @@ def test_allowed_networks_setting_is_checked():
     policy = TargetPolicy.from_config(False, cfg.webhooks.allowed_target_networks)
     assert policy.refusal("10.20.3.4") is None and policy.refusal("10.21.0.1") == "10.21.0.1 is a private address"
     assert policy.refusal("::ffff:10.20.3.4") is None  # the mapped form of an allowed address
+    assert policy.refusal("64:ff9b::808:808") is None  # NAT64 of a public address (an IPv6-only host)
+    assert policy.refusal("64:ff9b::a9fe:a9fe") == "169.254.169.254 is a link-local address"
     with pytest.raises(ConfigError, match=r"webhooks.allowed_target_networks .*'10.0.0.0/33'.*environment"):
         load_config(env={"CALLBRIDGE_WEBHOOKS_ALLOWED_TARGET_NETWORKS": "10.0.0.0/33"})

@@ -35,16 +35,14 @@ class TargetBlocked(OSError):
 
 
 def _embedded_v4(ip: IpAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries through a translator or tunnel (6to4, Teredo
-    client, NAT64), if any: `64:ff9b::7f00:1` reaches loopback as surely as `127.0.0.1`."""
+    """The IPv4 address an IPv6 one carries through a tunnel (6to4, Teredo client), if any:
+    `2002:7f00:1::` names loopback as surely as `127.0.0.1`."""
     if not isinstance(ip, ipaddress.IPv6Address):
         return None
     if ip.sixtofour is not None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
 
 
@@ -84,13 +82,15 @@ class TargetPolicy:
             return None
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:a.b.c.d is a.b.c.d on the wire
-        candidates = [ip] + [v4 for v4 in [_embedded_v4(ip)] if v4 is not None]  # 6to4, Teredo, NAT64: both
+        elif ip in _NAT64:  # DNS64 hands these out for every IPv4 host: judge the host
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        candidates = [ip] + [v4 for v4 in [_embedded_v4(ip)] if v4 is not None]  # 6to4, Teredo: both
         for cand in candidates:
             if any(cand in net for net in self.allowed if cand.version == net.version):
                 continue
             kind = _kind(cand)
             if kind is not None:
-                return f"{ip} is a {kind} address"
+                return f"{ip} is a {kind} address" + (f" ({cand} inside)" if cand != ip else "")
         return None
 
     def check(self, addresses: Iterable[str]) -> None:
