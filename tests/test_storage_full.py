@@ -322,3 +322,31 @@ async def test_sip_call_when_the_disk_fills_is_hung_up_and_failed(tmpfs, pool, t
         assert wav_matches_file(job.audio_path) >= job.duration_s > 0
     finally:
         await srv.stop()
+
+
+# --------------------------------------------------------------------------- any other REST failure
+
+
+async def test_rest_failure_answers_json_500_and_logs_one_line(tmp_path, pool, capfd):
+    """A handler that raises (here: a job row the code cannot read) answers JSON, not text/plain."""
+    import sqlite3
+
+    srv = await start_server(tmp_path / "data", pool)
+    try:
+        async with StreamClient(srv.url, api_key=API_KEY) as s:
+            await s.send_audio(sil(0.5))
+        db = sqlite3.connect(tmp_path / "data" / "callbridge.db")
+        db.execute("UPDATE jobs SET metadata = '{not json' WHERE id = ?", (s.job_id,))
+        db.commit()
+        db.close()
+        capfd.readouterr()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/jobs/{s.job_id}", headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                body = await r.json(content_type=None)
+                assert r.status == 500 and r.content_type == "application/json", body
+        assert body["error"]["code"] == "INTERNAL" and "JSONDecodeError" in body["error"]["message"]
+        out = capfd.readouterr()
+        logged = (out.out + out.err).splitlines()
+        assert len([x for x in logged if "request_failed" in x]) == 1 and "Traceback" not in out.out + out.err
+    finally:
+        await srv.stop()
