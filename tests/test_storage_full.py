@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from bridge.audio.wav import WavRecorder
-from bridge.client.errors import ApiError
 from bridge.client.stream import StreamClient, StreamError
 from tests.serving import API_KEY, start_server
 from tests.test_service_process import ROOT, Serve
