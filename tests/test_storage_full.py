@@ -349,3 +349,27 @@ async def test_rest_failure_answers_json_500_and_logs_one_line(tmp_path, pool, c
         assert len([x for x in logged if "request_failed" in x]) == 1 and "Traceback" not in out.out + out.err
     finally:
         await srv.stop()
+
+
+async def test_webrtc_call_when_the_disk_fills_gets_storage_full(tmpfs, pool):
+    from bridge.client.webrtc import WebRtcClient
+
+    data = tmpfs(16 * MiB)
+    srv = await start_server(data, pool, **{"limits.min_free_disk_mb": "1"})
+    try:
+        pcm = np.concatenate([sil(0.4), speech(EN[0]), sil(1.2), sil(30.0)])
+        async with WebRtcClient(srv.url, api_key=API_KEY, audio=pcm) as c:
+            events = []
+            async for ev in c:
+                events.append(ev)
+                if ev["type"] == "final" and ev["text"]:
+                    fill(data)  # the disk fills while the browser keeps talking
+                if ev["type"] in ("completed", "error"):
+                    break
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "STORAGE_FULL", events[-3:]
+        job = srv.service.store.get_job(c.job_id)
+        assert job.status.value == "failed" and job.error["code"] == "STORAGE_FULL"
+        assert [g.text for g in srv.service.store.segments(job.id)] == [e["text"] for e in finals(events)]
+        assert wav_matches_file(job.audio_path) >= job.duration_s > len(speech(EN[0])) / SR
+    finally:
+        await srv.stop()
