@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge.admission import Admission
+from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
@@ -183,8 +184,6 @@ def recover_recordings(store: Any, job_ids: list[str]) -> None:
     length as the job's duration. The audio received is what the job used (and is billed for):
     the last final's end is 0 for a stream that had no final yet, and the header lags the data
     by up to one flush."""
-    from bridge.audio.wav import repair_wav
-
     for job_id in job_ids:
         job = store.get_job(job_id)
         if job is None or not job.audio_path:

@@ -115,12 +115,6 @@ class StorageGuard:
         return (f"the server's disk is nearly full ({_mb(s.free_bytes)} free, "
                 f"{_mb(s.reserve_bytes)} kept in reserve); new sessions are refused until space is freed")
 
-    def check(self) -> None:
-        """Raise StorageFull when a new session must be refused."""
-        why = self.refusal()
-        if why is not None:
-            raise StorageFull(why)
-
     # -- the emergency reserve -------------------------------------------------------------------
     def exhaust(self, exc: BaseException | None = None) -> None:
         """A write failed for lack of space: stop recording everywhere and free the reserve file."""

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from bridge.audio.wav import WavRecorder
-from bridge.client.errors import ApiError
 from bridge.client.stream import StreamClient, StreamError
 from tests.serving import API_KEY, start_server
 from tests.test_service_process import ROOT, Serve
@@ -320,5 +319,57 @@ async def test_sip_call_when_the_disk_fills_is_hung_up_and_failed(tmpfs, pool, t
         assert job.metadata["ended_by"] == "storage_full"
         assert [g.text for g in srv.service.store.segments(job.id)], "the final before the disk filled is kept"
         assert wav_matches_file(job.audio_path) >= job.duration_s > 0
+    finally:
+        await srv.stop()
+
+
+# --------------------------------------------------------------------------- any other REST failure
+
+
+async def test_rest_failure_answers_json_500_and_logs_one_line(tmp_path, pool, capfd):
+    """A handler that raises (here: a job row the code cannot read) answers JSON, not text/plain."""
+    import sqlite3
+
+    srv = await start_server(tmp_path / "data", pool)
+    try:
+        async with StreamClient(srv.url, api_key=API_KEY) as s:
+            await s.send_audio(sil(0.5))
+        db = sqlite3.connect(tmp_path / "data" / "callbridge.db")
+        db.execute("UPDATE jobs SET metadata = '{not json' WHERE id = ?", (s.job_id,))
+        db.commit()
+        db.close()
+        capfd.readouterr()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{srv.url}/v1/jobs/{s.job_id}", headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                body = await r.json(content_type=None)
+                assert r.status == 500 and r.content_type == "application/json", body
+        assert body["error"]["code"] == "INTERNAL" and "JSONDecodeError" in body["error"]["message"]
+        out = capfd.readouterr()
+        logged = (out.out + out.err).splitlines()
+        assert len([x for x in logged if "request_failed" in x]) == 1 and "Traceback" not in out.out + out.err
+    finally:
+        await srv.stop()
+
+
+async def test_webrtc_call_when_the_disk_fills_gets_storage_full(tmpfs, pool):
+    from bridge.client.webrtc import WebRtcClient
+
+    data = tmpfs(16 * MiB)
+    srv = await start_server(data, pool, **{"limits.min_free_disk_mb": "1"})
+    try:
+        pcm = np.concatenate([sil(0.4), speech(EN[0]), sil(1.2), sil(30.0)])
+        async with WebRtcClient(srv.url, api_key=API_KEY, audio=pcm) as c:
+            events = []
+            async for ev in c:
+                events.append(ev)
+                if ev["type"] == "final" and ev["text"]:
+                    fill(data)  # the disk fills while the browser keeps talking
+                if ev["type"] in ("completed", "error"):
+                    break
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "STORAGE_FULL", events[-3:]
+        job = srv.service.store.get_job(c.job_id)
+        assert job.status.value == "failed" and job.error["code"] == "STORAGE_FULL"
+        assert [g.text for g in srv.service.store.segments(job.id)] == [e["text"] for e in finals(events)]
+        assert wav_matches_file(job.audio_path) >= job.duration_s > len(speech(EN[0])) / SR
     finally:
         await srv.stop()

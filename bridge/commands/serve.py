@@ -87,7 +87,6 @@ async def run_service(config: Config) -> int:
     return 0
 
 
-
 def _free(svc: "Service") -> str:
     try:
         return f"{svc.storage.state().free_bytes / 1048576:.1f} MiB"

@@ -114,8 +114,6 @@ def failure_error(exc: BaseException) -> SessionError:
     if is_storage_full(exc):
         msg = exc.message if isinstance(exc, StorageFull) else "the server's disk is full; what was received is saved"
         return SessionError(ErrorCode.STORAGE_FULL, msg)
-    if isinstance(exc, SessionError):
-        return exc
     return SessionError(ErrorCode.INTERNAL, "the recognizer failed; what was received is saved")
 
 
