@@ -130,3 +130,16 @@ async def test_stream_from_another_directory_finds_the_file_the_user_named(tmp_p
     assert "completed: job" in err.decode()
     words = set(out.decode().lower().replace(",", " ").replace(".", " ").split())
     assert set(CHECK_KEYWORDS) <= words, out.decode()  # the file's own words came back as finals
+
+
+def test_a_newer_venv_warns_where_it_serves_not_on_every_client_command(fake_path, tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    stub(venv / "bin", "python", "3.12")
+    stub(venv / "bin", "callbridge", "ran")
+    (venv / ".installed").touch()
+    r = interpreter(fake_path, tmp_path, CALLBRIDGE_VENV=str(venv))
+    assert r.returncode == 0 and r.stdout.strip() == str(venv / "bin" / "python") and "SIP off" in r.stderr
+    r = subprocess.run(["/bin/bash", str(RUN), "callbridge", "jobs", "list"], capture_output=True, text=True,
+                       timeout=30, cwd=tmp_path, env={"PATH": str(fake_path), "CALLBRIDGE_VENV": str(venv)})
+    assert (r.returncode, r.stdout.strip(), r.stderr) == (0, "ran", "")

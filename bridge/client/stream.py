@@ -96,9 +96,9 @@ class StreamClient(SessionControls):
 
     @property
     def cut_short(self) -> bool:
-        """The server shut down and ended the session before the client's `end` (close 1001):
-        `completed` then covers only the audio the server received."""
-        return self.close_code == CLOSE_GOING_AWAY
+        """The server shut down and ended the session before the client's `end` (close 1001,
+        `completed.server_shutdown`): `completed` then covers only the audio the server received."""
+        return self.close_code == CLOSE_GOING_AWAY or bool((self.completed or {}).get("server_shutdown"))
 
     async def __aenter__(self) -> "StreamClient":
         self._http = aiohttp.ClientSession()

@@ -137,6 +137,11 @@ class WavTrack(MediaStreamTrack):
     def seconds(self) -> float:
         return len(self.pcm) / RATE
 
+    @property
+    def sent_seconds(self) -> float:
+        """How much of the audio has been handed to the encoder so far."""
+        return min(self._pts, len(self.pcm)) / RATE
+
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
@@ -227,6 +232,12 @@ class WebRtcClient(SessionControls):
     @property
     def played(self) -> asyncio.Event:
         return self.track.played
+
+    @property
+    def cut_short(self) -> bool:
+        """The server ended the call at its shutdown, before our `bye` (`completed.server_shutdown`):
+        the job holds only the audio that arrived until then."""
+        return bool((self.completed or {}).get("server_shutdown"))
 
     # -- setup ---------------------------------------------------------------------------------
     async def __aenter__(self) -> "WebRtcClient":
@@ -372,7 +383,7 @@ async def _main(args: argparse.Namespace) -> int:
                     printer.event(ev)
             finally:
                 ender.cancel()
-        printer.finish(c.completed)
+        printer.finish(c.completed, c.cut_short, c.track.sent_seconds)
     except ApiError as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1
@@ -382,7 +393,7 @@ async def _main(args: argparse.Namespace) -> int:
     except asyncio.TimeoutError:
         print("no connection: the server's answer or the events channel did not come up in time", file=sys.stderr)
         return 1
-    return 0 if c.completed else 1
+    return 0 if c.completed and not c.cut_short else 1
 
 
 async def _bye_after_playing(c: WebRtcClient, tail_s: float) -> None:

@@ -487,7 +487,7 @@ class StreamSession:
         if outcome is _Outcome.DISCONNECT:
             call.log.info("client_disconnected", status=job.status.value)
             return
-        await self._send(completed_frame(call))
+        await self._send(completed_frame(call, server_shutdown=outcome is _Outcome.DRAIN))
         if outcome is _Outcome.DRAIN:
             await self._close(CLOSE_GOING_AWAY, "server shutting down")
         else:
@@ -601,10 +601,15 @@ def wire_frame(event: Any, interim: bool) -> dict[str, Any] | None:
     return event.to_dict()
 
 
-def completed_frame(call: Call) -> dict[str, Any]:
-    return {"type": "completed", "job_id": call.id, "streamed_seconds": round(call.streamed_seconds, 3),
-            "credits_used": round(call.credits_used, 2),
-            "transcript_path": f"/v1/jobs/{call.id}/transcript", "job_path": f"/v1/jobs/{call.id}"}
+def completed_frame(call: Call, *, server_shutdown: bool = False) -> dict[str, Any]:
+    """`server_shutdown`: the server ended the session at its shutdown, before the client's `end`
+    or `bye`, so the job holds only what arrived until then (a data channel has no close code)."""
+    frame = {"type": "completed", "job_id": call.id, "streamed_seconds": round(call.streamed_seconds, 3),
+             "credits_used": round(call.credits_used, 2),
+             "transcript_path": f"/v1/jobs/{call.id}/transcript", "job_path": f"/v1/jobs/{call.id}"}
+    if server_shutdown:
+        frame["server_shutdown"] = True
+    return frame
 
 
 async def settle_call(svc: "Service", call: Call) -> None:

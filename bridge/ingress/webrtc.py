@@ -440,7 +440,7 @@ class WebRtcSession:
             self.svc.metrics.errors.labels(err.code.value).inc()
             self._send(err.frame())
         else:
-            self._send(completed_frame(call))
+            self._send(completed_frame(call, server_shutdown=outcome is Ending.DRAIN))
         await self._flush_channel()
         call.log.info("webrtc_call_ended", ended_by=ended_by, status=status.value, frames=self.frames,
                       streamed_seconds=round(call.streamed_seconds, 3))
