@@ -22,6 +22,7 @@ from bench.calls import speech_bounds
 from sip.message import SipMessage, make_response, name_addr_uri, new_branch, parse_message
 from sip.ports import free_sip_port
 from tests.serving import start_server
+from tests.test_sip_worker import finish_peer, start_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -131,9 +132,9 @@ async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, po
         caller_wav = speech_wav(tmp_path / "caller.wav", CALLER, lead=0.5, tail=4.5)
         agent_wav = speech_wav(tmp_path / "agent.wav", AGENT, lead=5.0, tail=1.0)
         heard = tmp_path / "callee-heard.wav"
-        callee = asyncio.create_task(peer("answer", "--port", str(callee_port), "--play", str(agent_wav),
-                                          "--record", str(heard), "--timeout", "40"))
-        await asyncio.sleep(1.0)  # the callee's endpoint is up
+        callee = asyncio.create_task(finish_peer(await start_peer(  # returns once the callee is bound
+            "answer", "--port", str(callee_port), "--play", str(agent_wav), "--record", str(heard),
+            "--timeout", "40"), 45))
         rc, info, err = await peer("call", f"sip:agent@127.0.0.1:{svc.sip.port}", "--play", str(caller_wav),
                                    "--hold-s", "5")
         assert rc == 0, err
