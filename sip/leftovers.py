@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PID_FILE", "SOCK_DIR_PREFIX", "ProcessId", "WorkerPidFile", "make_sock_dir", "remove_dead_sock_dirs",
+__all__ = ["OWNER_FILE", "PID_FILE", "SOCK_DIR_PREFIX", "ProcessId", "WorkerPidFile", "make_sock_dir", "remove_dead_sock_dirs",
            "stop_stale_workers", "wait_exited"]
 
 PID_FILE = "sip-workers.json"

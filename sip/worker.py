@@ -782,6 +782,7 @@ class Worker:
                 elif isinstance(o, self.Capture):
                     o.sess = None
                     self.spare_captures.append(o)
+                    log(f"capture port recycled ({len(self.spare_captures)} spare)")
             self.graveyard = keep
 
     def _monitor(self) -> None:

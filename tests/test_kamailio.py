@@ -6,13 +6,15 @@ import asyncio
 import os
 import shutil
 import signal
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.serving import start_server
 from tests.test_service_process import free_port
-from tests.test_sip_service import CALLER, leg_text, peer, speech_wav
+from tests.test_sip_service import CALLER, _state, _udp_exchange, leg_text, peer, speech_wav
 
 from bench import corpus
 
@@ -31,6 +33,21 @@ def local_config(tmp: Path, port: int, worker_ports: list[int], maxload: int) ->
     cfg = tmp / "kamailio.cfg"
     cfg.write_text(text)
     return cfg
+
+
+async def kamailio_ready(kam: asyncio.subprocess.Process, port: int, timeout: float = 30.0) -> None:
+    """Until Kamailio answers an OPTIONS to itself on `port` (the config answers those 200)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert kam.returncode is None, f"kamailio exited {kam.returncode}"
+        probe = (f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+                 f"Via: SIP/2.0/UDP 127.0.0.1:LOCALPORT;branch=z9hG4bK{uuid.uuid4().hex[:12]};rport\r\n"
+                 f"Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=ready\r\nTo: <sip:127.0.0.1:{port}>\r\n"
+                 f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode()
+        got = await _udp_exchange(port, probe, timeout=0.5)
+        if got and got[-1].startswith("SIP/2.0 200"):
+            return
+    raise AssertionError(f"kamailio did not answer OPTIONS on {port} within {timeout} s")
 
 
 async def test_shipped_config_parses():
@@ -55,11 +72,12 @@ async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_pat
         kam = await asyncio.create_subprocess_exec(
             "kamailio", "-f", str(cfg), "-Y", str(run), "-P", str(run / "kamailio.pid"), "-DD", "-E", "-m", "32", "-M", "4",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        await asyncio.sleep(3.0)  # listening, and the workers answered the first OPTIONS probes
-        assert kam.returncode is None
+        await kamailio_ready(kam, port)
         wav = speech_wav(tmp_path / "c.wav", CALLER, tail=3.0)
+
         async def call(i: int):
-            await asyncio.sleep(1.0 * i)  # one after another, while the earlier ones are still talking
+            # one after another, each once the earlier ones are answered and still talking
+            await _state(lambda: len(svc.store.list_jobs()[0]) >= min(i, 2), 30, f"{min(i, 2)} calls answered")
             return await peer("call", f"sip:k{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
 
         results = await asyncio.gather(*(call(i) for i in range(3)))
@@ -69,10 +87,7 @@ async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_pat
                                           svc.sip.dispatcher.stats().get("workers"))
         jobs, _ = svc.store.list_jobs()
         assert len(jobs) == 2 and {j.config["worker"] for j in jobs} == {0, 1}
-        for _ in range(100):
-            if all(svc.store.get_job(j.id).status.value == "completed" for j in jobs):
-                break
-            await asyncio.sleep(0.1)
+        await _state(lambda: all(svc.store.get_job(j.id).status.value != "live" for j in jobs), 30, "jobs ended")
         for j in jobs:
             assert svc.store.get_job(j.id).status.value == "completed"
             assert corpus.wer(CALLER, leg_text(svc.store, j.id, "caller")) <= 0.15

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -20,6 +22,7 @@ from bench.calls import speech_bounds
 from sip.message import SipMessage, make_response, name_addr_uri, new_branch, parse_message
 from sip.ports import free_sip_port
 from tests.serving import start_server
+from tests.test_sip_worker import finish_peer, start_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -129,9 +132,9 @@ async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, po
         caller_wav = speech_wav(tmp_path / "caller.wav", CALLER, lead=0.5, tail=4.5)
         agent_wav = speech_wav(tmp_path / "agent.wav", AGENT, lead=5.0, tail=1.0)
         heard = tmp_path / "callee-heard.wav"
-        callee = asyncio.create_task(peer("answer", "--port", str(callee_port), "--play", str(agent_wav),
-                                          "--record", str(heard), "--timeout", "40"))
-        await asyncio.sleep(1.0)  # the callee's endpoint is up
+        callee = asyncio.create_task(finish_peer(await start_peer(  # returns once the callee is bound
+            "answer", "--port", str(callee_port), "--play", str(agent_wav), "--record", str(heard),
+            "--timeout", "40"), 45))
         rc, info, err = await peer("call", f"sip:agent@127.0.0.1:{svc.sip.port}", "--play", str(caller_wav),
                                    "--hold-s", "5")
         assert rc == 0, err
@@ -354,4 +357,58 @@ async def test_slots_after_a_flood_follow_the_workers(tmp_path, pool):
         ua.hang_up("after")
     finally:
         transport.close()
+        await srv.stop()
+
+
+async def _state(cond, timeout: float = 30.0, what: str = "") -> None:
+    """Until `cond()` holds (in-process service state), checked every 20 ms."""
+    async def go() -> None:
+        while not cond():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(go(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def test_worker_killed_mid_call_job_fails_with_what_was_received_and_worker_returns(tmp_path, pool):
+    """kill -9 of the SIP worker holding a call: the job ends `failed` (INTERNAL) keeping the
+    finals and audio received so far, the dispatcher restarts the worker and the next call works."""
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                         "sip.workers": "1"})
+    caller = None
+    try:
+        svc = srv.service
+        store = svc.store
+        w = svc.sip.workers[0]
+        old_pid = w.proc.pid
+        wav = speech_wav(tmp_path / "long.wav", CALLER, tail=30.0)
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sip.peer", "call", f"sip:x@127.0.0.1:{svc.sip.port}", "--play", str(wav),
+            cwd=str(ROOT), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await _state(lambda: store.list_jobs()[0] and list(store.segments(store.list_jobs()[0][0].id)),
+                     60, "a final saved for the call")
+        job_id = store.list_jobs()[0][0].id
+        saved = [g.text for g in store.segments(job_id)]
+        os.kill(old_pid, signal.SIGKILL)
+        job = (await wait_job_done(store))[0]
+        assert job.id == job_id and job.status.value == "failed" and job.error["code"] == "INTERNAL"
+        assert "exited" in job.error["message"] and job.metadata["ended_by"] == "worker_exited"
+        assert [g.text for g in store.segments(job_id)][: len(saved)] == saved
+        assert corpus.wer(CALLER, leg_text(store, job_id, "caller")) <= 0.15
+        with wave.open(job.audio_path) as f:  # the audio received until the kill is kept
+            assert f.getnframes() / f.getframerate() >= store.segments(job_id)[0].end
+        await _state(lambda: w.restarts == 1 and w.hello.is_set() and w.proc.pid != old_pid
+                     and svc.sip.dispatcher.workers[0].alive, 30, "the worker restarted")
+        ok = speech_wav(tmp_path / "ok.wav", CALLER)
+        rc, info, err = await peer("call", f"sip:again@127.0.0.1:{svc.sip.port}", "--play", str(ok))
+        assert rc == 0 and info["sip_code"] == 200, err
+        done = await wait_job_done(store, n=2)
+        again = next(j for j in done if j.id != job_id)
+        assert again.status.value == "completed"
+        assert corpus.wer(CALLER, leg_text(store, again.id, "caller")) <= 0.15
+    finally:
+        if caller is not None and caller.returncode is None:
+            caller.kill()
+            await caller.wait()
         await srv.stop()

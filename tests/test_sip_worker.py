@@ -7,8 +7,10 @@ writes sip/protocol.py frames, so the test sees exactly what the service would).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,7 +42,11 @@ def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
     return free_sip_port()
 
 
-_rtp_base = iter(range(40000, 60000, 200))
+# RTP blocks below the kernel's ephemeral range (32768+ here), where an outgoing connection or an
+# unbound UDP socket could take a port between the pick and pjsua's bind; above the service's own
+# default blocks (sip.rtp_port_start 20000 + 100 per worker). A random start keeps two test runs
+# on one machine apart.
+_rtp_base = itertools.cycle(range(24000 + 200 * random.randrange(20), 32600, 200))
 
 
 # --------------------------------------------------------------------------- audio checks
@@ -196,9 +202,34 @@ class PeerResult:
 
 
 async def start_peer(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    """A sip.peer process; an `answer` peer is returned once its SIP port is bound (its
+    readiness line on stderr), so a call to it cannot arrive first."""
+    proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sip.peer", *args, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    if args and args[0] == "answer":
+        await peer_ready(proc)
+    return proc
+
+
+async def peer_ready(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> None:
+    """Read the peer's stderr up to its "sip.peer: <mode> on <addr>" line."""
+    async def go() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            if line.startswith(b"sip.peer: ") and b" on " in line:
+                return
+        raise AssertionError(f"sip.peer exited ({await proc.wait()}) before it was ready")
+    await asyncio.wait_for(go(), timeout)
+
+
+async def wait_line(path: Path, text: str, count: int = 1, timeout: float = 10.0) -> None:
+    """Until `path` (a worker's log) holds `count` lines containing `text`."""
+    deadline = time.monotonic() + timeout
+    while path.read_text(errors="replace").count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} x {text!r} not in {path.name} within {timeout} s")
+        await asyncio.sleep(0.05)
 
 
 async def finish_peer(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> PeerResult:
@@ -273,7 +304,8 @@ async def test_capture_ports_are_reused(worker, speech, tmp_path):
         r = await run_peer("call", w.uri(), "--play", speech["short"], "--hold-s", "0")
         assert r.rc == 0, r.stderr[-2000:]
         assert (await w.ctl.wait("call_ended", call=f"w{w.wid}-{n}"))[0]["reason"] == "bye_caller"
-        await asyncio.sleep(3.5)  # the port is kept 2 s after the call, then recycled by the 1 s monitor
+        # the port is kept 2 s after the call, then recycled by the 1 s monitor
+        await wait_line(tmp_path / f"worker{w.wid}.log", "capture port recycled", count=n)
     assert len(w.ctl.pcm(f"w{w.wid}-3", 0)) / 16000 > 0.5  # a recycled port still captures
     await w.ctl.send({"type": "shutdown"})
     assert await asyncio.wait_for(w.proc.wait(), 10) == 0
@@ -328,7 +360,6 @@ async def test_bridge_both_directions(worker, speech, tmp_path):
     w = await worker(routes={"sales": f"sip:agent@127.0.0.1:{callee_port}"})
     callee = await start_peer("answer", "--port", str(callee_port), "--play", speech["b"],
                               "--record", str(tmp_path / "callee.wav"), "--timeout", "30")
-    await asyncio.sleep(0.3)  # the callee binds its port
     r = await run_peer("call", w.uri("sales"), "--play", speech["a"], "--record", str(tmp_path / "caller.wav"),
                        "--hold-s", "1", timeout=30)
     assert r.rc == 0, r.stderr[-2000:]
@@ -358,7 +389,6 @@ async def test_bridge_agent_hangs_up_and_no_agent_capture(worker, speech):
                      transcribe_agent=False)
     callee = await start_peer("answer", "--port", str(callee_port), "--play", speech["short"],
                               "--hangup-after", "1.5", "--timeout", "20")
-    await asyncio.sleep(0.3)
     target = f"sip:agent@127.0.0.1:{callee_port}"
     r = await run_peer("call", w.uri("anyone"), "--play", speech["a"], "--hold-s", "5",
                        "--header", f"X-Callbridge-Target: <{target}>")
@@ -379,7 +409,6 @@ async def test_bridge_cancel_and_target_busy(worker, speech):
                                "--timeout", "40")
     busy = await start_peer("answer", "--port", str(busy_port), "--play", speech["short"], "--reject", "486",
                             "--timeout", "20")
-    await asyncio.sleep(0.3)
     r = await run_peer("call", w.uri("ring"), "--play", speech["short"], "--timeout", "1.5")
     assert r.rc == 1 and r.result["sip_code"] == 487, r.result
     ended = (await w.ctl.wait("call_ended", timeout=5))[0]
