@@ -23,8 +23,8 @@ mode, the target's status) and is passed on instead of dialling the target again
 
 Entries expire (64*T1 = 32 s after a final response; established calls after `dialog_ttl`) and
 every table is capped, so memory stays bounded under any traffic. Pending INVITEs count against
-their worker's load until its next `load` report (`set_load`) or a final response, so a burst of
-calls cannot overfill a worker between reports.
+their worker's load until a `load` report that follows the worker's first answer to them
+(`set_load`) or a final response, so a burst of calls cannot overfill a worker between reports.
 
 Nothing a peer sends may take the service down: a bad packet is counted, logged (rate-limited)
 and, where it parses far enough to be answered, answered with 400; the next packet is handled
@@ -356,17 +356,23 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ the service's controls
     def set_load(self, worker_id: int, used: int) -> None:
-        """A worker's `load` report: its slots in use. Pending INVITEs sent to it are taken as
-        included from now on (a report that predates one only risks a 486, which fails over)."""
+        """A worker's `load` report: its slots in use. An INVITE the worker has answered (pjsua
+        sends 100 Trying as it takes a call, or refuses it) is in the report from now on; one it
+        has not answered yet may not be (the report can be older than its arrival, and counting
+        it free sent floods into 486s from full workers), so it stays pending until it is."""
         w = self._by_id.get(worker_id)
         if w is None:
             self._log.warning("sip_unknown_worker", worker=worker_id, what="load")
             return
         w.used = max(0, int(used))
+        pending = 0
         for inv in self._invites.values():
             if inv.counted and inv.current is not None and inv.current.worker is w:
-                inv.counted = False
-        w.pending = 0
+                if inv.current.responded:
+                    inv.counted = False
+                else:
+                    pending += inv.needed
+        w.pending = pending
 
     def set_alive(self, worker_id: int, alive: bool) -> None:
         """A worker came up or went away. INVITEs it never answered fail over to another worker

@@ -14,7 +14,7 @@ worker -> service
   call_ended    {call, reason: "bye_caller" | "bye_agent" | "cancel" | "rtp_timeout" | "hangup"
                  | "error" | "shutdown", sip_code: int | null, detail: str}
   load          {calls: int, slots_used: int}   (after every change; slots_used is what pjsua holds,
-                                                 hung-up calls whose BYE is still in progress too)
+                                                 hung-up calls still finishing their SIP too)
   log           {level, event, ...}             (optional: forwarded into the service's log)
 
 service -> worker

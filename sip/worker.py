@@ -150,8 +150,8 @@ def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "c
 def pjsua_call_counter() -> Any:
     """pjsua's own count of call slots in use (`pjsua_call_get_count`, called through ctypes: the
     wheel exports it but pjsua2 does not wrap it). It differs from the calls the application
-    sees: after a hangup pjsua reports the call DISCONNECTED at once but keeps its slot until the
-    BYE transaction ends, up to 32 s (Timer F) when the caller does not answer the BYE, and
+    sees: hanging up a call whose 200 the caller never ACKed (a flood tool), pjsua reports it
+    DISCONNECTED at once but keeps its slot until the ACK comes or Timer H (32 s) expires, and
     refuses new calls with 486 meanwhile. None where the symbol is missing."""
     try:
         lib = ctypes.CDLL(importlib.import_module("pjsua2._pjsua2").__file__)

@@ -437,7 +437,9 @@ async def test_load_accounting_for_bridged_calls(make_rig) -> None:
     await rig.caller.expect(100)
     await rig.workers[1].expect("INVITE")
     assert [(w["used"], w["pending"]) for w in rig.d.stats()["workers"]] == [(2, 2), (3, 1)]
-    rig.d.set_load(0, 4)  # worker 0's report now includes the bridged call
+    rig.workers[0].answer(fwd, 180, tag="b1")  # worker 0 took the call
+    await rig.caller.expect(180)
+    rig.d.set_load(0, 4)  # and its next report includes it
     assert rig.d.stats()["workers"][0]["pending"] == 0
     rig.workers[0].answer(fwd, 480)  # a failure frees nothing more than it counted
     await rig.caller.expect(480)
@@ -620,3 +622,26 @@ async def test_tcp_trickling_message_closed_after_message_timeout(make_rig) -> N
     idle[1].write(request("OPTIONS", idle[1].get_extra_info("sockname")[1], call_id="still", transport="TCP"))
     assert (await _tcp_read(idle[0], StreamParser())).status == 200
     idle[1].close()
+
+
+async def test_a_load_report_keeps_counting_invites_the_worker_has_not_answered(make_rig) -> None:
+    """A report can be older than INVITEs already on their way to the worker: those stay counted
+    until the worker answers them, so a burst is refused here (503) rather than sent to a worker
+    that is full (486). Answered ones are the report's."""
+    rig = await make_rig(1, capacity=2)
+    fwd = []
+    for cid in ("burst-a", "burst-b"):
+        rig.invite(cid)
+        await rig.caller.expect(100)
+        fwd.append(await rig.workers[0].expect("INVITE"))
+    rig.d.set_load(0, 0)  # written before the worker saw either INVITE
+    rig.invite("burst-c")
+    assert (await rig.caller.expect(503)).get("Retry-After")
+    await rig.workers[0].silent(0.05)
+    rig.workers[0].answer(fwd[0], 180, tag="a")  # the worker took burst-a
+    await rig.caller.expect(180)
+    rig.d.set_load(0, 1)
+    assert [(w["used"], w["pending"]) for w in rig.d.stats()["workers"]] == [(1, 1)]
+    rig.workers[0].answer(fwd[1], 486, tag="b")  # and refused burst-b: nothing pending any more
+    await rig.caller.expect(486)
+    assert [(w["used"], w["pending"]) for w in rig.d.stats()["workers"]] == [(1, 0)]
