@@ -220,6 +220,24 @@ async def test_sessions_are_refused_under_the_reserve(tmp_path, pool):
         await srv.stop()
 
 
+async def test_no_reserve_configured_a_full_disk_still_leaves_no_empty_recordings(tmpfs, pool):
+    """With min_free_disk_mb = 0 admission cannot see it coming: the recording cannot be created,
+    the start is refused with STORAGE_FULL, and nothing is left behind, however often clients retry."""
+    data = tmpfs(8 * MiB)
+    srv = await start_server(data, pool, **{"limits.min_free_disk_mb": "0"})
+    try:
+        fill(data)
+        for _ in range(3):
+            with pytest.raises(StreamError) as refused:
+                async with StreamClient(srv.url, api_key=API_KEY):
+                    pass
+            assert refused.value.code == "STORAGE_FULL"
+        assert list((data / "recordings").iterdir()) == []
+        assert srv.service.store.list_jobs()[0] == []
+    finally:
+        await srv.stop()
+
+
 # --------------------------------------------------------------------------- restart
 
 
