@@ -100,6 +100,18 @@ class StorageGuard:
                 free = self._free()
         return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
 
+    def caused(self, exc: BaseException) -> bool:
+        """Whether the full disk explains `exc`: SQLite reports a -wal/-shm file it cannot create
+        on a full disk as a plain "disk I/O error", so an I/O error with no room left counts."""
+        if is_storage_full(exc):
+            return True
+        if isinstance(exc, (OSError, sqlite3.OperationalError)):
+            try:
+                return self._free() < self.emergency_bytes
+            except OSError:
+                return False
+        return False
+
     @property
     def exhausted(self) -> bool:
         return self._exhausted

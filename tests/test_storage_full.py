@@ -241,8 +241,13 @@ async def test_no_reserve_configured_a_full_disk_still_leaves_no_empty_recording
 # --------------------------------------------------------------------------- restart
 
 
-async def test_serve_on_a_disk_too_full_to_start_prints_one_line(tmpfs):
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "existing_database"])
+async def test_serve_on_a_disk_too_full_to_start_prints_one_line(tmpfs, existing):
     data = tmpfs(2 * MiB)
+    if existing:  # a database closed cleanly (no -wal/-shm files) and no emergency reserve file
+        from bridge.jobs.store import SqliteJobStore
+
+        SqliteJobStore(data / "callbridge.db").close()
     fill(data)
     env = {"CALLBRIDGE_API_KEYS": API_KEY}
     srv = Serve(data, env)
