@@ -66,7 +66,7 @@ class DiskState:
         return self.exhausted or self.free_bytes < self.reserve_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": "full" if self.exhausted else ("low" if self.low else "ok"), "path": self.path,
+        return {"status": "full" if self.exhausted else ("low" if self.low else "ok"),
                 "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
                 "min_free_bytes": self.reserve_bytes}
 
