@@ -101,7 +101,7 @@ class LimitsConfig:
     max_sessions_per_key: int = _f(10, "concurrent sessions per API key", min=1)
     max_frame_bytes: int = _f(1048576, "largest WebSocket frame accepted", min=1)
     drain_timeout_s: float = _f(30.0, "on SIGTERM, how long live sessions get to finish", gt=0)
-    min_free_disk_mb: float = _f(64.0, "refuse new sessions while the data directory has less free space (MiB)",
+    min_free_disk_mb: float = _f(16.0, "refuse new sessions while the data directory has less free space (MiB)",
                                  min=0)
 
 

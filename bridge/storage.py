@@ -66,7 +66,7 @@ class DiskState:
         return self.exhausted or self.free_bytes < self.reserve_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": "full" if self.exhausted else ("low" if self.low else "ok"), "path": self.path,
+        return {"status": "full" if self.exhausted else ("low" if self.low else "ok"),
                 "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
                 "min_free_bytes": self.reserve_bytes}
 
@@ -99,6 +99,18 @@ class StorageGuard:
             if self.refill():
                 free = self._free()
         return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
+
+    def caused(self, exc: BaseException) -> bool:
+        """Whether the full disk explains `exc`: SQLite reports a -wal/-shm file it cannot create
+        on a full disk as a plain "disk I/O error", so an I/O error with no room left counts."""
+        if is_storage_full(exc):
+            return True
+        if isinstance(exc, (OSError, sqlite3.OperationalError)):
+            try:
+                return self._free() < self.emergency_bytes
+            except OSError:
+                return False
+        return False
 
     @property
     def exhausted(self) -> bool:

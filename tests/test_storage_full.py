@@ -220,11 +220,34 @@ async def test_sessions_are_refused_under_the_reserve(tmp_path, pool):
         await srv.stop()
 
 
+async def test_no_reserve_configured_a_full_disk_still_leaves_no_empty_recordings(tmpfs, pool):
+    """With min_free_disk_mb = 0 admission cannot see it coming: the recording cannot be created,
+    the start is refused with STORAGE_FULL, and nothing is left behind, however often clients retry."""
+    data = tmpfs(8 * MiB)
+    srv = await start_server(data, pool, **{"limits.min_free_disk_mb": "0"})
+    try:
+        fill(data)
+        for _ in range(3):
+            with pytest.raises(StreamError) as refused:
+                async with StreamClient(srv.url, api_key=API_KEY):
+                    pass
+            assert refused.value.code == "STORAGE_FULL"
+        assert list((data / "recordings").iterdir()) == []
+        assert srv.service.store.list_jobs()[0] == []
+    finally:
+        await srv.stop()
+
+
 # --------------------------------------------------------------------------- restart
 
 
-async def test_serve_on_a_disk_too_full_to_start_prints_one_line(tmpfs):
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "existing_database"])
+async def test_serve_on_a_disk_too_full_to_start_prints_one_line(tmpfs, existing):
     data = tmpfs(2 * MiB)
+    if existing:  # a database closed cleanly (no -wal/-shm files) and no emergency reserve file
+        from bridge.jobs.store import SqliteJobStore
+
+        SqliteJobStore(data / "callbridge.db").close()
     fill(data)
     env = {"CALLBRIDGE_API_KEYS": API_KEY}
     srv = Serve(data, env)

@@ -114,6 +114,8 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         headers = {k: v for k, v in e.headers.items() if k.lower() == "allow"}
         return web.json_response(body, status=e.status, headers=headers)
     except Exception as e:  # noqa: BLE001 - the last line of defence: never a traceback page
+        if request.writer.output_size:
+            raise  # a response (e.g. a WebSocket upgrade) has started: no other can follow it
         tb = e.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next

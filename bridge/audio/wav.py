@@ -4,7 +4,7 @@ Why hand-rolled rather than ``wave.Wave_write``: the stdlib writer only fixes th
 on close, so a killed process leaves a file that claims zero (or wrong) length. Here the data is
 appended first and the header rewritten after it on every flush(), so at any instant the header
 describes a prefix of what is already in the file: readable by ``wave`` even mid-call or after a
-crash, losing at most what arrived since the last flush.
+crash, the header behind the data by at most what arrived since the last flush.
 
 Writes are unbuffered (one ``write`` syscall per batch) so the count of frames written is exactly
 what the file holds: a write cut short by a full disk keeps its whole frames, the torn one is
@@ -16,6 +16,7 @@ After a crash, ``repair_wav`` sets the header from the file's size (the data can
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 import threading
@@ -241,7 +242,7 @@ class WavRecorder:
             os.fsync(self._fh.fileno())
 
 
-def _write_all(fh, data: bytes) -> None:
+def _write_all(fh: io.RawIOBase, data: bytes) -> None:
     """Write every byte (a raw write may be partial). On failure the OSError carries
     `bytes_written`, what reached the file before it."""
     view, done = memoryview(data), 0

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from bridge.config import Config, add_config_flags, config_from_args
-from bridge.storage import is_storage_full
 
 if TYPE_CHECKING:
     from bridge.service import Service
@@ -49,7 +48,7 @@ async def run_service(config: Config) -> int:
         await svc.stop()
         return 1
     except Exception as e:
-        if not is_storage_full(e):
+        if not svc.storage.caused(e):
             raise
         # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
         print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
