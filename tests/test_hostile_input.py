@@ -101,9 +101,11 @@ def log():
 @pytest.fixture
 async def srv(tmp_path, pool, log):
     """The real service accepting HS256 JWTs; authentication backoff off (these tests send many
-    refused credentials on purpose; the backoff has its own tests in test_auth.py)."""
+    refused credentials on purpose; the backoff has its own tests in test_auth.py); key-owned
+    webhooks may point at loopback (a registered endpoint must not leave this machine)."""
     s = await start_server(tmp_path / "data", pool, **{"auth.jwt_hs256_secret": HS_SECRET,
-                                                       "auth.failures_before_backoff": "0"})
+                                                       "auth.failures_before_backoff": "0",
+                                                       "webhooks.allow_private_targets": "true"})
     yield s
     await s.stop()
     log.assert_no_traceback()
@@ -224,7 +226,7 @@ async def _targets(srv: Any, s: aiohttp.ClientSession) -> list[tuple[str, str, i
     """Every route that reads a JSON body: (method, url, status, code) of its refusal."""
     job = make_job(srv, owner_of(srv))
     async with s.post(f"{srv.url}/v1/webhooks", headers=auth(),
-                      json={"url": "https://hooks.example.com/callbridge", "secret": "s" * 24}) as r:
+                      json={"url": "http://127.0.0.1:9/callbridge", "secret": "s" * 24}) as r:
         assert r.status == 201, await r.text()
         wid = (await r.json())["id"]
     return [("POST", f"{srv.url}/v1/tokens", 400, "INVALID_REQUEST"),
