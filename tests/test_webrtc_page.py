@@ -171,6 +171,9 @@ def _wait(driver, what: str, cond, timeout: float, poll: float = 0.2) -> Any:
             return got
         kind, msg = _error(driver)
         if kind and _state(driver) == "error":
+            got = cond(driver)  # the page may have reached the awaited state since the check above
+            if got:
+                return got
             raise AssertionError(f"waiting for {what}: the page shows an error ({kind}): {msg}")
         if time.monotonic() > deadline:
             status = driver.find_element(*_by("status")).text
