@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import corpus
+from . import corpus, wordtimes
 
 SR = 16000
 
@@ -24,6 +24,7 @@ class Call:
     text: str
     spans: list[tuple[float, float]]  # spoken (start, end) seconds of each sentence
     sentences: list[str]
+    word_ends: list[tuple[str, float]]  # every word of the script and when it really ends (s)
 
     @property
     def seconds(self) -> float:
@@ -35,6 +36,22 @@ def speech_bounds(pcm: np.ndarray, thresh: int = 200) -> tuple[int, int]:
     return (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, len(pcm))
 
 
+def word_ends(text: str, voice: str, rate: int) -> list[tuple[str, float]]:
+    """When each word of corpus.synthesize(text, voice, rate) ends, in seconds of that audio:
+    the last audible sample before the next word starts (espeak-ng's own word starts), so the
+    pause after a comma is not counted as part of the word before it."""
+    pcm = corpus.synthesize(text, voice=voice, rate=rate)
+    starts, _ = wordtimes.word_starts(text, voice, rate)
+    out = []
+    for k, (word, t0) in enumerate(starts):
+        a = int(t0 * SR)
+        b = int(starts[k + 1][1] * SR) if k + 1 < len(starts) else len(pcm)
+        seg = pcm[a:b]
+        audible = np.flatnonzero(np.abs(seg.astype(np.int32)) > 200)  # speech_bounds' threshold
+        out.append((word, (a + (int(audible[-1]) + 1 if len(audible) else 0)) / SR))
+    return out
+
+
 def make_call(seconds: float, voice: str, rate: int, seed: int, pauses=(0.9, 1.6), lead: float = 0.5) -> Call:
     """Sentences in a seeded order until `seconds`, each followed by a pause drawn from `pauses`."""
     rng = random.Random(seed)
@@ -42,19 +59,20 @@ def make_call(seconds: float, voice: str, rate: int, seed: int, pauses=(0.9, 1.6
     rng.shuffle(order)
     parts = [np.zeros(int(lead * SR), np.int16)]
     pos = len(parts[0])
-    spans, used = [], []
+    spans, used, ends = [], [], []
     for text in order:
         s = corpus.synthesize(text, voice=voice, rate=rate)
         a, b = speech_bounds(s)
         s = s[a:b]
         spans.append(((pos) / SR, (pos + len(s)) / SR))
+        ends += [(w, pos / SR + t - a / SR) for w, t in word_ends(text, voice, rate)]
         used.append(text)
         pause = np.zeros(int(rng.uniform(*pauses) * SR), np.int16)
         parts += [s, pause]
         pos += len(s) + len(pause)
         if pos / SR >= seconds:
             break
-    return Call(f"{voice}@{rate}#{seed}", np.concatenate(parts), " ".join(used), spans, used)
+    return Call(f"{voice}@{rate}#{seed}", np.concatenate(parts), " ".join(used), spans, used, ends)
 
 
 def standard_calls(n: int, seconds: float = 30.0, pauses=(0.9, 1.6)) -> list[Call]:
