@@ -2,10 +2,11 @@
 
 Partial lag needs "when was the word spoken". The recognizer's own word times are whisper's
 timestamps (~0.1 s coarse, and they are the thing being measured), so the benchmarks also score
-against the synthesizer's truth: libespeak-ng reports a WORD event with the audio position
-(ms) where each word starts (bench.calls derives where each word ends from the audio). The library is asked for exactly what `espeak-ng -v VOICE -s RATE` renders for
-bench.corpus.synthesize, and the audio is checked to be the same length, so the times apply
-to the cached audio the benchmarks play.
+against the synthesizer's truth: libespeak-ng reports a WORD event with the audio position (ms)
+where each word starts; bench.calls derives where each word ends from the audio. The library
+renders what `espeak-ng -v VOICE -s RATE` renders for bench.corpus.synthesize, and the audio is
+checked against the cached file sample for sample, so the times apply to the audio the
+benchmarks play.
 """
 
 from __future__ import annotations
