@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     pool = RecognizerPool(model, threads=1)
     pool.start()
     rows = []
+    pooled: dict[str, tuple[list, list]] = {}  # band -> (streaming pairs, offline pairs) over all sets
     try:
         for set_name, calls in sets.items():
             for band, conv in (("16 kHz", lambda a: a), ("8 kHz mu-law", to_mulaw_roundtrip)):
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
                     # each sentence decoded alone at its true span, as a final is: what segmenting costs
                     segs = [a[max(0, int((s0 - 0.3) * SR)) : int((s1 + 0.3) * SR)] for s0, s1 in call.spans]
                     seg_pairs.append((call.text, " ".join(offline.decode(x, final_opts).text for x in segs)))
+                pooled.setdefault(band, ([], []))[0].extend(stream_pairs)
+                pooled[band][1].extend(off_pairs)
                 ws, wo, wseg = corpus_wer(stream_pairs), corpus_wer(off_pairs), corpus_wer(seg_pairs)
                 n_words = sum(len(corpus.normalize_text(c.text).split()) for c in calls)
                 rows.append([set_name, band, str(len(calls)), str(n_words), f"{100 * ws:.1f}", f"{100 * wo:.1f}",
@@ -81,7 +84,10 @@ def main(argv=None) -> None:
         ["call set", "audio", "calls", "ref words", "streaming WER", "offline WER", "difference",
          "per-sentence WER", "pieces"],
         rows,
-        notes=["offline: one whisper.cpp pass over the whole call (30 s windows, whisper's own seeking);",
+        notes=[*(f"pooled over the sets, {band}: streaming {100 * corpus_wer(st):.1f} % vs offline "
+                 f"{100 * corpus_wer(off):.1f} % ({100 * (corpus_wer(st) - corpus_wer(off)):+.1f} points)"
+                 for band, (st, off) in pooled.items()),
+               "offline: one whisper.cpp pass over the whole call (30 s windows, whisper's own seeking);",
                "per-sentence: each sentence decoded alone at its true span, as a final is decoded (no streaming);",
                "pieces: finals with speech_final false (long utterances committed at agreed pauses)."],
     )

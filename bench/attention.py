@@ -5,7 +5,8 @@ Decides `WhisperEngine(flash_attn=False)`. With flash attention, whisper.cpp 1.8
 `audio_ctx` rounded up to 256 positions with no mask; the positions past `audio_ctx` keep the
 previous decode's keys and values. Each clip is decoded as a final is (audio_ctx = clip + 256
 positions, the streamer's final margin) on one context per setting, interleaved clip by clip so
-background load hits all alike; a third row decodes with the partials' +64 margin. "changed"
+background load hits all alike; a third row decodes with the partials' +64 margin and a fourth
+with the whole 1500-position encoder (what the margin saves against). "changed"
 counts clips whose text or average log probability differs when decoded again right after a
 different (12 s, full-window) decode.
 
@@ -37,11 +38,12 @@ def main(argv=None) -> None:
              for band, conv in (("16k", lambda a: a), ("8k", to_mulaw_roundtrip))]
     other, _ = corpus.monologue(12.0, seed=7)
     full = DecodeOptions(language="en", full_ctx=True)
-    # (name, engine, encoder positions past the audio); the last row asks whether finals still
-    # need the wider margin once attention is exact (they did with it on: docs/benchmarks.md)
+    # (name, engine, encoder positions past the audio, capped at 1500); the last two rows ask
+    # whether finals still need the wider margin once attention is exact, and what more would buy
     settings = [("flash attention on, +256", WhisperEngine(model, flash_attn=True), 256),
                 ("flash attention off, +256", WhisperEngine(model, flash_attn=False), 256),
-                ("flash attention off, +64", WhisperEngine(model, flash_attn=False), 64)]
+                ("flash attention off, +64", WhisperEngine(model, flash_attn=False), 64),
+                ("flash attention off, full 1500", WhisperEngine(model, flash_attn=False), 1500)]
     res = {name: {"speed": [], "ms": [], "err": {"16k": 0, "8k": 0}, "words": {"16k": 0, "8k": 0}, "changed": 0}
            for name, _, _ in settings}
     for text, band, pcm in clips:

@@ -17,7 +17,7 @@ from bridge.recognizer.streamer import StreamerConfig
 
 from .calls import standard_calls
 from .drive import new_leg, play
-from .metrics import final_latencies, partial_lags, pct
+from .metrics import final_latencies, partial_lags, partial_lags_true, pct
 from .report import emit_table
 
 VARIANTS = {
@@ -31,12 +31,15 @@ VARIANTS = {
 async def measure(model: str, calls, cfg: StreamerConfig, size: int, threads: int) -> dict:
     pool = RecognizerPool(model, size=size, threads=threads)
     pool.start()
-    lags, lats, n_partials, n_finals = [], [], 0, 0
+    lags, true_lags, unmatched, lats, n_partials, n_finals = [], [], 0, [], 0, 0
     try:
         for call in calls:
             run = new_leg(pool, cfg)
             await play(run, call.pcm, pace=1.0)
             lags += partial_lags(run)
+            tl, um = partial_lags_true(run, call)
+            true_lags += tl
+            unmatched += um
             lats += final_latencies(run, call)
             n_partials += len(run.partials)
             n_finals += len(run.finals)
@@ -45,6 +48,8 @@ async def measure(model: str, calls, cfg: StreamerConfig, size: int, threads: in
         pool.close()
     return {
         "partial_lag_p50": pct(lags, 50), "partial_lag_p95": pct(lags, 95),
+        "true_lag_p50": pct(true_lags, 50), "true_lag_p95": pct(true_lags, 95), "true_words": len(true_lags),
+        "unmatched": unmatched,
         "final_latency_p50": pct(lats, 50), "final_latency_p95": pct(lats, 95),
         "partials": n_partials, "finals": n_finals, "words": len(lags),
         "decode_final_p50": st["decode_seconds"]["final"]["p50"],
@@ -69,6 +74,7 @@ def main(argv=None) -> None:
         cfg, (size, threads) = VARIANTS[name]
         r = asyncio.run(measure(model, calls, cfg, size, threads))
         rows.append([name, f"{r['partial_lag_p50']:.2f}", f"{r['partial_lag_p95']:.2f}",
+                     f"{r['true_lag_p50']:.2f}", f"{r['true_lag_p95']:.2f}", f"{r['true_words']}/{r['words']}",
                      f"{r['final_latency_p50']:.2f}", f"{r['final_latency_p95']:.2f}",
                      f"{r['decode_partial_p50']:.3f}", f"{r['decode_final_p50']:.3f}",
                      str(r["partials"]), str(r["finals"]), str(r["words"])])
@@ -76,10 +82,13 @@ def main(argv=None) -> None:
         "latency",
         f"Latency at real-time pace: {len(calls)} calls x {args.seconds:.0f} s, one leg at a time, "
         f"model {os.path.basename(model)}, {os.cpu_count()} cores. Seconds.",
-        ["configuration", "partial lag p50", "p95", "final latency p50", "p95",
+        ["configuration", "partial lag p50", "p95", "vs true word end p50", "p95", "words scored",
+         "final latency p50", "p95",
          "partial decode p50", "final decode p50", "partials", "finals", "words"],
         rows,
         notes=["partial lag: when a word first showed (partial or final) minus its end time in the final;",
+               "vs true word end: the same, minus when espeak-ng really ended the word (bench/wordtimes.py),",
+               "  for final words that match the script (words scored); misheard words have no true time;",
                "final latency: final emitted minus the true end of the utterance's speech (from synthesis)."],
     )
 

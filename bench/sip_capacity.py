@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+IDLE_S = 5.0  # seconds the workers are watched with no call
+
+
 def proc_cpu_s(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -77,7 +80,12 @@ async def run_sip(svc, calls: list[Call], wav_dir: Path) -> dict:
 
     listener = asyncio.create_task(listen())
     worker_pids = [w.proc.pid for w in svc.sip.workers]
+    # idle cost first: each worker polls pjsua2 even with no call
+    i0, w_idle = sum(proc_cpu_s(p) for p in worker_pids), time.monotonic()
+    await asyncio.sleep(IDLE_S)
+    idle = (sum(proc_cpu_s(p) for p in worker_pids) - i0) / (time.monotonic() - w_idle) / len(worker_pids)
     c0 = proc_cpu_s(os.getpid()), sum(proc_cpu_s(p) for p in worker_pids)
+    w0 = time.monotonic()
     procs = []
     for i, c in enumerate(calls):
         wav = wav_dir / f"call{i}.wav"
@@ -91,6 +99,7 @@ async def run_sip(svc, calls: list[Call], wav_dir: Path) -> dict:
     while len(ended) < len(started) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     c1 = proc_cpu_s(os.getpid()), sum(proc_cpu_s(p) for p in worker_pids)
+    busy = (c1[1] - c0[1]) / (time.monotonic() - w0) / len(worker_pids)
     sub.close()
     await listener
     by_user = {user: jid for jid, (_, user) in started.items()}
@@ -109,7 +118,8 @@ async def run_sip(svc, calls: list[Call], wav_dir: Path) -> dict:
     audio_s = sum(c.seconds for c in calls)
     return {"answered": len(started), "completed": completed, "callers_ok": sum(rc == 0 for rc in rcs),
             "wer": errs / max(1, words), "lat50": pct(lats, 50), "lat95": pct(lats, 95),
-            "svc_cpu": (c1[0] - c0[0]) / audio_s, "worker_cpu": (c1[1] - c0[1]) / audio_s}
+            "svc_cpu": (c1[0] - c0[0]) / audio_s, "worker_cpu": (c1[1] - c0[1]) / audio_s,
+            "worker_idle_share": idle, "worker_busy_share": busy, "workers": len(worker_pids)}
 
 
 async def run_socket(svc, url: str, key: str, calls: list[Call]) -> dict:
@@ -171,7 +181,11 @@ async def bench(args: argparse.Namespace) -> None:
         rows,
         notes=[f"ratio SIP / socket: final latency p50 x{sip['lat50'] / ws['lat50']:.2f}, p95 x{sip['lat95'] / ws['lat95']:.2f}, "
                f"CPU (service + workers) x{(sip['svc_cpu'] + sip['worker_cpu']) / max(1e-9, ws['svc_cpu']):.2f}",
-               "CPU s per audio s: 1.0 would be one core per call; callers (the far end) are not counted."],
+               "CPU s per audio s: 1.0 would be one core per call; callers (the far end) are not counted.",
+               f"each SIP worker process: {100 * sip['worker_idle_share']:.1f} % of a core idle ({IDLE_S:.0f} s "
+               f"before the calls), {100 * sip['worker_busy_share']:.1f} % while the calls ran "
+               f"({len(calls) / sip['workers']:.1f} calls per worker on average; "
+               "wall time from the first INVITE to the last call_ended)"],
     )
 
 

@@ -181,3 +181,27 @@ def test_mix_hits_snr(kind, snr):
 def test_silence():
     assert np.array_equal(corpus.silence(0.25), np.zeros(4000, dtype=np.int16))
     assert len(corpus.silence(1, rate=8000)) == 8000
+
+
+def test_true_word_ends_fit_the_audio():
+    """bench.latency scores partial lag against these: espeak-ng's own word starts (checked to be
+    the cached audio, sample for sample), each word ending at its last audible sample."""
+    from bench.calls import make_call, speech_bounds, word_ends
+
+    text = "Thank you for calling customer support, my name is Sarah, how can I help you today?"
+    pcm = corpus.synthesize(text, "en-us", 160)
+    ends = word_ends(text, "en-us", 160)
+    assert [w for w, _ in ends] == [w.strip(",?") for w in text.split()]
+    times = [t for _, t in ends]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    a, b = speech_bounds(pcm)
+    assert times[0] > a / 16000 + 0.1  # "Thank" takes time to say
+    assert times[-1] == pytest.approx(b / 16000, abs=1e-3)  # the last word ends where speech ends
+    # the comma pause after "support" is not part of the word
+    support, my = times[5], next(t for w, t in ends[6:] if w == "my")
+    assert my - support > 0.15
+    call = make_call(12, "en-us", 160, seed=1)
+    assert len(call.word_ends) == sum(len(s.split()) for s in call.sentences)
+    last_words = [sum(len(s.split()) for s in call.sentences[:i + 1]) - 1 for i in range(len(call.sentences))]
+    for (s0, s1), k in zip(call.spans, last_words):
+        assert call.word_ends[k][1] == pytest.approx(s1, abs=1e-3)  # a sentence ends with its last word

@@ -9,6 +9,7 @@ import pytest
 from bench import corpus
 from bench.calls import speech_bounds, to_mulaw_roundtrip
 from bench.drive import new_leg, play, wait_for
+from bench.monologue import monologue_audio
 from bridge.events.types import Final, Partial
 from bridge.recognizer.agreement import norm, norm_text
 from bridge.recognizer.engine import DecodeOptions
@@ -123,8 +124,7 @@ async def test_force_endpoint_finalizes_at_once(pool):
 @pytest.mark.slow
 async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, model_path):
     """45 s without an endpoint-long pause: pieces with speech_final false, clean seams."""
-    pcm, ref = corpus.monologue(45, pause_s=0.25, seed=1)
-    audio = np.concatenate([sil(0.5), pcm, sil(1.5)])
+    audio, ref = monologue_audio(seed=1)  # the audio bench.monologue measures
     run = new_leg(pool)
     await play(run, audio, pace=2.0)
     assert [f.speech_final for f in run.finals[:-1]] == [False] * (len(run.finals) - 1)
@@ -143,8 +143,8 @@ async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, mo
     # nothing lost: streaming is about as accurate as one offline pass over the same audio.
     # docs/benchmarks.md's target, streaming <= offline + 1 point, is pooled over bench.accuracy's
     # call sets; one 139-word call cannot resolve it (a word is 0.7 points), and where the pieces
-    # are cut varies with when partials agree. `python -m bench.monologue --seeds 1 --runs 9`-style
-    # runs of this audio measured -1.4 to +4.3 points (0 in 6 of 9 runs, +2.2 and +4.3 when it was
+    # are cut varies with when partials agree. `python -m bench.monologue --seeds 1 --runs 9`
+    # on this audio measured -1.4 to +4.3 points (0 in 6 of 9 runs, +2.2 and +4.3 when it was
     # cut into 4 pieces instead of 2-3). The bound is the claim plus that spread, rounded up to
     # whole words: +5 points (7 words); the test allowed +8 before.
     from bridge.recognizer.engine import WhisperEngine

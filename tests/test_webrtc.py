@@ -44,13 +44,23 @@ def text_of(events: list[dict]) -> str:
     return " ".join(e["text"] for e in events if e["type"] == "final" and e["text"])
 
 
-async def talk(c: WebRtcClient, *, bye: bool = True, timeout: float = 30) -> list[dict]:
-    """Every message after `ready`; says `bye` once the audio has been played (if asked)."""
+async def heard_all(server, c: WebRtcClient, timeout: float = 10) -> None:
+    """Until the service has received every sample the client played: `played` means handed to
+    the encoder, and the last packets are still on their way then."""
+    session = server.service.webrtc.sessions[c.job_id]
+    async with asyncio.timeout(timeout):
+        while session.audio.input_seconds < c.track.seconds - 0.02:  # the last 20 ms frame is padded
+            await asyncio.sleep(0.01)
+
+
+async def talk(c: WebRtcClient, server=None, *, bye: bool = True, timeout: float = 30) -> list[dict]:
+    """Every message after `ready`; says `bye` once the service has heard all the audio (if asked)."""
     events: list[dict] = []
+    assert server is not None or not bye, "saying bye needs the server, to wait until it heard the audio"
 
     async def byer() -> None:
         await c.wait_played()
-        await asyncio.sleep(0.2)
+        await heard_all(server, c)
         await c.bye()
 
     task = asyncio.create_task(byer()) if bye else None
@@ -84,7 +94,7 @@ async def test_call_round_trip_with_bye(server):
         # the answer sends nothing back, and offers loopback
         audio_m = c.answer["sdp"].split("m=audio", 1)[1].split("m=", 1)[0]
         assert "a=recvonly" in audio_m and "127.0.0.1" in c.answer["sdp"]
-        events = await talk(c)
+        events = await talk(c, server)
     kinds = [e["type"] for e in events]
     assert "ready" not in kinds and kinds[-1] == "completed" and "final" in kinds and "partial" in kinds
     assert corpus.wer(" ".join(EN), text_of(events)) < 0.15, text_of(events)
@@ -125,7 +135,7 @@ async def test_control_messages_on_the_channel(server):
     async with WebRtcClient(server.url, api_key=API_KEY, audio=pcm,
                             config={"endpointing_ms": 5000, "interim_results": False}) as c:
         await c.wait_played(20)
-        await asyncio.sleep(0.2)  # the last packets are still on their way
+        await heard_all(server, c)
         await c.keep_alive()
         await c.configure(300)
         await c.force_endpoint()
@@ -134,7 +144,7 @@ async def test_control_messages_on_the_channel(server):
             while ev["type"] == "usage":
                 ev = await c.next_event(15)
         assert ev["type"] == "final" and corpus.wer(EN[0], ev["text"]) < 0.2, ev
-        events = await talk(c)
+        events = await talk(c, server)
     assert events[-1]["type"] == "completed"
     assert not any(e["type"] == "partial" for e in events)
 
@@ -330,7 +340,7 @@ async def test_single_use_token_is_spent_only_by_a_call(server):
     assert status == 400, body
     pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(0.8)])
     async with WebRtcClient(server.url, token=token, audio=pcm) as c:
-        events = await talk(c)
+        events = await talk(c, server)
     assert events[-1]["type"] == "completed" and corpus.wer(EN[0], text_of(events)) < 0.2
     status, body = await _post(server, {"sdp": await _offer_sdp(), "type": "offer"}, auth=False,
                                params=f"?token={token}")
@@ -350,7 +360,7 @@ async def test_rate_limit_and_query_key(tmp_path, pool):
             status, body = await _post(srv, {"sdp": await _offer_sdp(), "type": "offer"}, auth=False,
                                        params=f"?api_key={API_KEY}")
             assert status == 429, body  # the query key is the same key
-            events = await talk(first)
+            events = await talk(first, srv)
         assert events[-1]["type"] == "completed" and corpus.wer(EN[0], text_of(events)) < 0.2
     finally:
         await srv.stop()
