@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-ALL = ["audio_frontend", "vad_eval", "quantization", "attention", "accuracy", "latency", "capacity", "sip_capacity", "webrtc_capacity", "webhooks"]
+ALL = ["audio_frontend", "vad_eval", "quantization", "attention", "accuracy", "latency", "capacity", "sip_capacity", "webrtc_capacity", "webhooks", "memory"]
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge import allocator
 from bridge.admission import Admission
 from bridge.calls import CallRegistry
 from bridge.config import Config
@@ -50,6 +51,9 @@ class Service:
         self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
         self.ready = False
         self.started_at = time.time()
+        self.idle_trims = 0  # times the allocator gave free pages back after the last call ended
+        self._trimmer: asyncio.Task | None = None
+        self.calls.on_idle = self._trim_when_idle
 
     @property
     def draining(self) -> bool:
@@ -58,6 +62,8 @@ class Service:
     async def start(self) -> None:
         from bridge.auth import Authenticator, KeyStore, bootstrap_key
         from bridge.jobs.store import SqliteJobStore
+
+        allocator.configure()  # before the first session's buffers (bridge/allocator.py)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +110,21 @@ class Service:
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
 
+    def _trim_when_idle(self) -> None:
+        """The last live call ended: give the allocator's free pages back once the service stays idle
+        (what the busiest moment needed stays resident otherwise; bridge/allocator.py)."""
+        if self._trimmer is None or self._trimmer.done():
+            self._trimmer = asyncio.get_running_loop().create_task(self._trim_after_delay())
+
+    async def _trim_after_delay(self) -> None:
+        await asyncio.sleep(allocator.IDLE_TRIM_DELAY_S)
+        if self.calls.calls:
+            return  # busy again: the next idle moment trims
+        before = allocator.stats()
+        released = await asyncio.to_thread(allocator.trim)
+        self.idle_trims += 1
+        log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"))
+
     def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used (its saved duration x channels)."""
         import math
@@ -139,6 +160,8 @@ class Service:
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
             self.webhooks.store.close()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._own_pool and self.pool is not None:
             await asyncio.to_thread(self.pool.close)
         if self.keys is not None:

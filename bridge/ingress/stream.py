@@ -584,7 +584,19 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     except Exception:  # noqa: BLE001
         log.exception("stream_handler_failed")
         await session._close(CLOSE_CODES[ErrorCode.INTERNAL], "INTERNAL")
+    finally:
+        release_heartbeat(ws)
     return ws
+
+
+def release_heartbeat(ws: web.WebSocketResponse) -> None:
+    """Drop the heartbeat timer once the handler is done with the socket. aiohttp (3.14) re-arms
+    it when the client's close frame arrives after our close(); the timer then keeps the closed
+    response, its request and its buffers alive for `heartbeat` (30 s) after every session
+    (tests/test_memory.py)."""
+    cancel = getattr(ws, "_cancel_heartbeat", None)  # private: gone in a later aiohttp, nothing to do then
+    if cancel is not None:
+        cancel()
 
 
 def add_routes(app: web.Application) -> None:
