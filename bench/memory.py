@@ -1,15 +1,16 @@
 """Memory: the service's idle resident memory before and after a load cycle of many short sessions.
 
-Run: python -m bench.memory [--sessions 600] [--concurrency 16] [--kinds stream,webrtc] [--speech 2]
+Run: python -m bench.memory [--sessions 600] [--cycles 3] [--concurrency 16] [--kinds stream,webrtc] [--speech 2]
 
 The service runs in this process on embedded defaults (SIP off); callers run in a separate
-process so their memory is not counted. One cycle: `--sessions` sessions, `--concurrency` at a
-time, alternating the `--kinds` (stream: the ingest WebSocket at 4x real time, 1 in 3 dropping
+process so their memory is not counted. `--sessions` split over `--cycles` load cycles, each
+`--concurrency` sessions at a time, alternating the `--kinds` (stream: the ingest WebSocket at 4x real time, 1 in 3 dropping
 the socket without `end`; webrtc: aiortc calls at real time, ending with `bye`), each saying the
 same sentence `--speech` times. Figures: resident memory (VmRSS) idle after start-up, after one
-warm-up session (model buffers, imports), and idle after the cycle; the live objects of the
-service's per-session types before and after (they must return to the warm-up count); and what
-the allocator still holds (glibc arenas) at the end.
+warm-up per kind (model buffers, imports, codecs), and idle after each cycle, each measured once
+the idle service has given the allocator's free pages back (bridge/allocator.py); the live
+objects of the service's per-session types at both points (they must match); and what the
+allocator holds at the end (glibc's mallinfo2).
 """
 
 from __future__ import annotations
@@ -138,59 +139,53 @@ async def _load(url: str, n: int, concurrency: int, kinds: str, repeats: int, ou
     return json.loads(out.read_text())
 
 
-async def _settle(svc) -> None:
-    """Until every session has ended in the service (the callers may close first)."""
-    while svc.calls.calls or (svc.webrtc is not None and svc.webrtc.sessions):
+async def _settle(svc, trims: int) -> None:
+    """Until every session has ended in the service (the callers may close first) and the idle
+    service has trimmed the allocator (bridge/allocator.py)."""
+    while svc.calls.calls or (svc.webrtc is not None and svc.webrtc.sessions) or svc.idle_trims <= trims:
         await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)  # the last closes' callbacks
 
 
 async def bench(args: argparse.Namespace) -> None:
     from bridge.allocator import stats as allocator_stats
 
+    rows: list[list[str]] = []
+    failures: list[str] = []
+    per_cycle = args.sessions // args.cycles
     with tempfile.TemporaryDirectory(prefix="cb-membench-") as tmp:
         tmpd = Path(tmp)
         async with running_service(tmpd / "data", **{"sip.enabled": "false", "capacity.max_legs": "1000",
                                                     "capacity.max_final_latency_s": "1e9"}) as (svc, url):
             gc.collect()
-            idle0 = rss_mb()
+            rows.append(["idle after start-up", "0", f"{rss_mb():.0f}", "-"])
             await _load(url, 2, 2, args.kinds, args.speech, tmpd / "warm.json")
-            await _settle(svc)
-            warm_objs = live_objects()
-            warm = rss_mb()
-            t0 = time.monotonic()
-            res = await _load(url, args.sessions, args.concurrency, args.kinds, args.speech, tmpd / "cycle.json")
+            await _settle(svc, svc.idle_trims)
+            warm, warm_objs = rss_mb(), live_objects()
+            rows.append(["idle after 2 warm-up sessions", "2", f"{warm:.0f}", _objs(warm_objs)])
+            done, t0 = 2, time.monotonic()
+            for c in range(args.cycles):
+                trims = svc.idle_trims
+                res = await _load(url, per_cycle, args.concurrency, args.kinds, args.speech, tmpd / "cycle.json")
+                failures += res["failures"]
+                await _settle(svc, trims)
+                done += per_cycle
+                after = rss_mb()
+                rows.append([f"idle after load cycle {c + 1}", str(done), f"{after:.0f}", _objs(live_objects())])
             wall = time.monotonic() - t0
-            await _settle(svc)
-            after_objs = live_objects()
-            after = rss_mb()
             alloc = allocator_stats()
-            from bridge.allocator import trim
-            trim()
-            trimmed = rss_mb()
-            jobs = len(svc.store.list_jobs(limit=100000)[0]) if _accepts_limit(svc.store) else None
-    for f in res["failures"][:10]:
+    for f in failures[:10]:
         print("session failed:", f, file=sys.stderr)
-    rows = [["idle after start-up", f"{idle0:.0f}", "-"],
-            ["idle after 2 warm-up sessions", f"{warm:.0f}", _objs(warm_objs)],
-            [f"idle after {args.sessions} sessions", f"{after:.0f}", _objs(after_objs)],
-            ["after malloc_trim", f"{trimmed:.0f}", "-"]]
     emit_table(
-        "memory",
-        f"Memory: service RSS idle before and after {args.sessions} sessions ({args.kinds}, {args.concurrency} at a "
-        f"time, {args.speech} sentence(s) each), {os.cpu_count()} cores, model tiny.en",
-        ["point", "RSS MB", "live per-session objects"], rows,
-        notes=[f"growth over the cycle: {after - warm:+.0f} MB ({(after - warm) / max(1, args.sessions) * 1024:+.0f} kB "
-               f"per session); cycle took {wall:.0f} s; {len(res['failures'])} session(s) failed"
-               + (f"; jobs in the store: {jobs}" if jobs is not None else ""),
-               f"allocator at the end: {alloc}"],
+        "memory_baseline" if args.baseline else "memory",
+        ("Baseline, bounds switched off: " if args.baseline else "")
+        + f"Memory: service RSS idle before and after {args.cycles} load cycle(s) of {per_cycle} sessions "
+        f"({args.kinds}, {args.concurrency} at a time, {args.speech} sentence(s) each), {os.cpu_count()} cores, "
+        "model tiny.en",
+        ["point", "sessions so far", "RSS MB", "live per-session objects"], rows,
+        notes=[f"growth after the warm-up: {after - warm:+.0f} MB over {done - 2} sessions; cycles took {wall:.0f} s; "
+               f"{len(failures)} session(s) failed",
+               f"allocator at the end (MB; in_use includes mapped blocks, not all resident): {alloc}"],
     )
-
-
-def _accepts_limit(store) -> bool:
-    import inspect
-
-    return "limit" in inspect.signature(store.list_jobs).parameters
 
 
 def _objs(c: Counter[str]) -> str:
@@ -199,18 +194,33 @@ def _objs(c: Counter[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sessions", type=int, default=600)
+    ap.add_argument("--sessions", type=int, default=600, help="sessions over all cycles")
+    ap.add_argument("--cycles", type=int, default=3, help="load cycles, RSS measured idle after each")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--kinds", default="stream,webrtc")
     ap.add_argument("--speech", type=int, default=2, help="sentences per session")
+    ap.add_argument("--baseline", action="store_true",
+                    help="switch off, in this process, what bounds memory (the allocator settings and idle trim, "
+                         "the socket heartbeat release): the figures as they were before them")
     ap.add_argument("--caller", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.caller:
         _caller_main(args)
-    else:
-        asyncio.run(bench(args))
+        return
+    if args.baseline:
+        _switch_off_bounds()
+    asyncio.run(bench(args))
+
+
+def _switch_off_bounds() -> None:
+    import bridge.allocator
+    import bridge.ingress.stream
+
+    bridge.allocator.configure = lambda: False
+    bridge.allocator.trim = lambda: False  # the service still counts its idle "trims": the bench waits on them
+    bridge.ingress.stream.release_heartbeat = lambda ws: None
 
 
 if __name__ == "__main__":
