@@ -31,7 +31,7 @@ import numpy as np
 from . import corpus
 from .calls import speech_bounds
 from .report import emit_table
-from .service import BENCH_KEY, running_service
+from .service import ADMIT_ALL, BENCH_KEY, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCE = "I would like to check the status of my order, please."
@@ -154,8 +154,7 @@ async def bench(args: argparse.Namespace) -> None:
     per_cycle = args.sessions // args.cycles
     with tempfile.TemporaryDirectory(prefix="cb-membench-") as tmp:
         tmpd = Path(tmp)
-        async with running_service(tmpd / "data", **{"sip.enabled": "false", "capacity.max_legs": "1000",
-                                                    "capacity.max_final_latency_s": "1e9"}) as (svc, url):
+        async with running_service(tmpd / "data", **{"sip.enabled": "false", **ADMIT_ALL}) as (svc, url):
             gc.collect()
             rows.append(["idle after start-up", "0", f"{rss_mb():.0f}", "-"])
             await _load(url, 2, 2, args.kinds, args.speech, tmpd / "warm.json")
