@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 BENCH_KEY = "cbk_bench_0123456789abcdef0123456789"
+# Capacity admission off (bridge/admission.py): for benchmarks that measure a fixed offered load,
+# which a refusal would change. bench.capacity --offer measures admission itself.
+ADMIT_ALL = {"capacity.max_legs": "100000", "capacity.max_final_latency_s": "1e9"}
 
 
 @contextlib.asynccontextmanager

@@ -31,7 +31,7 @@ from . import corpus
 from .calls import Call, standard_calls
 from .metrics import pct
 from .report import emit_table
-from .service import BENCH_KEY, running_service
+from .service import ADMIT_ALL, BENCH_KEY, running_service
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -164,8 +164,8 @@ async def bench(args: argparse.Namespace) -> None:
         wav_dir = Path(tmp)
         for i, c in enumerate(calls):
             corpus.write_wav(wav_dir / f"call{i}.wav", corpus._resample(c.pcm, 16000, 8000), 8000)
-        async with running_service(wav_dir / "data", **{"server.sip_port": "0", "sip.workers": str(args.workers)}) \
-                as (svc, url):
+        overrides = {"server.sip_port": "0", "sip.workers": str(args.workers), **ADMIT_ALL}
+        async with running_service(wav_dir / "data", **overrides) as (svc, url):
             sip = await run_sip(svc, calls, wav_dir)
             ws = await run_socket(svc, url, BENCH_KEY, calls)
     rows = []

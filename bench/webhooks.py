@@ -47,7 +47,7 @@ from . import corpus
 from .calls import standard_calls
 from .metrics import pct
 from .report import emit_table
-from .service import BENCH_KEY, running_service
+from .service import ADMIT_ALL, BENCH_KEY, running_service
 from .webrtc_capacity import run_phase
 
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
@@ -312,7 +312,8 @@ async def bench(args: argparse.Namespace) -> None:
         hook_url, runner = await rx.start()
         try:
             async with running_service(wav_dir / "data", **{"sip.enabled": "false",
-                                                             "webhooks.allow_private_targets": "true"}) as (svc, url):
+                                                             "webhooks.allow_private_targets": "true",
+                                                             **ADMIT_ALL}) as (svc, url):
                 live = await live_phase(svc, url, hook_url, rx, calls, wav_dir)
                 backlog = await backlog_phase(svc, url, calls, wav_dir)
                 cap = await capacity_phase(svc, url, hook_url, rx, args.jobs, args.events)

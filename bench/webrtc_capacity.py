@@ -33,7 +33,7 @@ from . import corpus
 from .calls import Call, standard_calls
 from .metrics import pct
 from .report import emit_table
-from .service import BENCH_KEY, running_service
+from .service import ADMIT_ALL, BENCH_KEY, running_service
 from .sip_capacity import latencies, proc_cpu_s
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ async def bench(args: argparse.Namespace) -> None:
         for i, c in enumerate(calls):
             corpus.write_wav(wav_dir / f"call{i}.wav", c.pcm, 16000)
         key = BENCH_KEY
-        async with running_service(wav_dir / "data", **{"sip.enabled": "false"}) as (svc, url):
+        async with running_service(wav_dir / "data", **{"sip.enabled": "false", **ADMIT_ALL}) as (svc, url):
             rtc = await run_phase("webrtc", svc, url, key, calls, wav_dir)
             ws = await run_phase("socket", svc, url, key, calls, wav_dir)
             pool = svc.pool.size

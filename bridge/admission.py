@@ -90,7 +90,6 @@ class Admission:
         self.pool = pool
         self._live_legs = live_legs
         self._reserved = 0
-        self.refused = 0
 
     @property
     def legs_capacity(self) -> int:
@@ -113,11 +112,10 @@ class Admission:
                         t.window_s, why)
 
     def refusal(self, legs: int) -> CapacityRefused | None:
-        """Why `legs` more legs cannot be admitted now, or None. Counts the refusal."""
+        """Why `legs` more legs cannot be admitted now, or None (then logged: the caller refuses)."""
         why = self.headroom(legs).refusing
         if why is None:
             return None
-        self.refused += 1
         log.info("capacity_refused", legs=legs, reason=why)
         return CapacityRefused(why + "; retry later or on another node", self.cfg.retry_after_s)
 

@@ -13,7 +13,7 @@ import asyncio
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -353,6 +353,7 @@ class CallRegistry:
         self.draining = False
         self._empty = asyncio.Event()
         self._empty.set()
+        self.on_idle: Callable[[], None] | None = None  # called when the last live call is removed
 
     def admit(self, owner: str, limit: int | None) -> bool:
         """Take a session slot for `owner`, or return False when at `limit`."""
@@ -386,6 +387,8 @@ class CallRegistry:
         self._owner_of.pop(call.id, None)
         if not self.calls:
             self._empty.set()
+            if self.on_idle is not None:
+                self.on_idle()
 
     @property
     def legs(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge import allocator
 from bridge.admission import Admission
 from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry
@@ -56,6 +57,9 @@ class Service:
         self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
         self.ready = False
         self.started_at = time.time()
+        self.idle_trims = 0  # times the allocator gave free pages back after the last call ended
+        self._trimmer: asyncio.Task | None = None
+        self.calls.on_idle = self._trim_when_idle
 
     @property
     def draining(self) -> bool:
@@ -64,6 +68,8 @@ class Service:
     async def start(self) -> None:
         from bridge.auth import Authenticator, KeyStore, bootstrap_key
         from bridge.jobs.store import SqliteJobStore
+
+        allocator.configure()  # before the first session's buffers (bridge/allocator.py)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +127,21 @@ class Service:
         if refusal is not None:
             log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())
 
+    def _trim_when_idle(self) -> None:
+        """The last live call ended: give the allocator's free pages back once the service stays idle
+        (what the busiest moment needed stays resident otherwise; bridge/allocator.py)."""
+        if self._trimmer is None or self._trimmer.done():
+            self._trimmer = asyncio.get_running_loop().create_task(self._trim_after_delay())
+
+    async def _trim_after_delay(self) -> None:
+        await asyncio.sleep(allocator.IDLE_TRIM_DELAY_S)
+        if self.calls.calls:
+            return  # busy again: the next idle moment trims
+        before = allocator.stats()
+        released = await asyncio.to_thread(allocator.trim)
+        self.idle_trims += 1
+        log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"))
+
     def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length
         of its recording, see recover_recordings) x channels."""
@@ -157,6 +178,8 @@ class Service:
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
             self.webhooks.store.close()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._own_pool and self.pool is not None:
             await asyncio.to_thread(self.pool.close)
         if self.keys is not None:

@@ -67,3 +67,19 @@ async def test_decode_errors_reach_the_caller_and_the_pool_keeps_serving(single)
         await single.decode(np.zeros((2, 2), np.float32), DecodeOptions(), Priority.FINAL)
     hyp = await single.decode(corpus.synthesize("Thank you for calling."), DecodeOptions(), Priority.FINAL)
     assert "calling" in hyp.text.lower()
+
+
+async def test_a_cancelled_partial_does_not_stay_pending(single):
+    """A leg closed while its partial waits (the task is cancelled) leaves nothing in the pool:
+    the queued job holds the leg's audio, and the key (the leg's id) would keep it forever."""
+    speech = corpus.synthesize("Please hold while I look up your account information.")
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(), Priority.FINAL))
+    await asyncio.sleep(0.05)  # the only context is now decoding
+    partial = asyncio.create_task(single.decode(speech, DecodeOptions(partial=True), Priority.PARTIAL, key="gone"))
+    await asyncio.sleep(0.01)
+    assert "gone" in single._pending_partial
+    partial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await partial
+    await busy
+    assert "gone" not in single._pending_partial

@@ -43,6 +43,8 @@ class Serve:
         base = {k: v for k, v in os.environ.items() if k != "CALLBRIDGE_API_KEYS"}
         self.env = {**base, "CALLBRIDGE_MODEL_POOL_SIZE": "1", "CALLBRIDGE_LOGGING_FORMAT": "json",
                     "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "20", "CALLBRIDGE_SIP_ENABLED": "false", **(env or {})}
+        # late finals on a busy test machine must not refuse sessions (tests/test_capacity.py tests that)
+        self.env.setdefault("CALLBRIDGE_CAPACITY_MAX_FINAL_LATENCY_S", "3600")
         self.proc: asyncio.subprocess.Process | None = None
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.out = data_dir.parent / f"serve-{self.port}.out"

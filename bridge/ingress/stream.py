@@ -645,11 +645,22 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         log.exception("stream_handler_failed")
         await session._close(CLOSE_CODES[ErrorCode.INTERNAL], "INTERNAL")
     finally:
+        release_heartbeat(ws)
         if session.call is None and principal.token_hash is not None:
             # a temporary token is claimed at the upgrade; no session opened (refused start, or the
             # client left first), so it is given back for a retry
             await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
     return ws
+
+
+def release_heartbeat(ws: web.WebSocketResponse) -> None:
+    """Drop the heartbeat timer once the handler is done with the socket. aiohttp (3.14) re-arms
+    it when the client's close frame arrives after our close(); the timer then keeps the closed
+    response, its request and its buffers alive for `heartbeat` (30 s) after every session
+    (tests/test_memory.py)."""
+    cancel = getattr(ws, "_cancel_heartbeat", None)  # private: gone in a later aiohttp, nothing to do then
+    if cancel is not None:
+        cancel()
 
 
 def add_routes(app: web.Application) -> None:

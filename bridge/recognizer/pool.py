@@ -146,6 +146,8 @@ class RecognizerPool:
         with self._cv:
             self._closed = True
             for job in self._heap:
+                if job.cancelled:  # nobody awaits it (and its loop may be gone)
+                    continue
                 job.cancelled = True
                 job.loop.call_soon_threadsafe(_fail, job.future, RuntimeError("recognizer pool closed"))
             self._heap.clear()
@@ -217,6 +219,9 @@ class RecognizerPool:
             return await fut
         except asyncio.CancelledError:
             job.cancelled = True
+            with self._cv:  # a cancelled partial must not stay its leg's pending one (it holds the audio)
+                if key is not None and self._pending_partial.get(key) is job:
+                    del self._pending_partial[key]
             raise
 
     # -- workers -------------------------------------------------------------------------------

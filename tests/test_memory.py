@@ -1,0 +1,97 @@
+"""Sessions leave nothing behind: after many short sessions through the real service, the live objects
+of every per-session type are back at their count after a warm-up, and the idle service gives
+the allocator's free pages back. Counts, not RSS: resident memory depends on the allocator and
+the machine, object counts do not."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections import Counter
+
+import numpy as np
+
+from bench import corpus
+from bench.calls import speech_bounds
+from bench.drive import wait_for
+from bridge.client.stream import StreamClient
+from bridge.client.webrtc import WebRtcClient
+from tests.serving import API_KEY, start_server
+
+SR = 16000
+# what one session creates in the service; each must be freed when the session ends
+SESSION_TYPES = ("Call", "Leg", "StreamingRecognizer", "StreamSession", "Subscription", "WebSocketResponse",
+                 "SileroVad", "WavRecorder", "AudioFrontEnd", "WebRtcSession", "RTCPeerConnection", "Request",
+                 "RequestHandler")
+
+
+def live(names: tuple[str, ...] = SESSION_TYPES) -> Counter[str]:
+    gc.collect()
+    wanted = set(names)
+    return Counter(n for n in (type(o).__name__ for o in gc.get_objects()) if n in wanted)
+
+
+def pcm() -> np.ndarray:
+    s = corpus.synthesize("I would like to check the status of my order, please.")
+    a, b = speech_bounds(s)
+    return np.concatenate([np.zeros(4000, np.int16), s[a:b], np.zeros(12000, np.int16)])
+
+
+async def stream_session(url: str, audio: np.ndarray, *, drop: bool) -> None:
+    data = audio.tobytes()
+    async with StreamClient(url, api_key=API_KEY, sample_rate=SR) as s:
+        for i in range(0, len(data), 6400):
+            await s.send_audio(data[i : i + 6400])
+        if drop:  # the client vanishes without `end`
+            await s.aclose()
+            return
+        await s.end()
+        async for _ in s:
+            pass
+    assert drop or s.completed is not None
+
+
+async def webrtc_session(url: str, audio: np.ndarray) -> None:
+    async with WebRtcClient(url, api_key=API_KEY, audio=audio) as c:
+        await c.wait_played()
+        await c.bye()
+        async with asyncio.timeout(60):
+            async for _ in c:
+                pass
+
+
+def _internal(svc) -> dict[str, int]:
+    """The service's own per-job tables, which must be empty when no call is live."""
+    return {"calls": len(svc.calls.calls), "bus_seq": len(svc.bus._seq),
+            "bus_subs": sum(len(v) for k, v in svc.bus._subs.items() if k is not None),
+            "pending_partials": len(svc.pool._pending_partial), "webrtc": len(svc.webrtc.sessions)}
+
+
+async def test_many_sessions_leave_no_live_objects_and_idle_trims(tmp_path, pool):
+    srv = await start_server(tmp_path / "data", pool, **{"limits.max_sessions_per_key": "20"})
+    svc = srv.service
+    audio = pcm()
+    try:
+        await stream_session(srv.url, audio, drop=False)  # warm-up: imports, caches, model buffers
+        await webrtc_session(srv.url, audio)
+        assert await wait_for(lambda: not svc.calls.calls and not svc.webrtc.sessions)
+        base, base_internal = live(), _internal(svc)
+        trims = svc.idle_trims
+
+        for batch in range(3):
+            await asyncio.gather(*(stream_session(srv.url, audio, drop=i % 3 == 2) for i in range(6)),
+                                 webrtc_session(srv.url, audio))
+
+        assert await wait_for(lambda: not svc.calls.calls and not svc.webrtc.sessions, timeout=30)
+        # objects may need the loop to turn a few times after the last close; 10 s is far below
+        # any timer that would otherwise free them (the socket heartbeat is 30 s)
+        settled = await wait_for(lambda: live() == base, timeout=10)
+        now = live()
+        assert settled, {k: (base.get(k, 0), now.get(k, 0)) for k in set(base) | set(now) if base[k] != now[k]}
+        assert _internal(svc) == base_internal == {"calls": 0, "bus_seq": 0, "bus_subs": 0, "pending_partials": 0,
+                                                   "webrtc": 0}
+        assert len(svc.store.list_jobs()[0]) == 2 + 3 * 7
+        # idle: the allocator was asked to give its free pages back (bridge/allocator.py)
+        assert await wait_for(lambda: svc.idle_trims > trims, timeout=15)
+    finally:
+        await srv.stop()
