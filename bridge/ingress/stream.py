@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from bridge.admission import CapacityRefused
-from bridge.api.http import json_error, require_principal
+from bridge.api.http import json_error, release_heartbeat, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.auth import InsufficientCredits, Principal
@@ -587,16 +587,6 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     finally:
         release_heartbeat(ws)
     return ws
-
-
-def release_heartbeat(ws: web.WebSocketResponse) -> None:
-    """Drop the heartbeat timer once the handler is done with the socket. aiohttp (3.14) re-arms
-    it when the client's close frame arrives after our close(); the timer then keeps the closed
-    response, its request and its buffers alive for `heartbeat` (30 s) after every session
-    (tests/test_memory.py)."""
-    cancel = getattr(ws, "_cancel_heartbeat", None)  # private: gone in a later aiohttp, nothing to do then
-    if cancel is not None:
-        cancel()
 
 
 def add_routes(app: web.Application) -> None:
