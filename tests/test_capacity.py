@@ -3,6 +3,7 @@ with a clear, temporary error, live ones go on, and a leg that ends makes room a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -156,7 +157,6 @@ async def test_late_finals_close_admission_until_the_pool_catches_up(tmp_path, m
 
 async def test_sip_invite_over_capacity_gets_503_with_retry_after(tmp_path, pool):
     """The dispatcher asks the service before it hands an INVITE to a worker (bridge/ingress/sip.py)."""
-    import asyncio
 
     from tests.test_sip_dispatcher import SDP, Peer, request
 
@@ -179,4 +179,25 @@ async def test_sip_invite_over_capacity_gets_503_with_retry_after(tmp_path, pool
         assert (await caller.recv(timeout=10)).status == 100  # room again: handed to the worker
     finally:
         transport.close()
+        await srv.stop()
+
+
+async def test_concurrent_opens_cannot_overshoot_the_cap(tmp_path, pool):
+    """Opening a session awaits (credits, the job row) before its call counts as live: the legs it
+    holds meanwhile must count, or every open in flight passes the check."""
+    srv = await start_server(tmp_path / "data", pool, **{"capacity.max_legs": "3",
+                                                          "capacity.max_final_latency_s": "3600"})
+    try:
+        opened = await asyncio.gather(*(_open(srv.url) for _ in range(6)))
+        firsts = [first for _, _, first in opened]
+        assert sorted(f["type"] for f in firsts) == ["error"] * 3 + ["ready"] * 3, firsts
+        assert all(f["code"] == "RATE_LIMITED" for f in firsts if f["type"] == "error"), firsts
+        assert srv.service.calls.legs == 3 and srv.service.admission.headroom().legs_reserved == 0
+        for http, ws, first in opened:
+            if first["type"] == "ready":
+                assert (await _end(http, ws))["type"] == "completed"
+            else:
+                await ws.close()
+                await http.close()
+    finally:
         await srv.stop()

@@ -9,6 +9,7 @@ import asyncio
 import gc
 from collections import Counter
 
+import aiohttp
 import numpy as np
 
 from bench import corpus
@@ -79,9 +80,17 @@ async def test_many_sessions_leave_no_live_objects_and_idle_trims(tmp_path, pool
         trims = svc.idle_trims
 
         for batch in range(3):
-            await asyncio.gather(*(stream_session(srv.url, audio, drop=i % 3 == 2) for i in range(6)),
-                                 webrtc_session(srv.url, audio))
+            async with aiohttp.ClientSession() as http:  # a dashboard watching the batch's calls
+                async with http.ws_connect(f"{srv.url}/v1/events?api_key={API_KEY}") as dash:
+                    await asyncio.gather(*(stream_session(srv.url, audio, drop=i % 3 == 2) for i in range(6)),
+                                         webrtc_session(srv.url, audio))
+                    assert (await dash.receive_json())["type"] == "call_started"
 
+        async with aiohttp.ClientSession() as http:  # replays of finished calls: the server closes those
+            for job in svc.store.list_jobs()[0][:3]:
+                async with http.ws_connect(f"{srv.url}/v1/calls/{job.id}/events?api_key={API_KEY}") as replay:
+                    kinds = [msg.json()["type"] async for msg in replay]
+                assert kinds[-1] == "call_ended" and replay.close_code == 1000, kinds
         assert await wait_for(lambda: not svc.calls.calls and not svc.webrtc.sessions, timeout=30)
         # objects may need the loop to turn a few times after the last close; 10 s is far below
         # any timer that would otherwise free them (the socket heartbeat is 30 s)

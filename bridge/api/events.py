@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import bad_request, json_error, require_principal, service_of
+from bridge.api.http import bad_request, json_error, release_heartbeat, require_principal, service_of
 from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus, Subscription
 from bridge.events.types import EventType
@@ -216,7 +216,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if ev.type is EventType.CALL_ENDED:
                 return
 
-    await feed.run(body)
+    try:
+        await feed.run(body)
+    finally:
+        release_heartbeat(ws)
     return ws
 
 
@@ -257,7 +260,10 @@ async def all_events(request: web.Request) -> web.StreamResponse:
                 continue
             await feed.send(env.to_dict())
 
-    await feed.run(body)
+    try:
+        await feed.run(body)
+    finally:
+        release_heartbeat(ws)
     return ws
 
 

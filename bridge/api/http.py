@@ -212,3 +212,13 @@ def limit_param(query: Any, default: int, maximum: int) -> int:
     if not 1 <= limit <= maximum:
         raise bad_request(f"limit must be between 1 and {maximum}, got {limit}")
     return limit
+
+
+def release_heartbeat(ws: web.WebSocketResponse) -> None:
+    """Drop the heartbeat timer once the handler is done with the socket. aiohttp (3.14) re-arms
+    it when the client's close frame arrives after our close(); the timer then keeps the closed
+    response, its request and its buffers alive for `heartbeat` (30 s) after every session
+    (tests/test_memory.py). Every WebSocket handler calls it when it is done."""
+    cancel = getattr(ws, "_cancel_heartbeat", None)  # private: gone in a later aiohttp, nothing to do then
+    if cancel is not None:
+        cancel()

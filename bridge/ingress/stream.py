@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from bridge.admission import CapacityRefused
-from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
+from bridge.api.http import JsonInputError, json_error, parse_json, release_heartbeat, require_principal
 from bridge.audio.codecs import InvalidAudio, InvalidAudioConfig
 from bridge.audio.frontend import AudioFormat, AudioFrontEnd
 from bridge.auth import InsufficientCredits, Principal
@@ -651,16 +651,6 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
             # client left first), so it is given back for a retry
             await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
     return ws
-
-
-def release_heartbeat(ws: web.WebSocketResponse) -> None:
-    """Drop the heartbeat timer once the handler is done with the socket. aiohttp (3.14) re-arms
-    it when the client's close frame arrives after our close(); the timer then keeps the closed
-    response, its request and its buffers alive for `heartbeat` (30 s) after every session
-    (tests/test_memory.py)."""
-    cancel = getattr(ws, "_cancel_heartbeat", None)  # private: gone in a later aiohttp, nothing to do then
-    if cancel is not None:
-        cancel()
 
 
 def add_routes(app: web.Application) -> None:
