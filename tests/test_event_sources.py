@@ -83,7 +83,7 @@ async def test_webrtc_call_events_reach_sockets_and_webhooks(tmp_path, pool):
         reader = asyncio.ensure_future(read_until_ended(ws))
         pcm = np.concatenate([sil(0.4), speech(EN[0]), sil(1.0)])
         async with WebRtcClient(server.url, api_key=API_KEY, audio=pcm) as c:
-            events = await talk(c)
+            events = await talk(c, server)
         seen = await asyncio.wait_for(reader, 60)
         await rx.wait_for(lambda r: r.ended(c.job_id))
         hooked = _check(c.job_id, "webrtc", seen, rx, server.service.store)

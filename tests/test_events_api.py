@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import struct
-import time
 
 import aiohttp
 import numpy as np
@@ -219,23 +218,22 @@ class RawSubscriber:
 async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch):
     monkeypatch.setattr(events_api, "SUBSCRIBER_QUEUE", 8)
     monkeypatch.setattr(events_api, "SEND_BUFFER_BYTES", 4096)
-    monkeypatch.setattr(events_api, "CLOSE_TIMEOUT_S", 30.0)
+    # a socket send that blocks would hold the publisher for an hour: the stream can only complete
+    # inside the hang guard below if nothing waits on the slow subscriber
+    monkeypatch.setattr(events_api, "CLOSE_TIMEOUT_S", 3600.0)
     srv = await start_server(tmp_path / "data", pool, **{"credits.usage_interval_s": "0.01"})
     slow = RawSubscriber(srv.port, "/v1/events")
     try:
         await slow.connect()  # ... and then never reads while the call runs
         pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1]), sil(1.2)])
-        t0 = time.monotonic()
-        async with StreamClient(srv.url, api_key=API_KEY) as s:
-            await send_paced(s, pcm.tobytes(), SR * 2, speed=2.0)
-            sent_at = time.monotonic()
-            await s.end()
-            streamed = [ev async for ev in s]
-        done_at = time.monotonic()
-        # the stream completed normally: its finals came, promptly after the audio was sent
+        async with asyncio.timeout(600):  # a hang guard, not a speed bound (CLOSE_TIMEOUT_S above)
+            async with StreamClient(srv.url, api_key=API_KEY) as s:
+                await send_paced(s, pcm.tobytes(), SR * 2, speed=2.0)
+                await s.end()
+                streamed = [ev async for ev in s]
+        # the stream completed normally, with its finals
         assert s.completed is not None and s.close_code == 1000
         assert corpus.wer(" ".join(EN), text_of(finals(streamed))) < 0.2
-        assert done_at - sent_at < 10 and done_at - t0 < len(pcm) / SR / 2 + 15
         # now read what the slow subscriber was sent: events, then `error`, then close 4008
         frames = []
         while True:
