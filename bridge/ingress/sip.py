@@ -104,11 +104,6 @@ class SipIngress:
         from sip.routing import Router
 
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
-        import importlib.util
-
-        if importlib.util.find_spec("pjsua2") is None:
-            raise RuntimeError("SIP needs the pjsua2-python wheel (Python 3.11, `pip install pjsua2-python`); "
-                               "install it or turn SIP off with CALLBRIDGE_SIP_ENABLED=false / [sip] enabled = false")
         self._pid_file = WorkerPidFile(self.svc.data_dir)
         await stop_stale_workers(self._pid_file, log)  # a killed service's workers hold our ports
         remove_dead_sock_dirs(log)
