@@ -373,7 +373,10 @@ class SipIngress:
         call = sc.call
         with bind_job(call.id):
             try:
-                await call.annotate(ended_by=reason, **({"sip_code": sip_code} if sip_code else {}))
+                try:  # the job's end matters more than its metadata: a full disk must not leave it live
+                    await call.annotate(ended_by=reason, **({"sip_code": sip_code} if sip_code else {}))
+                except Exception as e:  # noqa: BLE001
+                    call.log.error("sip_call_annotate_failed", reason=reason, error=repr(e))
                 await call.finish(status, error)
             finally:
                 self.svc.calls.remove(call)
