@@ -201,3 +201,22 @@ async def test_concurrent_opens_cannot_overshoot_the_cap(tmp_path, pool):
                 await http.close()
     finally:
         await srv.stop()
+
+
+async def test_sip_invite_refused_for_disk_space_is_counted(tmp_path, pool):
+    """A SIP refusal for disk space shows in callbridge_errors_total like a stream's STORAGE_FULL."""
+    from tests.test_sip_dispatcher import SDP, Peer, request
+
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "limits.min_free_disk_mb": str(1 << 40)})
+    loop = asyncio.get_running_loop()
+    transport, caller = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    try:
+        caller.send(request("INVITE", caller.port, call_id="disk-1", body=SDP), ("127.0.0.1", srv.service.sip.port))
+        resp = await caller.expect(503, timeout=10)
+        assert "reserve" in (resp.get("Warning") or ""), resp.headers
+        _, text = await _get(srv.url, "/metrics")
+        assert _metric(text, 'callbridge_errors_total{code="STORAGE_FULL"}') == 1
+    finally:
+        transport.close()
+        await srv.stop()

@@ -30,7 +30,7 @@ import numpy as np
 
 from bridge.calls import Call
 from bridge.events.types import Dtmf
-from bridge.ingress.stream import failure_error
+from bridge.ingress.stream import ErrorCode, failure_error
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
@@ -143,6 +143,7 @@ class SipIngress:
         when the decode pool has no room for its legs (bridge/admission.py)."""
         disk_full = self.svc.storage.refusal()
         if disk_full is not None:
+            self.svc.metrics.errors.labels(ErrorCode.STORAGE_FULL.value).inc()  # as stream and WebRTC count theirs
             return disk_full, self.dispatcher.retry_after_full
         legs = slots if self.cfg.transcribe_agent else 1
         refused = self.svc.admission.refusal(legs) if self.svc.admission is not None else None
