@@ -9,7 +9,10 @@ with nobody told. So a session's legs are admitted only while
 2. the pool is keeping finals on time right now: the p95 of the finals' time in the pool (queue
    wait + decode) over the last `window_s`, and the age of the oldest final still waiting, are
    both under `max_final_latency_s`. This catches what a fixed count cannot: longer
-   utterances, a slower CPU, other work on the machine.
+   utterances, a slower CPU, other work on the machine. It is evidence only while legs are live
+   (an idle node has nothing to keep on time, and refusing there would refuse for `window_s`
+   after one slow final) and, for the p95, with at least `min_finals` finals in the window (one
+   long utterance is not a trend).
 
 Finals are the load that cannot be shed (partials are superseded or dropped under load), so
 they are what is measured. A refusal names its reason and carries `retry_after_s`; each
@@ -48,6 +51,7 @@ class Headroom:
     legs_live: int
     legs_reserved: int
     final_latency_p95_s: float | None  # None: no final decoded within the window
+    finals_in_window: int  # the p95 refuses only from capacity.min_finals on
     oldest_final_wait_s: float
     final_utilization: float
     max_final_latency_s: float
@@ -98,18 +102,20 @@ class Admission:
     def headroom(self, legs: int = 1) -> Headroom:
         live, cap, bound = self._live_legs(), self.legs_capacity, self.cfg.max_final_latency_s
         t = self.pool.final_timing(self.cfg.window_s)
+        busy = live + self._reserved > 0  # an idle node always admits: nothing live to keep on time
         why: str | None = None
         if live + self._reserved + legs > cap:
             why = (f"at capacity: {live + self._reserved} of {cap} recognizer legs in use, this session needs "
                    f"{legs}")
-        elif t.oldest_waiting_s > bound:
+        elif busy and t.oldest_waiting_s > bound:
             why = (f"the recognizer is behind: a final has waited {t.oldest_waiting_s:.1f} s "
                    f"(bound {bound:g} s)")
-        elif t.latency_p95_s is not None and t.latency_p95_s > bound:
+        elif (busy and t.finals >= self.cfg.min_finals and t.latency_p95_s is not None
+              and t.latency_p95_s > bound):
             why = (f"the recognizer is behind: finals took {t.latency_p95_s:.1f} s (p95 over the last "
                    f"{t.window_s:g} s; bound {bound:g} s)")
-        return Headroom(cap, live, self._reserved, t.latency_p95_s, t.oldest_waiting_s, t.utilization, bound,
-                        t.window_s, why)
+        return Headroom(cap, live, self._reserved, t.latency_p95_s, t.finals, t.oldest_waiting_s, t.utilization,
+                        bound, t.window_s, why)
 
     def refusal(self, legs: int) -> CapacityRefused | None:
         """Why `legs` more legs cannot be admitted now, or None (then logged: the caller refuses)."""

@@ -113,6 +113,8 @@ class CapacityConfig:
     max_final_latency_s: float = _f(1.2, "refuse new sessions while finals spend longer than this in the "
                                          "decode pool (p95 over window_s, or the oldest one waiting)", gt=0)
     window_s: float = _f(30.0, "how far back the final latency p95 looks", gt=0)
+    min_finals: int = _f(5, "finals in window_s the latency p95 needs before it can refuse (one long "
+                            "utterance is not a trend)", min=1)
     retry_after_s: int = _f(5, "Retry-After sent with a capacity refusal", min=1)
 
 

@@ -130,26 +130,58 @@ async def test_webrtc_offer_over_capacity_is_503_with_retry_after(tmp_path, pool
         await srv.stop()
 
 
+async def _speak_one_final(url: str) -> None:
+    pcm = np.concatenate([sil(0.3), speech("I would like to check the status of my order, please."), sil(1.0)])
+    async with StreamClient(url, api_key=API_KEY, sample_rate=SR) as s:
+        await s.send_audio(pcm.tobytes())
+        await s.end()
+        events = [ev async for ev in s]
+    assert any(e["type"] == "final" and e["text"] for e in events), events
+
+
 async def test_late_finals_close_admission_until_the_pool_catches_up(tmp_path, model_path):
     """The live signal: finals that spent longer in the pool than the bound refuse new sessions
-    (whatever the leg count), and admission reopens once they fall out of the window."""
+    while a leg is live (whatever the leg count), and admission reopens once they fall out of the window."""
     own = RecognizerPool(model_path, size=1, threads=1)  # its own pool: no other test's finals in the window
     own.start()
     srv = await start_server(tmp_path / "data", own, **{"capacity.max_final_latency_s": "0.001",
-                                                         "capacity.window_s": "2"})
+                                                         "capacity.window_s": "2", "capacity.min_finals": "1"})
     try:
-        pcm = np.concatenate([sil(0.3), speech("I would like to check the status of my order, please."), sil(1.0)])
-        async with StreamClient(srv.url, api_key=API_KEY, sample_rate=SR) as s:
-            await s.send_audio(pcm.tobytes())
-            await s.end()
-            events = [ev async for ev in s]
-        assert any(e["type"] == "final" and e["text"] for e in events), events
+        live = await _open(srv.url)  # a leg to keep on time: the node is not idle
+        assert live[2]["type"] == "ready", live[2]
+        await _speak_one_final(srv.url)
         frame, close = await _refused(srv.url)
         assert frame["code"] == "RATE_LIMITED" and "behind" in frame["message"] and close == 4429, frame
         assert await wait_for(lambda: srv.service.admission.headroom().admitting, timeout=30)
         http, ws, first = await _open(srv.url)
         assert first["type"] == "ready", first
         assert (await _end(http, ws))["type"] == "completed"
+        assert (await _end(*live[:2]))["type"] == "completed"
+    finally:
+        await srv.stop()
+        own.close()
+
+
+async def test_one_slow_final_does_not_refuse_an_idle_node_nor_a_busy_one(tmp_path, model_path):
+    """Latency is judged on evidence: an idle node always admits, and a busy one needs
+    capacity.min_finals late finals in the window (default 5), not one long utterance."""
+    own = RecognizerPool(model_path, size=1, threads=1)
+    own.start()
+    srv = await start_server(tmp_path / "data", own, **{"capacity.max_final_latency_s": "0.001",
+                                                         "capacity.window_s": "3600"})
+    try:
+        await _speak_one_final(srv.url)
+        h = srv.service.admission.headroom()
+        assert h.finals_in_window >= 1 and h.final_latency_p95_s > h.max_final_latency_s, h  # late, in the window
+        assert h.legs_live == 0 and h.admitting, h  # idle: admits
+        a = await _open(srv.url)
+        assert a[2]["type"] == "ready", a[2]
+        h = srv.service.admission.headroom()
+        assert h.legs_live == 1 and h.finals_in_window < 5 and h.admitting, h  # busy, too few finals to judge
+        b = await _open(srv.url)
+        assert b[2]["type"] == "ready", b[2]
+        for s in (a, b):
+            assert (await _end(*s[:2]))["type"] == "completed"
     finally:
         await srv.stop()
         own.close()
