@@ -17,8 +17,9 @@ with nobody told. So a session's legs are admitted only while
 Finals are the load that cannot be shed (partials are superseded or dropped under load), so
 they are what is measured. A refusal names its reason and carries `retry_after_s`; each
 ingress turns it into its own answer (stream: `error` RATE_LIMITED; WebRTC: HTTP 503; SIP: 503),
-all with Retry-After. Legs being opened hold a `Reservation` until their call is registered,
-so concurrent opens cannot overshoot between the check and the registration.
+all with Retry-After. Legs being opened hold a `Reservation` until their call is registered
+(a SIP INVITE holds one until its worker reports the call started, or the INVITE fails:
+sip/dispatcher.py), so concurrent opens cannot overshoot between the check and the registration.
 """
 
 from __future__ import annotations

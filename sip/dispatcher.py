@@ -21,6 +21,12 @@ mode, the target's status) and is passed on instead of dialling the target again
   to the caller over the transport the request came in on (a TCP caller keeps its connection).
 - `_dialogs`, Call-ID -> worker, for in-dialog requests that reach the dispatcher.
 
+The service's admission check (disk reserve, decode capacity) runs once per INVITE transaction
+and returns a hold on the legs it admitted; the INVITE keeps it until the service reports its call
+registered (`release_invite`, on the worker's call_started) or the INVITE ends otherwise (a
+non-2xx final response, the entry expiring or evicted, shutdown), so INVITEs arriving together
+cannot all pass the check before any of their calls counts as live.
+
 Entries expire (64*T1 = 32 s after a final response; established calls after `dialog_ttl`) and
 every table is capped, so memory stays bounded under any traffic. Pending INVITEs count against
 their worker's load until a `load` report that follows the worker's first answer to them
@@ -41,7 +47,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bridge.logs import get_logger
 from sip.message import (
@@ -60,7 +66,7 @@ from sip.message import (
 )
 from sip.routing import RouteError, Router
 
-__all__ = ["ALLOW", "FAILOVER_CODES", "Dispatcher", "TcpLimits", "Worker"]
+__all__ = ["ALLOW", "FAILOVER_CODES", "Dispatcher", "Hold", "InviteRefused", "TcpLimits", "Worker"]
 
 T1 = 0.5  # RFC 3261 round-trip estimate
 T2 = 4.0
@@ -75,6 +81,21 @@ _WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 _TCP_READ = 16 << 10  # bytes per read, and the StreamReader's buffer limit
+
+
+class Hold(Protocol):
+    """What the service's admission keeps for an admitted INVITE (bridge.admission.Reservation)."""
+
+    def release(self) -> None: ...
+
+
+class InviteRefused(Exception):
+    """Raised by the admission check: answer the INVITE 503 with this reason and Retry-After."""
+
+    def __init__(self, why: str, retry_after_s: int) -> None:
+        super().__init__(why)
+        self.why = why
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -190,6 +211,7 @@ class _Invite:
     final: int | None = None
     local: bool = False  # the final response was generated here: its ACK stops here
     cancelled: bool = False
+    hold: Hold | None = None  # the admitted legs, until the call is registered or the INVITE fails
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -241,7 +263,7 @@ class Dispatcher:
                  retry_after_full: int = 5, retry_after_draining: int = 30,
                  max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
                  tcp_limits: TcpLimits | None = None,
-                 admission: Callable[[int], tuple[str, int] | None] | None = None) -> None:
+                 admission: Callable[[int], Hold | None] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
         ids = [w.id for w in workers]
@@ -266,8 +288,8 @@ class Dispatcher:
         self.tcp_idle_timeout = tcp_idle_timeout
         self.tcp_limits = tcp_limits or TcpLimits()
         self.draining = False
-        # the service's admission check (disk reserve, decode capacity): legs needed -> (why,
-        # Retry-After s) to refuse with 503, or None
+        # the service's admission check (disk reserve, decode capacity): slots needed -> a hold on
+        # the admitted legs (or None), or InviteRefused to answer 503
         self.admission = admission
 
         self._udp: asyncio.DatagramTransport | None = None
@@ -348,6 +370,8 @@ class Dispatcher:
             self._udp.close()
             self._udp = None
         self._clients.clear()
+        for inv in self._invites.values():
+            self._settle(inv)
         self._invites.clear()
         self._retrans.clear()
         self._dialogs.clear()
@@ -396,6 +420,13 @@ class Dispatcher:
             else:
                 self._final_local(inv, 500, "Worker Exited")
         w.pending = 0
+
+    def release_invite(self, call_id: str | None) -> None:
+        """The service registered the call of this Call-ID (its legs count as live from now) or
+        could not: the INVITE's admission hold is no longer needed."""
+        for inv in self._invites.values():
+            if inv.hold is not None and inv.request.call_id == call_id:
+                self._settle(inv)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -635,17 +666,18 @@ class Dispatcher:
             self._put(self._invites, key, inv)
             self._final_local(inv, status, reason, headers)
             return
-        needed, worker = screened  # type: ignore[misc]
-        inv = _Invite(key, msg, origin, needed, time.monotonic() + PENDING_TTL_S)
+        needed, worker, hold = screened  # type: ignore[misc]
+        inv = _Invite(key, msg, origin, needed, time.monotonic() + PENDING_TTL_S, hold=hold)
         self._put(self._invites, key, inv)
         trying = make_response(msg, 100).to_bytes()
         inv.last_response, inv.last_via = trying, via
         self._send_response(origin, trying, via)
         self._forward_invite(inv, worker)
 
-    def _screen(self, msg: SipMessage) -> tuple[int, str | None, list[tuple[str, str]], str] | tuple[int, Worker]:
+    def _screen(self, msg: SipMessage) -> (tuple[int, str | None, list[tuple[str, str]], str]
+                                           | tuple[int, Worker, Hold | None]):
         """Either (status, reason, extra headers, why) to refuse the INVITE with, or
-        (slots needed, worker) to send it to."""
+        (slots needed, worker to send it to, admission's hold on its legs)."""
         if msg.max_forwards == 0:
             return 483, None, [], "Max-Forwards reached 0"
         scheme = (msg.uri or "").split(":", 1)[0].lower()
@@ -681,18 +713,20 @@ class Dispatcher:
             needed = 2 if self.router.target_for(msg.request_user, headers) else 1
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
-        refused = self.admission(needed) if self.admission is not None else None
-        if refused is not None:
-            why, retry_after = refused
-            return 503, None, [("Retry-After", str(retry_after)), _warning(399, why)], why
+        try:
+            hold = self.admission(needed) if self.admission is not None else None
+        except InviteRefused as e:
+            return 503, None, [("Retry-After", str(e.retry_after_s)), _warning(399, e.why)], e.why
         worker = self._pick(needed, ())
         if worker is None:
+            if hold is not None:
+                hold.release()
             alive = [w for w in self.workers if w.alive]
             why = ("no SIP worker is running" if not alive
                    else f"all call slots are in use ({sum(w.load for w in alive)}/{sum(w.capacity for w in alive)}, "
                         f"this call needs {needed})")
             return 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why
-        return needed, worker
+        return needed, worker, hold
 
     def _pick(self, needed: int, exclude: Sequence[int]) -> Worker | None:
         """The least-loaded live worker with `needed` free slots (call-load balancing)."""
@@ -799,10 +833,17 @@ class Dispatcher:
             w.pending = max(0, w.pending - inv.needed)
         inv.counted = False
 
+    def _settle(self, inv: _Invite) -> None:
+        """Give back the INVITE's admission hold (its call is registered, or there will be none)."""
+        if inv.hold is not None:
+            inv.hold.release()
+            inv.hold = None
+
     def _final_local(self, inv: _Invite, status: int, reason: str | None = None,
                      headers: list[tuple[str, str]] | None = None) -> None:
         """Answer the caller's INVITE here with a final response (and remember it for
         retransmissions; its ACK stops here)."""
+        self._settle(inv)
         via = inv.request.top_via
         assert via is not None
         data = self._reply(inv.request, inv.origin, via, status, reason, headers or [])
@@ -999,6 +1040,7 @@ class Dispatcher:
                     return
             inv.final = status
             inv.expires = now + LINGER_S
+            self._settle(inv)
             self._expire_dialog(inv.request.call_id, LINGER_S, only_worker=c.worker.id)
             self._log.info("sip_invite_failed", call_id=inv.request.call_id, worker=c.worker.id, status=status)
         data = self._relay(c, msg)  # the caller's ACK is forwarded to the worker with our branch
@@ -1121,6 +1163,7 @@ class Dispatcher:
                 del self._retrans[v.index_key]
         elif isinstance(v, _Invite):
             self._release(v)
+            self._settle(v)
             if v.current is not None and v.current.timer is not None:
                 v.current.timer.cancel()
                 v.current.timer = None

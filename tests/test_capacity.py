@@ -252,3 +252,65 @@ async def test_sip_invite_refused_for_disk_space_is_counted(tmp_path, pool):
     finally:
         transport.close()
         await srv.stop()
+
+
+async def test_sip_invites_arriving_together_cannot_overshoot_the_cap(tmp_path, pool):
+    """A SIP leg counts as live only once its worker reports call_started, so each INVITE admitted
+    before that must hold its legs: of 4 INVITEs sent at once with room for 1, exactly 1 reaches a
+    worker. Its hold is given back when the call registers."""
+    from tests.test_sip_dispatcher import SDP, Peer, request
+
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "capacity.max_legs": "1",
+                                                          "capacity.max_final_latency_s": "3600"})
+    svc = srv.service
+    loop = asyncio.get_running_loop()
+    transport, caller = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    try:
+        ids = [f"burst-{i}" for i in range(4)]
+        for cid in ids:  # one burst: the dispatcher screens them all before any worker answers
+            caller.send(request("INVITE", caller.port, call_id=cid, body=SDP), ("127.0.0.1", svc.sip.port))
+        first: dict[str, int] = {}
+        while len(first) < len(ids):
+            m = await caller.recv(timeout=10)
+            if m.is_response:
+                first.setdefault(m.call_id or "", m.status or 0)
+        assert sorted(first.values()) == [100, 503, 503, 503], first  # 100: handed to the worker
+        assert await wait_for(lambda: svc.calls.legs == 1, timeout=20), svc.calls.legs  # the admitted call started
+        h = svc.admission.headroom()
+        assert h.legs_live == 1 and h.legs_reserved == 0, h  # its hold was given back when it registered
+    finally:
+        transport.close()
+        await srv.stop()
+
+
+async def test_sip_invite_hold_is_given_back_when_the_call_fails_before_it_starts(tmp_path, pool):
+    """The hold lasts while the call rings (bridge mode: the target is being dialled) and is given
+    back when the INVITE fails instead, so a failed call leaves no leg reserved."""
+    from tests.test_sip_dispatcher import SDP, Peer, request
+
+    loop = asyncio.get_running_loop()
+    t_agent, agent = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "capacity.max_legs": "2",
+                                                          "capacity.max_final_latency_s": "3600",
+                                                          "sip.routes": f"*=sip:agent@127.0.0.1:{agent.port}"})
+    svc = srv.service
+    t_caller, caller = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    try:
+        caller.send(request("INVITE", caller.port, call_id="fails-1", body=SDP), ("127.0.0.1", svc.sip.port))
+        assert (await caller.recv(timeout=10)).status == 100
+        dialled = await agent.expect("INVITE", timeout=10)  # the worker dials the target: still ringing
+        assert svc.admission.headroom().legs_reserved == 2  # a bridged call's two legs are held meanwhile
+        frame, close = await _refused(srv.url)
+        assert frame["code"] == "RATE_LIMITED" and "capacity" in frame["message"], frame
+        agent.answer(dialled, 486)
+        while (m := await caller.recv(timeout=10)).is_response and (m.status or 0) < 300:
+            pass
+        assert m.is_response and m.status >= 400, m.status  # the caller hears the failure
+        assert await wait_for(lambda: svc.admission.headroom().legs_reserved == 0), svc.admission.headroom()
+        assert svc.calls.legs == 0 and svc.admission.headroom().admitting
+    finally:
+        t_caller.close()
+        await srv.stop()
+        t_agent.close()

@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bridge.admission import CapacityRefused, Reservation
 from bridge.calls import Call
 from bridge.events.types import Dtmf
 from bridge.ingress.stream import ErrorCode, failure_error
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
+from sip.dispatcher import Dispatcher, InviteRefused, TcpLimits, Worker
 from sip.leftovers import ProcessId, WorkerPidFile, make_sock_dir, remove_dead_sock_dirs, stop_stale_workers
 from sip.ports import free_sip_port
 from sip.protocol import MessageError, encode, read_message
@@ -100,7 +102,6 @@ class SipIngress:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from sip.dispatcher import Dispatcher, TcpLimits, Worker
         from sip.routing import Router
 
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
@@ -137,20 +138,23 @@ class SipIngress:
         log.info("sip_listening", host=self.host, port=self.port, workers=len(self.workers),
                  capacity=len(self.workers) * self.cfg.calls_per_worker)
 
-    def _admit_invite(self, slots: int) -> tuple[str, int] | None:
-        """Asked by the dispatcher before an INVITE goes to a worker: (why, Retry-After) refuses it
-        with 503 while the data directory is under its free-space reserve (bridge/storage.py) or
-        when the decode pool has no room for its legs (bridge/admission.py)."""
+    def _admit_invite(self, slots: int) -> Reservation:
+        """Asked by the dispatcher before an INVITE goes to a worker. Refuses it (InviteRefused: 503)
+        while the data directory is under its free-space reserve (bridge/storage.py) or when the
+        decode pool has no room for its legs (bridge/admission.py); else reserves those legs. The
+        INVITE holds them until `_start_call` registers its call (a SIP leg counts as live only
+        from the worker's call_started) or the INVITE fails, so INVITEs arriving together cannot
+        all pass on the same count."""
         disk_full = self.svc.storage.refusal()
         if disk_full is not None:
             self.svc.metrics.errors.labels(ErrorCode.STORAGE_FULL.value).inc()  # as stream and WebRTC count theirs
-            return disk_full, self.dispatcher.retry_after_full
-        legs = slots if self.cfg.transcribe_agent else 1
-        refused = self.svc.admission.refusal(legs) if self.svc.admission is not None else None
-        if refused is None:
-            return None
-        self.svc.metrics.capacity_refused.labels(JobSource.SIP.value).inc()
-        return refused.reason, refused.retry_after_s
+            raise InviteRefused(disk_full, self.dispatcher.retry_after_full)
+        assert self.svc.admission is not None, "the service is not started"
+        try:
+            return self.svc.admission.reserve(slots if self.cfg.transcribe_agent else 1)
+        except CapacityRefused as e:
+            self.svc.metrics.capacity_refused.labels(JobSource.SIP.value).inc()
+            raise InviteRefused(e.reason, e.retry_after_s) from None
 
     def _worker_config(self, w: _Worker) -> dict[str, Any]:
         from sip.routing import parse_routes
@@ -333,10 +337,12 @@ class SipIngress:
                 await call.open()
             except Exception:
                 w.calls.pop(ref, None)
+                self.dispatcher.release_invite(sip_meta.get("call_id"))
                 log.exception("sip_call_open_failed", worker=w.id, call=ref)
                 await w.send({"type": "hangup", "call": ref, "reason": "request"})
                 return
             svc.calls.add(call, job.owner)
+            self.dispatcher.release_invite(sip_meta.get("call_id"))  # its legs count as live from now
             svc.metrics.sessions.labels(JobSource.SIP.value).inc()
             call.log.info("sip_call_started", worker=w.id, call=ref, legs=legs, sip_call_id=sip_meta.get("call_id"),
                           from_=sip_meta.get("from"), target=h.get("target"))
