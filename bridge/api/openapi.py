@@ -312,7 +312,8 @@ def _schemas() -> dict[str, Any]:
             "sdp": text, "type": {"const": "answer"}, "job_id": text, "session_id": text,
             "max_duration_seconds": num,
             "config": {"type": "object", "description": "the effective config, as in the stream's `ready` frame"},
-            "warnings": {"type": "array", "items": text, "description": "only when a config field was adjusted"}}},
+            "warnings": {"type": "array", "items": text,
+                         "description": "only when there are any, e.g. an unknown config field ignored"}}},
         "WebhookInput": {"type": "object", "properties": {
             "url": {"type": "string", "format": "uri"}, "secret": {"type": "string", "minLength": 16, "maxLength": 256},
             "events": events, "sources": {"type": "array", "items": _SOURCE},
