@@ -97,6 +97,19 @@ def test_recorder_on_a_full_disk_keeps_whole_frames_and_a_true_header(tmpfs):
     assert sorted(p.name for p in d.iterdir()) == ["a.wav"]
 
 
+def test_a_flush_after_abandon_is_a_no_op(tmp_path):
+    """The usage tick flushes the recording in a worker thread; the event loop may abandon it (the
+    disk filled) in between. That flush must not raise, or the tick task dies and usage stops."""
+    rec = WavRecorder(tmp_path / "a.wav", channels=1)
+    rec.write(0, np.ones(SR, np.int16))
+    rec.abandon()
+    rec.flush()
+    assert wav_matches_file(tmp_path / "a.wav") == 1.0
+    rec.close()  # idempotent too
+    with pytest.raises(ValueError):  # audio sent to a closed recording is still an error, never dropped
+        rec.write(0, np.ones(10, np.int16))
+
+
 # --------------------------------------------------------------------------- the service
 
 
