@@ -19,6 +19,7 @@ import pytest
 
 from bridge.audio.wav import WavRecorder
 from bridge.client.stream import StreamClient, StreamError
+from bridge.storage import EMERGENCY_BYTES, RESERVE_FILE, StorageGuard
 from tests.serving import API_KEY, start_server
 from tests.test_service_process import ROOT, Serve
 from tests.test_stream_api import EN, SR, finals, sil, speech, text_of
@@ -108,6 +109,30 @@ def test_a_flush_after_abandon_is_a_no_op(tmp_path):
     rec.close()  # idempotent too
     with pytest.raises(ValueError):  # audio sent to a closed recording is still an error, never dropped
         rec.write(0, np.ones(10, np.int16))
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def test_with_no_reserve_configured_the_emergency_file_is_not_spent_on_recordings(tmpfs):
+    """min_free_disk_mb = 0: right after a write failed and the emergency file was deleted, the
+    room it left must not read as "space is back" (the file recreated, live calls recording into
+    it). The disk counts as full until there is room for the file and as much again."""
+    d = tmpfs(8 * MiB)
+    guard = StorageGuard(d, reserve_bytes=0)
+    assert guard.refusal() is None and (d / RESERVE_FILE).stat().st_size == EMERGENCY_BYTES
+    filler = fill(d)
+    guard.exhaust(OSError(errno.ENOSPC, "No space left on device"))
+    assert not (d / RESERVE_FILE).exists() and free_bytes(d) >= EMERGENCY_BYTES  # the room it left
+    state = guard.state()
+    assert state.exhausted and guard.refusal() is not None
+    assert not (d / RESERVE_FILE).exists()  # the room stays for ending the calls
+    filler.unlink()
+    some = fill(d, leave=EMERGENCY_BYTES + EMERGENCY_BYTES // 2)  # room for the file, not twice
+    assert guard.state().exhausted and not (d / RESERVE_FILE).exists()
+    some.unlink()  # space is really back
+    assert not guard.state().exhausted and guard.refusal() is None
+    assert (d / RESERVE_FILE).stat().st_size == EMERGENCY_BYTES
 
 
 # --------------------------------------------------------------------------- the service
