@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -38,8 +37,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bridge.backoff import AuthBackoff
+from bridge.config import AuthConfig
 from bridge.db import Tx as _Tx
 from bridge.db import connect
+from bridge.keyformat import JWT_SHAPE, MIN_CONFIG_KEY_CHARS, TEMP_PREFIX, config_key_problem
 
 __all__ = [
     "KEY_FILE_NAME",
@@ -61,31 +62,14 @@ __all__ = [
 ]
 
 KEY_PREFIX = "cbk_"  # API keys
-TEMP_PREFIX = "cbt_"  # temporary tokens: distinct, so a token is never mistaken for a key
 KEY_FILE_NAME = "api_key"  # the generated key, in the data dir
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key MUST be at least 256 bits
 MIN_RSA_BITS = 2048
-MIN_CONFIG_KEY_CHARS = 16
 MAX_CREDENTIAL_CHARS = 8192  # far above any key, token or JWT of ours; keeps hashing and parsing bounded
 JWT_ALGORITHMS = ("HS256", "RS256")
 # A spent or expired token row is kept this long so a replay is told "reused"/"expired",
 # not just "invalid"; older rows are purged when new tokens are minted.
 TEMP_TOKEN_RETENTION_S = 86400.0
-
-_JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # empty 3rd part: alg "none"
-
-
-def config_key_problem(secret: str) -> str | None:
-    """Why `secret` cannot be an operator-given API key, or None. `bridge.config` checks keys with
-    this when it reads them, so a short key is a config error naming its source, not a traceback."""
-    if len(secret) < MIN_CONFIG_KEY_CHARS:
-        return (f"every key must be at least {MIN_CONFIG_KEY_CHARS} characters (one has {len(secret)}); "
-                "`callbridge keys create` makes strong ones")
-    if secret.startswith(TEMP_PREFIX) or _JWT_SHAPE.match(secret):
-        return (f"a key must not start with {TEMP_PREFIX!r} or look like a JWT (three dot-separated parts): "
-                "it would be read as a token")
-    return None
-
 
 @dataclass(frozen=True)
 class Principal:
@@ -493,8 +477,8 @@ class Authenticator:
     (a public key used as an HMAC secret) can never verify.
     """
 
-    def __init__(self, keys: KeyStore, config: Any) -> None:
-        """`config` is `bridge.config.AuthConfig`. Raises ValueError for unusable JWT keys."""
+    def __init__(self, keys: KeyStore, config: AuthConfig) -> None:
+        """Raises ValueError for unusable JWT keys."""
         self.keys = keys
         self._audience: str | None = config.jwt_audience or None
         self._issuer: str | None = config.jwt_issuer or None
@@ -521,7 +505,7 @@ class Authenticator:
         opening ingest sessions, and any other call (or a retry of one) would otherwise burn them.
         `spend_temp=False` checks a temporary token without spending it."""
         cred, source = self._credential(request)
-        if _JWT_SHAPE.match(cred):
+        if JWT_SHAPE.match(cred):
             return self._jwt(cred, source)
         if cred.startswith(TEMP_PREFIX):
             if not allow_temp:

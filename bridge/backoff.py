@@ -23,7 +23,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from bridge.config import AuthConfig
 
 __all__ = ["COUNTED_CODES", "MAX_SOURCES", "AuthBackoff", "source_of"]
 
@@ -60,8 +61,8 @@ class AuthBackoff:
     """Failure counts and blocks per source. Event-loop only (no locking); `clock` is injectable
     so tests move time instead of waiting."""
 
-    def __init__(self, config: Any, *, clock: Callable[[], float] = time.monotonic) -> None:
-        """`config` is `bridge.config.AuthConfig`; `failures_before_backoff = 0` turns it off."""
+    def __init__(self, config: AuthConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """`failures_before_backoff = 0` turns it off."""
         self.limit = int(config.failures_before_backoff)
         self.window = float(config.failure_window_s)
         self.initial = float(config.backoff_initial_s)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from bridge.auth import config_key_problem
+from bridge.keyformat import config_key_problem
 
 ENV_PREFIX = "CALLBRIDGE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"

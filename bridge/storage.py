@@ -5,7 +5,7 @@ Why a reserve file: on a full disk SQLite cannot even mark a job `failed` (its W
 a small file of zeros (`<data_dir>/space.reserve`) and deletes it the moment a write fails for lack
 of space: the few writes that end the affected calls (job rows, WAV headers) then fit. While the disk
 is exhausted no new audio is written, so the freed room is not eaten by recordings; the file is
-recreated once free space is back above the reserve.
+recreated once free space is back above the reserve, the file and as much again.
 
 `StorageGuard` is the one check every ingress uses before opening a call (streams, WebRTC offers,
 SIP INVITEs) and what /healthz reports.
@@ -80,7 +80,7 @@ class StorageGuard:
         self.reserve_bytes = int(reserve_bytes)
         self.emergency_bytes = int(emergency_bytes)
         self.reserve_path = self.data_dir / RESERVE_FILE
-        self._lock = threading.Lock()  # the exhausted flag
+        self._lock = threading.Lock()  # the exhausted flag, with the free space it was judged by
         self._file_lock = threading.RLock()  # the reserve file (the event loop and /healthz's thread)
         self._exhausted = False
         self._has_reserve = False
@@ -88,17 +88,23 @@ class StorageGuard:
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> DiskState:
         """Free space now. Once there is room again, clears `exhausted` and recreates the
-        emergency reserve file (spent on a full disk, or at a start on one)."""
-        st = os.statvfs(self.data_dir)
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        if (self._exhausted or not self._has_reserve) and free >= self.reserve_bytes + self.emergency_bytes:
-            if self._exhausted:
-                with self._lock:
-                    self._exhausted = False
+        emergency reserve file (spent on a full disk, or at a start on one).
+
+        After exhaustion "room again" means the reserve, the emergency file and as much again:
+        the room the deleted file left must not count, or with no reserve configured the next
+        look would find exactly that room, recreate the file and let live calls resume recording
+        into the space it exists to keep. The look and the clearing happen under the flag's lock,
+        so an `exhaust()` from a recorder thread in between is not lost."""
+        with self._lock:
+            st = os.statvfs(self.data_dir)
+            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            if self._exhausted and free >= self.reserve_bytes + 2 * self.emergency_bytes:
+                self._exhausted = False
                 log.info("storage_recovered", free_bytes=free)
-            if self.refill():
+            if (not self._exhausted and not self._has_reserve
+                    and free >= self.reserve_bytes + self.emergency_bytes and self.refill()):
                 free = self._free()
-        return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
+            return DiskState(str(self.data_dir), free, total, self.reserve_bytes, self._exhausted)
 
     def caused(self, exc: BaseException) -> bool:
         """Whether the full disk explains `exc`: SQLite reports a -wal/-shm file it cannot create
@@ -132,7 +138,7 @@ class StorageGuard:
         """A write failed for lack of space: stop recording everywhere and free the reserve file."""
         with self._lock:
             first, self._exhausted = not self._exhausted, True
-        freed = self.release()
+            freed = self.release()
         if first:
             log.error("storage_full", data_dir=str(self.data_dir), freed_reserve_bytes=freed,
                       error=repr(exc) if exc is not None else None)

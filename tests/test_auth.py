@@ -23,6 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from bench.drive import wait_for
 from bridge.auth import (
     Authenticator,
     AuthError,
@@ -676,6 +677,21 @@ async def test_temp_token_is_refused_on_event_routes_and_not_spent(server: Any) 
         await _expect_401(s, server, "TOKEN_REUSED", {"token": token}, secret=token)
 
 
+async def _given_back(srv: Any, token: str) -> None:
+    """Wait until the stream handler has given `token` back: it does so in its `finally`, in a
+    thread, after the close handshake the client already saw. The timeout only guards a hang."""
+    def claimable() -> bool:
+        try:
+            srv.service.keys.consume_temp_token(token, spend=False)
+        except AuthError as e:
+            if e.code != "TOKEN_REUSED":
+                raise
+            return False
+        return True
+
+    assert await wait_for(claimable, timeout=60), "the stream handler never gave the token back"
+
+
 async def test_ingest_refused_before_the_session_opens_does_not_spend_the_token(server: Any) -> None:
     """The stream socket claims the token at the upgrade (a concurrent use is 401 TOKEN_REUSED) and
     gives it back when no session opens: a refused `start`, a client gone before `start`. A WebRTC
@@ -692,11 +708,14 @@ async def test_ingest_refused_before_the_session_opens_does_not_spend_the_token(
             await ws.send_json({"type": "start", "sample_rate": "fast"})
             err = await ws.receive_json(timeout=15)
             assert err["code"] == "INVALID_CONFIG"
+        await _given_back(server, token)
         async with s.ws_connect(server.ws_url, params=params) as ws:
             await ws.send_bytes(b"\x00\x00")  # audio before start: refused
             assert (await ws.receive_json(timeout=15))["code"] == "INVALID_CONFIG"
+        await _given_back(server, token)
         async with s.ws_connect(server.ws_url, params=params) as ws:
             pass  # gone before start
+        await _given_back(server, token)
         offer = {"type": "offer", "sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"}
         for body in ({**offer, "config": {"endpointing_ms": -1}},  # refused by validation
                      offer):  # valid JSON, refused by the WebRTC stack after the token was claimed

@@ -234,3 +234,16 @@ def test_serve_with_short_api_keys_prints_one_line_and_exits_2(tmp_path):
     assert r.stderr.startswith("callbridge: error: server.api_keys key 1 of 2: every key must be at least 16")
     assert "CALLBRIDGE_API_KEYS" in r.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_config_is_the_base_layer_and_does_not_import_auth():
+    """bridge.config checks API keys with bridge.keyformat's rules; it must not pull in bridge.auth
+    (jwt, cryptography, the database), which imports config itself (an import cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge.config\n"
+            "print(sorted(m for m in ('bridge.auth', 'bridge.backoff', 'bridge.db', 'jwt', 'cryptography')"
+            " if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

@@ -73,11 +73,12 @@ async def test_a_cancelled_partial_does_not_stay_pending(single):
     """A leg closed while its partial waits (the task is cancelled) leaves nothing in the pool:
     the queued job holds the leg's audio, and the key (the leg's id) would keep it forever."""
     speech = corpus.synthesize("Please hold while I look up your account information.")
-    busy = asyncio.create_task(single.decode(speech, DecodeOptions(), Priority.FINAL))
-    await asyncio.sleep(0.05)  # the only context is now decoding
+    # a full 30 s window keeps the only context busy while the partial queues (0.3 s or more)
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     partial = asyncio.create_task(single.decode(speech, DecodeOptions(partial=True), Priority.PARTIAL, key="gone"))
-    await asyncio.sleep(0.01)
-    assert "gone" in single._pending_partial
+    assert await wait_for(lambda: "gone" in single._pending_partial, timeout=10), single.queue_depth()
+    assert not busy.done(), "the busy decode ended first: the partial may not have been waiting"
     partial.cancel()
     with pytest.raises(asyncio.CancelledError):
         await partial

@@ -19,6 +19,7 @@ import pytest
 
 from bridge.audio.wav import WavRecorder
 from bridge.client.stream import StreamClient, StreamError
+from bridge.storage import EMERGENCY_BYTES, RESERVE_FILE, StorageGuard
 from tests.serving import API_KEY, start_server
 from tests.test_service_process import ROOT, Serve
 from tests.test_stream_api import EN, SR, finals, sil, speech, text_of
@@ -95,6 +96,43 @@ def test_recorder_on_a_full_disk_keeps_whole_frames_and_a_true_header(tmpfs):
     with pytest.raises(OSError):
         WavRecorder(d / "b.wav", channels=1)
     assert sorted(p.name for p in d.iterdir()) == ["a.wav"]
+
+
+def test_a_flush_after_abandon_is_a_no_op(tmp_path):
+    """The usage tick flushes the recording in a worker thread; the event loop may abandon it (the
+    disk filled) in between. That flush must not raise, or the tick task dies and usage stops."""
+    rec = WavRecorder(tmp_path / "a.wav", channels=1)
+    rec.write(0, np.ones(SR, np.int16))
+    rec.abandon()
+    rec.flush()
+    assert wav_matches_file(tmp_path / "a.wav") == 1.0
+    rec.close()  # idempotent too
+    with pytest.raises(ValueError):  # audio sent to a closed recording is still an error, never dropped
+        rec.write(0, np.ones(10, np.int16))
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def test_with_no_reserve_configured_the_emergency_file_is_not_spent_on_recordings(tmpfs):
+    """min_free_disk_mb = 0: right after a write failed and the emergency file was deleted, the
+    room it left must not read as "space is back" (the file recreated, live calls recording into
+    it). The disk counts as full until there is room for the file and as much again."""
+    d = tmpfs(8 * MiB)
+    guard = StorageGuard(d, reserve_bytes=0)
+    assert guard.refusal() is None and (d / RESERVE_FILE).stat().st_size == EMERGENCY_BYTES
+    filler = fill(d)
+    guard.exhaust(OSError(errno.ENOSPC, "No space left on device"))
+    assert not (d / RESERVE_FILE).exists() and free_bytes(d) >= EMERGENCY_BYTES  # the room it left
+    state = guard.state()
+    assert state.exhausted and guard.refusal() is not None
+    assert not (d / RESERVE_FILE).exists()  # the room stays for ending the calls
+    filler.unlink()
+    some = fill(d, leave=EMERGENCY_BYTES + EMERGENCY_BYTES // 2)  # room for the file, not twice
+    assert guard.state().exhausted and not (d / RESERVE_FILE).exists()
+    some.unlink()  # space is really back
+    assert not guard.state().exhausted and guard.refusal() is None
+    assert (d / RESERVE_FILE).stat().st_size == EMERGENCY_BYTES
 
 
 # --------------------------------------------------------------------------- the service

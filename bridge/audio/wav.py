@@ -127,9 +127,14 @@ class WavRecorder:
                 self._flush_locked()
 
     def flush(self) -> None:
-        """Pad legs lagging > max_skew_s, then make everything aligned durable and in the header."""
+        """Pad legs lagging > max_skew_s, then make everything aligned durable and in the header.
+
+        A no-op once closed or abandoned (close already did this; abandon keeps what the disk took):
+        a timer's flush in a worker thread can lose the race with an abandon on the event loop, and
+        checking "still open?" first cannot close that window, only this lock can."""
         with self._lock:
-            self._ensure_open()
+            if self._closed:
+                return
             lead = max(p.size for p in self._pending)
             if lead - min(p.size for p in self._pending) > self._max_skew:
                 self._pad_to(lead)
