@@ -286,6 +286,8 @@ def _schemas() -> dict[str, Any]:
             "legs_free": {"type": "integer"}, "admitting": {"type": "boolean"},
             "refusing": {"type": ["string", "null"], "description": "why one more leg would be refused now"},
             "final_latency_p95_s": {"type": ["number", "null"], "description": "null: no final in the window"},
+            "finals_in_window": {"type": "integer",
+                                 "description": "finals the p95 is taken over; under capacity.min_finals it is not judged"},
             "oldest_final_wait_s": num, "final_utilization": num, "max_final_latency_s": num, "window_s": num}},
         "SipOff": {"type": "object", "required": ["enabled"], "properties": {
             "enabled": {"const": False},
