@@ -110,3 +110,26 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return pred()
+
+
+async def stream_at_pace(s: Any, data: bytes, rate: int, tail_s: float, timeout: float) -> tuple[float, list[tuple[float, dict]]]:
+    """Play 16-bit mono `data` into an open StreamClient `s` in 20 ms frames at real-time pace,
+    then `tail_s` of nothing and `end`; returns (start time, [(arrival time, final event)])."""
+    step = rate // 50 * 2
+    finals: list[tuple[float, dict]] = []
+    t0 = time.monotonic()
+
+    async def send() -> None:
+        for k in range(0, len(data), step):
+            await s.send_audio(data[k : k + step])
+            await asyncio.sleep(max(0.0, t0 + (k + step) / 2 / rate - time.monotonic()))
+        await asyncio.sleep(tail_s)
+        await s.end()
+
+    sender = asyncio.create_task(send())
+    async with asyncio.timeout(timeout):
+        async for ev in s:
+            if ev["type"] == "final":
+                finals.append((time.monotonic(), ev))
+    await sender
+    return t0, finals

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import corpus
 from .calls import Call, standard_calls
+from .drive import stream_at_pace
 from .metrics import pct
 from .report import emit_table
 from .service import ADMIT_ALL, BENCH_KEY, running_service
@@ -69,25 +70,8 @@ async def _socket_call(url: str, key: str, wav: Path, i: int) -> dict:
 
     await asyncio.sleep(STAGGER_S * i)
     pcm, rate = corpus.read_wav(wav)
-    data = pcm.tobytes()
-    step = rate // 50 * 2  # 20 ms of 16-bit mono
-    finals: list[tuple[float, dict]] = []
     async with StreamClient(url, api_key=key, sample_rate=rate) as s:
-        t0 = time.monotonic()
-
-        async def send() -> None:
-            for k in range(0, len(data), step):
-                await s.send_audio(data[k : k + step])
-                await asyncio.sleep(max(0.0, t0 + (k + step) / 2 / rate - time.monotonic()))
-            await asyncio.sleep(TAIL_S)
-            await s.end()
-
-        sender = asyncio.create_task(send())
-        async with asyncio.timeout(300):
-            async for ev in s:
-                if ev["type"] == "final":
-                    finals.append((time.monotonic(), ev))
-        await sender
+        t0, finals = await stream_at_pace(s, pcm.tobytes(), rate, TAIL_S, 300)
     return {"job_id": s.job_id, "t0": t0, "finals": finals, "completed": s.completed is not None}
 
 

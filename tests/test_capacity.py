@@ -10,25 +10,11 @@ import re
 import aiohttp
 import numpy as np
 
-from bench import corpus
-from bench.calls import speech_bounds
 from bench.drive import wait_for
 from bridge.client.stream import StreamClient
 from bridge.recognizer.pool import RecognizerPool
 from tests.serving import API_KEY, start_server
-
-SR = 16000
-OFFER = "/v1/webrtc/offer"
-
-
-def sil(s: float) -> np.ndarray:
-    return np.zeros(int(s * SR), np.int16)
-
-
-def speech(text: str) -> np.ndarray:
-    s = corpus.synthesize(text)
-    a, b = speech_bounds(s)
-    return s[a:b]
+from tests.test_webrtc import OFFER, SR, _offer_sdp, sil, speech
 
 
 async def _open(url: str, channels: int = 1) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse, dict]:
@@ -111,8 +97,6 @@ async def test_capacity_admits_n_refuses_the_next_and_admits_again_when_a_leg_en
 
 
 async def test_webrtc_offer_over_capacity_is_503_with_retry_after(tmp_path, pool):
-    from tests.test_webrtc import _offer_sdp
-
     srv = await start_server(tmp_path / "data", pool, **{"capacity.max_legs": "1",
                                                           "capacity.max_final_latency_s": "3600"})
     try:
