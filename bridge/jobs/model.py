@@ -121,23 +121,20 @@ def check_label(value: object, where: str) -> str:
     """A speaker label as given, or InvalidText: a non-empty single line of printable characters
     of at most MAX_LABEL_CHARS. Checked where labels come in (start metadata, PATCH), so every
     export and event can carry them as they are."""
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidText(f"{where} must be a non-empty string")
-    if len(value) > MAX_LABEL_CHARS:
-        raise InvalidText(f"{where} must be at most {MAX_LABEL_CHARS} characters, got {len(value)}")
-    bad = next((c for c in value if is_unsafe_char(c)), None)
-    if bad is not None:
-        raise InvalidText(f"{where} must be one line without control characters, got U+{ord(bad):04X}")
-    return value
+    return _check_line(value, where, MAX_LABEL_CHARS, nonempty=True)
 
 
 def check_text(value: object, where: str) -> str:
     """Edited segment text as given, or InvalidText: a string of at most MAX_TEXT_CHARS without
     control characters or line breaks (a segment is one utterance; exports lay out the lines)."""
-    if not isinstance(value, str):
-        raise InvalidText(f"{where} must be a string")
-    if len(value) > MAX_TEXT_CHARS:
-        raise InvalidText(f"{where} must be at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+    return _check_line(value, where, MAX_TEXT_CHARS, nonempty=False)
+
+
+def _check_line(value: object, where: str, max_chars: int, *, nonempty: bool) -> str:
+    if not isinstance(value, str) or (nonempty and not value.strip()):
+        raise InvalidText(f"{where} must be a {'non-empty ' if nonempty else ''}string")
+    if len(value) > max_chars:
+        raise InvalidText(f"{where} must be at most {max_chars} characters, got {len(value)}")
     bad = next((c for c in value if is_unsafe_char(c)), None)
     if bad is not None:
         raise InvalidText(f"{where} must be one line without control characters, got U+{ord(bad):04X}")
