@@ -95,12 +95,15 @@ class Receiver:
         return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook", runner  # type: ignore[union-attr]
 
 
-async def _subscriber(url: str, seen: dict[tuple[str, int], float], stop: asyncio.Event) -> None:
+async def socket_arrivals(url: str, key: str, seen: dict[tuple[str, int], float], stop: asyncio.Event) -> None:
+    """Every event of `key`'s jobs on the `/v1/events` socket until `stop`: (job_id, seq) -> arrival
+    time, what a webhook's delivery is compared with (here and in tests/test_webhooks.py)."""
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(url.replace("http", "ws", 1) + "/v1/events", headers=AUTH) as ws:
+        async with http.ws_connect(url.replace("http", "ws", 1) + "/v1/events",
+                                   headers={"Authorization": f"Bearer {key}"}) as ws:
             while not stop.is_set():
                 try:
-                    msg = await asyncio.wait_for(ws.receive(), 0.5)
+                    msg = await asyncio.wait_for(ws.receive(), 0.2)
                 except TimeoutError:
                     continue
                 if msg.type != aiohttp.WSMsgType.TEXT:
@@ -124,7 +127,7 @@ async def live_phase(svc, url: str, hook_url: str, rx: Receiver, calls, wav_dir:
             wid = (await r.json())["id"]
         seen: dict[tuple[str, int], float] = {}
         stop = asyncio.Event()
-        sub = asyncio.create_task(_subscriber(url, seen, stop))
+        sub = asyncio.create_task(socket_arrivals(url, BENCH_KEY, seen, stop))
         await asyncio.sleep(0.3)
         res = await run_phase("socket", svc, url, BENCH_KEY, calls, wav_dir)
         await asyncio.sleep(0.5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench import corpus
+from bench.webhooks import socket_arrivals
 from bridge.auth import key_id_for
 from bridge.client.stream import StreamClient
 from bridge.events.types import Final
@@ -374,22 +375,6 @@ async def until(pred, timeout: float = 60.0, what: str = "condition") -> None:
         await asyncio.sleep(0.05)
 
 
-async def socket_arrivals(server, key: str, job_done: asyncio.Event, seen: dict) -> None:
-    """Every event of `key`'s jobs on the dashboard socket: (job_id, seq) -> arrival time."""
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(f"ws://127.0.0.1:{server.port}/v1/events",
-                                   headers={"Authorization": f"Bearer {key}"}) as ws:
-            while not job_done.is_set():
-                try:
-                    msg = await asyncio.wait_for(ws.receive(), 0.2)
-                except TimeoutError:
-                    continue
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    return
-                ev = json.loads(msg.data)
-                seen.setdefault((ev["job_id"], ev["seq"]), time.monotonic())
-
-
 async def test_one_keys_hanging_endpoints_do_not_delay_another_keys(tmp_path, pool):
     """Key A has 20 endpoints that accept the connection and never answer; while A's attempts
     hang (the timeout is longer than the test), key B's endpoint gets each of B's events within
@@ -409,7 +394,7 @@ async def test_one_keys_hanging_endpoints_do_not_delay_another_keys(tmp_path, po
             await until(lambda: sum(h.connections for h in hanging) >= cfg.owner_concurrency, what="A's attempts")
             seen: dict[tuple[str, int], float] = {}
             done = asyncio.Event()
-            sub = asyncio.create_task(socket_arrivals(srv, OTHER_KEY, done, seen))
+            sub = asyncio.create_task(socket_arrivals(srv.url, OTHER_KEY, seen, done))
             await until(lambda: srv.service.bus._subs.get(None), what="B's socket subscribed")
             job_b, _ = await stream_speech(srv, EN[1:], key=OTHER_KEY)
             await rx.wait_for(lambda r: r.ended(job_b))
