@@ -8,7 +8,9 @@ is sampled while the legs run; memory per added leg is the growth over the pool-
 measured in the same run. By default the sweep stops at the first count over 2 s
 (`--no-stop-after-fail` runs every count).
 
-Admission (`--offer N`, 0 = skip; `--legs ""` skips the sweep): the real service in this
+Admission (`--offer N`, 0 = skip; `--legs ""` skips the sweep): first `--baseline-legs` (1) offered
+alone, the latency an uncontended leg gets on this box now, which admitted legs should keep; then
+the real service in this
 process (embedded defaults, capacity admission on), N stream sessions offered 0.2 s apart by
 callers in a separate process, each playing a different call at real-time pace. Reported:
 sessions admitted and refused (RATE_LIMITED), and the admitted legs' final latency p50/p95
@@ -154,8 +156,11 @@ async def offer_phase(calls: list[Call], wav_dir: Path, data_dir: Path, override
         if rc != 0:
             raise RuntimeError(f"the callers exited with {rc}")
         res = json.loads((wav_dir / "offer.json").read_text())
-        cap = svc.admission.legs_capacity
-        pool = svc.pool.size
+        h = svc.admission.headroom()
+        cap, pool = h.legs_capacity, svc.pool.size
+        how = (f"{h.cap_source}: {h.legs_per_context} per context at {h.decode_s_per_audio_s:.3f} decode s per "
+               f"audio s ({h.speed_source}; calibration {svc.pool.calibrated_speed:.3f})"
+               if h.decode_s_per_audio_s is not None else h.cap_source)
     lats: list[float] = []
     admitted = refused = completed = 0
     reasons: dict[str, int] = {}
@@ -172,7 +177,7 @@ async def offer_phase(calls: list[Call], wav_dir: Path, data_dir: Path, override
             lats += latencies(c, [(t, ev) for t, ev in r["finals"]], r["t0"])
     return {"admitted": admitted, "refused": refused, "completed": completed, "lat50": pct(lats, 50),
             "lat95": pct(lats, 95), "finals": len(lats), "reasons": reasons, "failures": failures, "cap": cap,
-            "pool": pool}
+            "pool": pool, "how": how}
 
 
 async def admission_bench(args: argparse.Namespace) -> None:
@@ -183,6 +188,9 @@ async def admission_bench(args: argparse.Namespace) -> None:
         wav_dir = Path(tmp)
         for i, c in enumerate(calls):
             corpus.write_wav(wav_dir / f"call{i}.wav", c.pcm, 16000)
+        if args.baseline_legs:  # what a leg gets on this box right now without contention: the latency to keep
+            runs.append((f"baseline: {args.baseline_legs} offered alone (defaults)",
+                         await offer_phase(calls[:args.baseline_legs], wav_dir, wav_dir / "data-base", on)))
         runs.append(("admission on (defaults" + (f", max_legs {args.max_legs}" if args.max_legs else "") + ")",
                      await offer_phase(calls, wav_dir, wav_dir / "data-on", on)))
         if args.compare:
@@ -190,9 +198,9 @@ async def admission_bench(args: argparse.Namespace) -> None:
                          await offer_phase(calls, wav_dir, wav_dir / "data-off", ADMIT_ALL)))
     rows, notes = [], []
     for name, r in runs:
-        rows.append([name, str(args.offer), str(r["admitted"]), str(r["refused"]), f"{r['completed']}/{r['admitted']}",
+        rows.append([name, str(r["admitted"] + r["refused"] + len(r["failures"])), str(r["admitted"]), str(r["refused"]), f"{r['completed']}/{r['admitted']}",
                      f"{r['lat50']:.2f}", f"{r['lat95']:.2f}", str(r["finals"])])
-        notes.append(f"{name}: leg capacity {r['cap']}; refusals by reason {r['reasons'] or 'none'}"
+        notes.append(f"{name}: leg capacity {r['cap']} ({r['how']}); refusals by reason {r['reasons'] or 'none'}"
                      + (f"; caller failures {r['failures']}" if r["failures"] else ""))
     emit_table(
         "capacity_admission",
@@ -214,6 +222,8 @@ def main(argv=None) -> None:
                     help="end the sweep at the first count whose final p95 is over 2 s")
     ap.add_argument("--offer", type=int, default=32, help="sessions offered to the real service; 0 skips")
     ap.add_argument("--max-legs", type=int, default=0, help="capacity.max_legs for the admission run (0: default)")
+    ap.add_argument("--baseline-legs", type=int, default=1,
+                    help="first offer this many alone: the latency admitted legs should keep (0 skips)")
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                     help="also offer them with admission off")
     ap.add_argument("--caller", action="store_true", help=argparse.SUPPRESS)  # the child process

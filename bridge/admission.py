@@ -4,8 +4,9 @@ Every leg of every call shares one decode pool (bridge/recognizer/pool.py). Past
 nothing fails: finals queue behind each other and every call's captions fall late together,
 with nobody told. So a session's legs are admitted only while
 
-1. the live legs plus its own stay within `capacity.max_legs` (default: decode contexts x
-   `legs_per_context`, the count `python -m bench.capacity` measures finals on time), and
+1. the live legs plus its own stay within the leg cap: `capacity.max_legs` if set, else decode
+   contexts x legs per context, where legs per context is `capacity.legs_per_context` if set,
+   else follows the measured decode speed (below), and
 2. the pool is keeping finals on time right now: the p95 of the finals' time in the pool (queue
    wait + decode) over the last `window_s`, and the age of the oldest final still waiting, are
    both under `max_final_latency_s`. This catches what a fixed count cannot: longer
@@ -13,6 +14,17 @@ with nobody told. So a session's legs are admitted only while
    (an idle node has nothing to keep on time, and refusing there would refuse for `window_s`
    after one slow final) and, for the p95, with at least `min_finals` finals in the window (one
    long utterance is not a trend).
+
+The speed-following cap is what protects a burst: sessions offered within seconds of each other
+arrive before any of them has produced a final, so the latency rule has no evidence yet. The
+pool times a calibration clip on every context at start and then measures its finals (decode
+seconds per second of final audio over `window_s`: bridge/recognizer/pool.py). A live leg
+needs about `speech_share` seconds of audio decoded as finals per second, so one context can
+carry `final_share / (speed x speech_share)` legs while spending `final_share` of its time on
+finals; the rest absorbs partials and the burstiness of finals (sentences end together). At
+0.075 decode s per audio s (the reference machine's fast day) that is 2 x 8 legs, the count
+`python -m bench.capacity` measured on time there; at 0.18 (the same box when shared) 2 x 3.
+A slower or busier box thus admits fewer legs, and the cap follows it while calls run.
 
 Finals are the load that cannot be shed (partials are superseded or dropped under load), so
 they are what is measured. A refusal names its reason and carries `retry_after_s`; each
@@ -29,10 +41,23 @@ from typing import Any, Callable
 
 from bridge.config import CapacityConfig
 from bridge.logs import get_logger
+from bridge.recognizer.pool import FinalTiming
 
-__all__ = ["Admission", "CapacityRefused", "Headroom", "Reservation"]
+__all__ = ["Admission", "CapacityRefused", "Headroom", "Reservation", "legs_per_context"]
+
+# Without a measured speed (a pool that was never calibrated), the count measured on the
+# reference machine's fast day (docs/benchmarks.md, "Capacity").
+UNMEASURED_LEGS_PER_CONTEXT = 8
 
 log = get_logger("bridge.admission")
+
+
+def legs_per_context(speed: float | None, cfg: CapacityConfig) -> int:
+    """Legs one context keeps on time at `speed` decode seconds per audio second (at least 1:
+    a node that admits nothing is down, which /healthz says otherwise)."""
+    if not speed or speed <= 0:
+        return UNMEASURED_LEGS_PER_CONTEXT
+    return max(1, int(cfg.final_share / (speed * cfg.speech_share)))
 
 
 class CapacityRefused(Exception):
@@ -49,6 +74,10 @@ class Headroom:
     """Capacity as of now, for /healthz and /metrics."""
 
     legs_capacity: int
+    legs_per_context: int
+    cap_source: str  # "max_legs", "legs_per_context" (both configured) or "decode speed" (measured)
+    decode_s_per_audio_s: float | None  # the speed the cap follows (pool: calibration, then finals)
+    speed_source: str
     legs_live: int
     legs_reserved: int
     final_latency_p95_s: float | None  # None: no final decoded within the window
@@ -98,16 +127,26 @@ class Admission:
 
     @property
     def legs_capacity(self) -> int:
-        return self.cfg.max_legs or self.pool.size * self.cfg.legs_per_context
+        return self._cap(self.pool.final_timing(self.cfg.window_s))[0]
+
+    def _cap(self, t: FinalTiming) -> tuple[int, int, str]:
+        """(leg cap, legs per context, where the cap comes from)."""
+        per = self.cfg.legs_per_context or legs_per_context(t.decode_s_per_audio_s, self.cfg)
+        if self.cfg.max_legs:
+            return self.cfg.max_legs, per, "max_legs"
+        return self.pool.size * per, per, "legs_per_context" if self.cfg.legs_per_context else "decode speed"
 
     def headroom(self, legs: int = 1) -> Headroom:
-        live, cap, bound = self._live_legs(), self.legs_capacity, self.cfg.max_final_latency_s
+        live, bound = self._live_legs(), self.cfg.max_final_latency_s
         t = self.pool.final_timing(self.cfg.window_s)
+        cap, per, source = self._cap(t)
         busy = live + self._reserved > 0  # an idle node always admits: nothing live to keep on time
         why: str | None = None
         if live + self._reserved + legs > cap:
             why = (f"at capacity: {live + self._reserved} of {cap} recognizer legs in use, this session needs "
                    f"{legs}")
+            if source == "decode speed" and t.decode_s_per_audio_s is not None:
+                why += f" (cap from the decode speed, {t.decode_s_per_audio_s:.3f} s per audio s)"
         elif busy and t.oldest_waiting_s > bound:
             why = (f"the recognizer is behind: a final has waited {t.oldest_waiting_s:.1f} s "
                    f"(bound {bound:g} s)")
@@ -115,7 +154,7 @@ class Admission:
               and t.latency_p95_s > bound):
             why = (f"the recognizer is behind: finals took {t.latency_p95_s:.1f} s (p95 over the last "
                    f"{t.window_s:g} s; bound {bound:g} s)")
-        return Headroom(cap, live, self._reserved, t.latency_p95_s, t.finals, t.oldest_waiting_s, t.utilization,
+        return Headroom(cap, per, source, t.decode_s_per_audio_s, t.speed_source, live, self._reserved, t.latency_p95_s, t.finals, t.oldest_waiting_s, t.utilization,
                         bound, t.window_s, why)
 
     def refusal(self, legs: int) -> CapacityRefused | None:

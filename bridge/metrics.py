@@ -102,8 +102,12 @@ class _LiveCollector:
 
 
 def _headroom(h: "Headroom") -> Iterator[Metric]:
-    yield GaugeMetricFamily("callbridge_capacity_legs", "Recognizer legs admitted at most (capacity.max_legs)",
-                            value=h.legs_capacity)
+    yield GaugeMetricFamily("callbridge_capacity_legs", "Recognizer legs admitted at most (capacity.max_legs, or "
+                            "contexts x legs per context, which follows the decode speed)", value=h.legs_capacity)
+    yield GaugeMetricFamily("callbridge_capacity_decode_seconds_per_audio_second",
+                            "What one second of final audio costs a decode context (calibration, then finals; "
+                            "NaN: not measured)",
+                            value=h.decode_s_per_audio_s if h.decode_s_per_audio_s is not None else float("nan"))
     yield GaugeMetricFamily("callbridge_capacity_legs_free", "Legs a new session may still take", value=h.legs_free)
     yield GaugeMetricFamily("callbridge_capacity_admitting", "1 while new sessions are admitted, 0 while refused",
                             value=1 if h.admitting else 0)

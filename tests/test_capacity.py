@@ -8,6 +8,7 @@ import json
 import re
 
 import aiohttp
+import pytest
 import numpy as np
 
 from bench.drive import wait_for
@@ -298,3 +299,60 @@ async def test_sip_invite_hold_is_given_back_when_the_call_fails_before_it_start
         t_caller.close()
         await srv.stop()
         t_agent.close()
+
+
+async def test_leg_cap_follows_the_calibrated_decode_speed(tmp_path, pool):
+    """Without a configured count the cap comes from the decode speed the pool timed at start:
+    contexts x int(final_share / (speed x speech_share)); what the burst case relies on, since a
+    burst arrives before any final can say the pool is behind (docs/recognizer.md, "Admission")."""
+    assert pool.calibrated_speed is not None and 0 < pool.calibrated_speed < 5, pool.calibrated_speed
+    srv = await start_server(tmp_path / "data", pool, **{"capacity.legs_per_context": "0",
+                                                          "capacity.final_share": "1", "capacity.speech_share": "0.05"})
+    try:
+        h = srv.service.admission.headroom()
+        assert h.cap_source == "decode speed" and h.decode_s_per_audio_s is not None, h
+        per = max(1, int(1 / (h.decode_s_per_audio_s * 0.05)))
+        assert h.legs_per_context == per and h.legs_capacity == pool.size * per, h
+        status, body = await _get(srv.url, "/healthz")
+        cap = json.loads(body)["capacity"]
+        assert cap["cap_source"] == "decode speed" and cap["legs_capacity"] == h.legs_capacity, cap
+        _, text = await _get(srv.url, "/metrics")
+        assert _metric(text, "callbridge_capacity_decode_seconds_per_audio_second") > 0
+    finally:
+        await srv.stop()
+    # a planned share too small for one more leg per context: the cap is one leg per context
+    srv = await start_server(tmp_path / "data2", pool, **{"capacity.legs_per_context": "0",
+                                                           "capacity.final_share": "0.001"})
+    try:
+        opened = [await _open(srv.url) for _ in range(pool.size)]
+        assert all(o[2]["type"] == "ready" for o in opened), [o[2] for o in opened]
+        frame, close = await _refused(srv.url)
+        assert frame["code"] == "RATE_LIMITED" and close == 4429, frame
+        assert "cap from the decode speed" in frame["message"], frame
+        for o in opened:
+            assert (await _end(*o[:2]))["type"] == "completed"
+    finally:
+        await srv.stop()
+
+
+async def test_decode_speed_follows_the_finals_once_the_window_holds_enough_audio(tmp_path, model_path):
+    """After start the speed is the finals' own: decode seconds over audio seconds of the finals in
+    the window (so longer or shorter utterances, or other work on the box, move the cap)."""
+    own = RecognizerPool(model_path, size=1, threads=1)  # its own pool: only this test's finals
+    own.start()
+    srv = await start_server(tmp_path / "data", own, **{"capacity.legs_per_context": "0", "capacity.window_s": "3600"})
+    try:
+        t = own.final_timing(3600)
+        assert t.speed_source == "calibration" and t.decode_s_per_audio_s == own.calibrated_speed, t
+        for _ in range(8):  # 10 s of final audio: 3-4 sentences
+            await _speak_one_final(srv.url)
+            if own.final_timing(3600).speed_source == "finals":
+                break
+        recent = list(own._recent_finals)
+        h = srv.service.admission.headroom()
+        assert h.speed_source == "finals", h
+        assert h.decode_s_per_audio_s == pytest.approx(sum(r[2] for r in recent) / sum(r[3] for r in recent)), h
+        assert h.decode_s_per_audio_s != own.calibrated_speed
+    finally:
+        await srv.stop()
+        own.close()

@@ -43,8 +43,10 @@ class Serve:
         base = {k: v for k, v in os.environ.items() if k != "CALLBRIDGE_API_KEYS"}
         self.env = {**base, "CALLBRIDGE_MODEL_POOL_SIZE": "1", "CALLBRIDGE_LOGGING_FORMAT": "json",
                     "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "20", "CALLBRIDGE_SIP_ENABLED": "false", **(env or {})}
-        # late finals on a busy test machine must not refuse sessions (tests/test_capacity.py tests that)
+        # late finals, or a leg cap following a busy test machine's decode speed, must not refuse
+        # sessions (tests/test_capacity.py tests that)
         self.env.setdefault("CALLBRIDGE_CAPACITY_MAX_FINAL_LATENCY_S", "3600")
+        self.env.setdefault("CALLBRIDGE_CAPACITY_LEGS_PER_CONTEXT", "8")
         self.proc: asyncio.subprocess.Process | None = None
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.out = data_dir.parent / f"serve-{self.port}.out"

@@ -282,6 +282,13 @@ def _schemas() -> dict[str, Any]:
         "Capacity": {"type": "object", "description": "decode headroom (bridge/admission.py)", "required": [
             "legs_capacity", "legs_live", "legs_reserved", "legs_free", "admitting", "refusing"], "properties": {
             "legs_capacity": {"type": "integer"}, "legs_live": {"type": "integer"},
+            "legs_per_context": {"type": "integer"},
+            "cap_source": {"enum": ["max_legs", "legs_per_context", "decode speed"],
+                           "description": "decode speed: the cap follows the measured decode speed"},
+            "decode_s_per_audio_s": {"type": ["number", "null"],
+                                     "description": "what one second of final audio costs a decode context"},
+            "speed_source": {"enum": ["calibration", "finals"],
+                             "description": "calibration: the clip timed at start; finals: measured over window_s"},
             "legs_reserved": {"type": "integer", "description": "held by sessions being opened"},
             "legs_free": {"type": "integer"}, "admitting": {"type": "boolean"},
             "refusing": {"type": ["string", "null"], "description": "why one more leg would be refused now"},

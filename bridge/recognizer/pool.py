@@ -5,6 +5,11 @@ their own: they queue here. Finals go before partials (a final is what users kee
 superseded within a second anyway); each leg has at most one partial waiting, a newer one
 replaces it, and partials that waited too long are dropped. Finals are never dropped.
 Decodes run in worker threads (whisper_full releases the GIL), off the event loop.
+
+The pool also knows how fast it decodes: at start each context decodes a calibration clip, and
+from then on finals measure it (decode seconds per second of audio over the recent window).
+Admission (bridge/admission.py) sizes the leg cap from that figure, so a slower or busier box
+admits fewer legs instead of letting every call fall late.
 """
 
 from __future__ import annotations
@@ -70,6 +75,19 @@ class Histogram:
                 "p50": self.quantile(0.5), "p95": self.quantile(0.95)}
 
 
+# The calibration clip: a final-sized decode (the streamer's final encoder margin, 4 s of audio,
+# about one sentence) over quiet noise, which whisper turns into no text, so the figure is the
+# encoder's cost and nothing depends on what a test voice says.
+CALIBRATION_AUDIO_S = 4.0
+CALIBRATION_OPTIONS = DecodeOptions(ctx_margin=256)  # StreamerConfig.final_ctx_margin
+# Finals' own speed replaces the calibration once the window holds this much decoded audio.
+SPEED_EVIDENCE_AUDIO_S = 10.0
+
+
+def calibration_clip() -> np.ndarray:
+    return (np.random.default_rng(7).standard_normal(int(CALIBRATION_AUDIO_S * 16000)) * 0.003).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class FinalTiming:
     """How the pool has been serving finals lately: what admission (bridge/admission.py) reads."""
@@ -79,6 +97,8 @@ class FinalTiming:
     latency_p95_s: float | None  # p95 of queue wait + decode over those finals; None without any
     oldest_waiting_s: float  # age of the oldest final still queued (0 when none): lateness not yet observed
     utilization: float  # share of the contexts' time spent decoding finals in the window
+    decode_s_per_audio_s: float | None  # what a second of final audio costs one context; None before start
+    speed_source: str  # "finals" (measured over the window) or "calibration" (too few finals yet)
 
 
 @dataclass(order=True)
@@ -123,8 +143,10 @@ class RecognizerPool:
         self.superseded = 0
         self.retried = 0
         self.engines: list[WhisperEngine] = []
-        # (done, wait + decode, decode) of recent finals; bounded so a busy pool cannot grow it
-        self._recent_finals: deque[tuple[float, float, float]] = deque(maxlen=4096)
+        # (done, wait + decode, decode, audio) of recent finals; bounded so a busy pool cannot grow it
+        self._recent_finals: deque[tuple[float, float, float, float]] = deque(maxlen=4096)
+        self.calibrated_speed: float | None = None  # decode s per audio s of the calibration clip
+        self._speed: float | None = None  # the latest figure: finals over a window, else calibration
         self._started_at = time.monotonic()
 
     def start(self) -> None:
@@ -132,11 +154,32 @@ class RecognizerPool:
         if self._threads:
             return
         self.engines = [self._factory() for _ in range(self.size)]
+        self._calibrate()
         for i, eng in enumerate(self.engines):
             t = threading.Thread(target=self._worker, args=(eng,), name=f"whisper-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info("recognizer_pool_started", size=self.size, threads=self.threads, model=self.model_path)
+
+    def _calibrate(self) -> None:
+        """Time the calibration clip on every context at once (as they run under load), before
+        the workers start: the speed admission assumes until finals measure it."""
+        clip, took = calibration_clip(), [0.0] * len(self.engines)
+
+        def run(i: int, eng: WhisperEngine) -> None:
+            t0 = time.monotonic()
+            eng.decode(clip, CALIBRATION_OPTIONS)
+            took[i] = time.monotonic() - t0
+
+        runners = [threading.Thread(target=run, args=(i, e), name=f"whisper-calibrate-{i}")
+                   for i, e in enumerate(self.engines)]
+        for t in runners:
+            t.start()
+        for t in runners:
+            t.join()
+        self.calibrated_speed = self._speed = float(np.median(took)) / CALIBRATION_AUDIO_S
+        log.info("recognizer_pool_calibrated", decode_s_per_audio_s=round(self.calibrated_speed, 4),
+                 clip_s=CALIBRATION_AUDIO_S, contexts=len(self.engines))
 
     @property
     def multilingual(self) -> bool:
@@ -187,8 +230,16 @@ class RecognizerPool:
             waiting = [now - j.enqueued for j in self._heap if not j.cancelled and j.priority == Priority.FINAL]
         span = max(1e-3, min(window_s, now - self._started_at))
         lat = float(np.quantile([r[1] for r in recent], 0.95)) if recent else None
-        busy = sum(r[2] for r in recent)
-        return FinalTiming(window_s, len(recent), lat, max(waiting, default=0.0), busy / (span * self.size))
+        busy, audio = sum(r[2] for r in recent), sum(r[3] for r in recent)
+        source = "calibration"
+        with self._cv:
+            if audio >= SPEED_EVIDENCE_AUDIO_S:
+                self._speed, source = busy / audio, "finals"
+            elif self._speed != self.calibrated_speed:
+                source = "finals"  # the last window that had enough: newer than the calibration
+            speed = self._speed
+        return FinalTiming(window_s, len(recent), lat, max(waiting, default=0.0), busy / (span * self.size),
+                           speed, source)
 
     async def decode(
         self,
@@ -262,7 +313,7 @@ class RecognizerPool:
                 if pr is Priority.FINAL:
                     now = time.monotonic()
                     with self._cv:
-                        self._recent_finals.append((now, now - job.enqueued, hyp.decode_s))
+                        self._recent_finals.append((now, now - job.enqueued, hyp.decode_s, hyp.audio_s))
                 self.retried += int(hyp.retried)
                 job.loop.call_soon_threadsafe(_resolve, job.future, hyp)
             finally:
