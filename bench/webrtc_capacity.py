@@ -103,7 +103,7 @@ async def media_only_site():
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
 
-    from bridge.client.webrtc import allow_loopback_candidates
+    from bridge.ice import allow_loopback_candidates
     from bridge.ingress.webrtc import AudioIn
 
     allow_loopback_candidates()

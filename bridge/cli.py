@@ -13,20 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
-PROG = "callbridge"
-
-
-class UsageError(Exception):
-    """Bad input from the user: exit code 2, one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .commands.usage import PROG, Parser as _Parser, UsageError
 
 
 def _human(n: int) -> str:
@@ -142,11 +131,11 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- wiring
 
 from .commands import call as _call, jobs as _jobs, keys as _keys, serve as _serve, stream as _stream  # noqa: E402
-from .commands import webhooks as _webhooks  # noqa: E402
+from .commands import webhooks as _webhooks, webrtc as _webrtc  # noqa: E402
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, _keys.add_keys_parser,
-    _call.add_call_parser, _webhooks.add_webhooks_parser, add_models_parser]
+    _call.add_call_parser, _webhooks.add_webhooks_parser, _webrtc.add_webrtc_parser, add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve.cmd_serve,
@@ -159,6 +148,7 @@ DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     **_webhooks.DISPATCH,
     **_keys.DISPATCH,
     **_call.DISPATCH,
+    **_webrtc.DISPATCH,
 }
 
 

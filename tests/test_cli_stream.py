@@ -1,4 +1,4 @@
-"""The command-line clients (`callbridge stream`, `python -m bridge.client.webrtc`) when the real
+"""The command-line clients (`callbridge stream`, `callbridge webrtc`) when the real
 service shuts down mid-session: not a success, and they say so."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ async def test_webrtc_cli_cut_short_by_server_drain_exits_1_and_says_so(server, 
     wav = tmp_path / "call.wav"
     seconds = long_call(wav)
     cli = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.client.webrtc", str(wav), "--url", server.url, "--api-key", server.api_key,
+        sys.executable, "-m", "bridge", "webrtc", str(wav), "--url", server.url, "--api-key", server.api_key,
         "--json", cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert cli.stdout is not None

@@ -258,13 +258,13 @@ async def test_extra_media_is_declined(server):
 
 
 async def test_cli_prints_finals(server, tmp_path):
-    """`python -m bridge.client.webrtc FILE.wav` against the live server, as a user runs it."""
+    """`callbridge webrtc FILE.wav` against the live server, as a user runs it."""
     import sys
 
     wav = tmp_path / "hello.wav"
     corpus.write_wav(wav, corpus._resample(np.concatenate([sil(0.3), speech(EN[0]), sil(0.5)]), SR, 22050), 22050)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.client.webrtc", str(wav), "--url", server.url, "--api-key", API_KEY,
+        sys.executable, "-m", "bridge", "webrtc", str(wav), "--url", server.url, "--api-key", API_KEY,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -273,7 +273,7 @@ async def test_cli_prints_finals(server, tmp_path):
     assert "completed: job job_" in err.decode()
     assert "Warning" not in err.decode()  # runpy warned on every run while bridge.client imported this module
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.client.webrtc", str(wav), "--url", server.url, "--api-key", "wrong",
+        sys.executable, "-m", "bridge", "webrtc", str(wav), "--url", server.url, "--api-key", "wrong",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and "401" in err.decode(), err.decode()
@@ -367,11 +367,11 @@ async def test_rate_limit_and_query_key(tmp_path, pool):
 
 
 def test_cli_help_runs_without_warnings():
-    """`python -m bridge.client.webrtc` as the README shows it: nothing on stderr but what it means."""
+    """`callbridge webrtc` as the README shows it: nothing on stderr but what it means."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "bridge.client.webrtc", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "bridge", "webrtc", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout.startswith("usage: python -m bridge.client.webrtc")
+    assert r.stdout.startswith("usage: callbridge webrtc")

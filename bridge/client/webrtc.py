@@ -15,19 +15,16 @@ MediaStreamTrack paced like a microphone (20 ms frames at 48 kHz), and yields ev
 server sends (`ready` first, then `partial`/`final`/`usage`, then `completed` or `error`).
 Iteration ends after `completed`/`error` or when the connection closes.
 
-Run `python -m bridge.client.webrtc FILE.wav --url URL --api-key KEY [--json]` to print finals.
+Run `callbridge webrtc FILE.wav --url URL --api-key KEY [--json]` to print finals (bridge/commands/webrtc.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import fractions
-import functools
 import ipaddress
 import json
-import sys
 import time
 import wave
 from pathlib import Path
@@ -47,40 +44,16 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from bridge.ice import allow_loopback_candidates
+
 from .controls import SessionControls
 from .errors import ApiError
 
-__all__ = ["OFFER_PATH", "WavTrack", "WebRtcClient", "WebRtcError", "allow_loopback_candidates", "read_wav_48k"]
+__all__ = ["OFFER_PATH", "WavTrack", "WebRtcClient", "WebRtcError", "read_wav_48k"]
 
 OFFER_PATH = "/v1/webrtc/offer"
 RATE = 48000  # what WebRTC audio runs at (Opus)
 FRAME = 960  # 20 ms, a browser's packetization
-
-
-def allow_loopback_candidates() -> None:
-    """Make aioice offer 127.0.0.1 as a host candidate, process-wide and idempotent.
-
-    aioice drops 127.0.0.1 from the addresses it gathers and has no option to keep it, so two
-    peers on one machine (a browser and the service, or this client and a local server) could not
-    meet over loopback, and in a network namespace with only `lo` they would have no candidate at
-    all. The only hook is the module function it calls, `aioice.ice.get_host_addresses`: wrap it.
-    The service does this when `webrtc.loopback_candidates` is on; the client when its server is
-    on a loopback address."""
-    import aioice.ice
-
-    orig = aioice.ice.get_host_addresses
-    if getattr(orig, "_callbridge_loopback", False):
-        return
-
-    @functools.wraps(orig)
-    def with_loopback(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        addresses = list(orig(use_ipv4=use_ipv4, use_ipv6=use_ipv6))
-        if use_ipv4 and "127.0.0.1" not in addresses:
-            addresses.insert(0, "127.0.0.1")
-        return addresses
-
-    with_loopback._callbridge_loopback = True  # type: ignore[attr-defined]
-    aioice.ice.get_host_addresses = with_loopback
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -355,76 +328,3 @@ class WebRtcClient(SessionControls):
             await self.pc.close()
         self.track.stop()
         self._messages.put_nowait(None)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-async def _main(args: argparse.Namespace) -> int:
-    from bridge.commands.remote import resolve_api_key, resolve_url
-    from bridge.commands.stream import _Printer
-
-    url, key = resolve_url(args.url), resolve_api_key(args.api_key)
-    config: dict[str, Any] = {}
-    if args.language:
-        config["language"] = args.language
-    if args.endpointing_ms is not None:
-        config["endpointing_ms"] = args.endpointing_ms
-    if args.no_interim:
-        config["interim_results"] = False
-    printer = _Printer(args.json)
-    try:
-        async with WebRtcClient(url, api_key=key, wav=args.wav, config=config) as c:
-            if args.json:
-                printer.event(c.ready or {})
-            ender = asyncio.create_task(_bye_after_playing(c, args.tail))
-            try:
-                async for ev in c:
-                    printer.event(ev)
-            finally:
-                ender.cancel()
-        printer.finish(c.completed, c.cut_short, c.track.sent_seconds)
-    except ApiError as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 1
-    except WebRtcError as e:
-        print(f"error {e}", file=sys.stderr)
-        return 1
-    except asyncio.TimeoutError:
-        print("no connection: the server's answer or the events channel did not come up in time", file=sys.stderr)
-        return 1
-    return 0 if c.completed and not c.cut_short else 1
-
-
-async def _bye_after_playing(c: WebRtcClient, tail_s: float) -> None:
-    await c.wait_played()
-    await asyncio.sleep(tail_s)
-    await c.bye()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bridge.client.webrtc",
-                                 description="Play a WAV into a callbridge server over WebRTC, as a browser "
-                                             "microphone would, and print the transcript.")
-    ap.add_argument("wav", help="16-bit PCM WAV, any rate, mono or stereo")
-    ap.add_argument("--url", help="server base URL (default $CALLBRIDGE_URL or http://127.0.0.1:8080)")
-    ap.add_argument("--api-key", help="API key (default $CALLBRIDGE_API_KEY, else <data_dir>/api_key)")
-    ap.add_argument("--language", default=None)
-    ap.add_argument("--endpointing-ms", type=int, default=None)
-    ap.add_argument("--no-interim", action="store_true", help="finals only")
-    ap.add_argument("--tail", type=float, default=0.5, help="seconds of silence sent after the file, before bye")
-    ap.add_argument("--json", action="store_true", help="print every server message as one JSON line")
-    args = ap.parse_args(argv)
-    if not Path(args.wav).is_file():
-        ap.error(f"no such file: {args.wav}")
-    from bridge.cli import UsageError
-
-    try:
-        return asyncio.run(_main(args))
-    except (UsageError, ValueError, wave.Error) as e:  # no key or URL, or a WAV that is not 16-bit PCM
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,6 +30,7 @@ from bridge.client.errors import ApiError
 from bridge.client.rest import JobsClient
 from bridge.commands.remote import resolve_api_key, resolve_url
 from bridge.commands.stream import add_client_options
+from bridge.commands.usage import UsageError
 from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["DISPATCH", "add_call_parser", "cmd_call"]
@@ -96,8 +97,6 @@ async def find_job(url: str, key: str, call_id: str, since: float) -> str | None
 
 def lookup_job(args: argparse.Namespace, call_id: str | None, since: float) -> tuple[str | None, str]:
     """(job id or None, what to print on the job line)."""
-    from bridge.cli import UsageError
-
     if not call_id:
         return None, "- (the call has no Call-ID)"
     try:
@@ -114,7 +113,6 @@ def lookup_job(args: argparse.Namespace, call_id: str | None, since: float) -> t
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
     from sip.peer import wav_seconds
 
     missing = pjsua2_missing()

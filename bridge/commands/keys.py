@@ -21,6 +21,7 @@ from pathlib import Path
 from bridge.auth import ApiKey, KeyNotFound, KeyStore
 from bridge.commands.output import table
 from bridge.config import ConfigError, add_config_flags, config_from_args
+from bridge.commands.usage import Parser as _Parser, UsageError
 
 __all__ = ["DISPATCH", "add_keys_parser"]
 
@@ -28,8 +29,6 @@ PROG = "callbridge"
 
 
 def _usage(message: str) -> Exception:
-    from bridge.cli import UsageError  # lazy: bridge.cli imports this module
-
     return UsageError(message)
 
 
@@ -44,8 +43,6 @@ def _non_negative_int(text: str) -> int:
 
 
 def add_keys_parser(sub: argparse._SubParsersAction) -> None:
-    from bridge.cli import _Parser
-
     p = sub.add_parser("keys", help="create, list, revoke and credit API keys (local database)")
     add_config_flags(p)
     ksub = p.add_subparsers(dest="keys_command", metavar="{create,list,revoke,credit,unlimited}",

@@ -17,6 +17,7 @@ import aiohttp
 
 from bridge.auth import KEY_FILE_NAME as KEY_FILE
 from bridge.client.errors import ApiError
+from bridge.commands.usage import UsageError
 
 __all__ = ["DEFAULT_URL", "KEY_FILE", "PROG", "remote_flags", "resolve_api_key", "resolve_url", "run_remote"]
 
@@ -29,9 +30,6 @@ _C = TypeVar("_C", bound=AbstractAsyncContextManager[Any])
 
 
 def _usage_error(message: str) -> Exception:
-    # Imported late: bridge.cli imports this module to register the group.
-    from bridge.cli import UsageError
-
     return UsageError(message)
 
 

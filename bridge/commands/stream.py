@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import wave
 from pathlib import Path
 from typing import IO, Iterator
 
+from bridge.client.stream import StreamClient
+from bridge.commands.printer import Printer
 from bridge.commands.remote import DEFAULT_URL, resolve_api_key, resolve_url
+from bridge.commands.usage import UsageError
 
 CHUNK_S = 0.1
 
@@ -47,8 +49,6 @@ def add_stream_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _open_source(args: argparse.Namespace) -> tuple[IO[bytes], dict]:
-    from bridge.cli import UsageError
-
     if args.source == "-":
         fmt = {"sample_rate": args.sample_rate or 16000, "channels": args.channels or 1,
                "encoding": args.encoding or "pcm_s16le"}
@@ -83,47 +83,7 @@ def _chunks(src: IO[bytes], chunk_bytes: int) -> Iterator[bytes]:
         yield b
 
 
-class _Printer:
-    """Partials overwrite the current line on a terminal; finals are printed for good."""
-
-    def __init__(self, as_json: bool, out: IO[str] = sys.stdout) -> None:
-        self.json = as_json
-        self.out = out
-        self.tty = out.isatty()
-        self.width = 0
-
-    def event(self, ev: dict) -> None:
-        if self.json:
-            print(json.dumps(ev), file=self.out, flush=True)
-            return
-        t = ev.get("type")
-        if t == "partial" and self.tty:
-            line = f"  [{ev['speaker']}] {ev['text']}"[:160]
-            self.out.write("\r\x1b[K" + line)
-            self.out.flush()
-        elif t == "final" and ev.get("text"):
-            m, s = divmod(ev["start"], 60)
-            self.out.write(("\r\x1b[K" if self.tty else "") + f"[{int(m):02d}:{s:04.1f}] {ev['speaker']}: {ev['text']}\n")
-            self.out.flush()
-        elif t == "error":
-            print(f"\nerror {ev.get('code')}: {ev.get('message')}", file=sys.stderr)
-
-    def finish(self, completed: dict | None, cut_short: bool = False, sent_s: float = 0.0) -> None:
-        """The last line, once the close code says whether `completed` was the end we asked for."""
-        if completed is None:
-            return
-        if cut_short:
-            print(f"callbridge: error: the server shut down before the stream ended: job {completed['job_id']} "
-                  f"kept {completed['streamed_seconds']:.1f} s of the {sent_s:.1f} s sent "
-                  f"(transcript: {completed['transcript_path']})", file=sys.stderr)
-        elif not self.json:
-            print(f"completed: job {completed['job_id']}, {completed['streamed_seconds']:.1f} s, "
-                  f"{completed['credits_used']} credits (transcript: {completed['transcript_path']})", file=sys.stderr)
-
-
 def cmd_stream(args: argparse.Namespace) -> int:
-    from bridge.cli import UsageError
-
     if args.speed <= 0:
         raise UsageError("--speed must be > 0")
     url, key = resolve_url(args.url), resolve_api_key(args.api_key)
@@ -132,13 +92,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 async def _stream(args: argparse.Namespace, url: str, src: IO[bytes], fmt: dict, key: str) -> int:
-    from bridge.client.stream import StreamClient
-
     speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
     client = StreamClient(url, api_key=key, language=args.language, interim_results=not args.no_interim,
                           endpointing_ms=args.endpointing_ms,
                           metadata={"speakers": speakers} if speakers else None, **fmt)
-    printer = _Printer(args.json)
+    printer = Printer(args.json)
     bps = {"pcm_s16le": 2, "pcm_mulaw": 1, "pcm_alaw": 1}[fmt["encoding"]] * fmt["channels"]
     chunk = max(bps, int(fmt["sample_rate"] * CHUNK_S) * bps)
     async with client as s:

@@ -39,6 +39,7 @@ from bridge.api.http import JsonInputError, json_error, parse_json, require_prin
 from bridge.audio.resample import StreamResampler
 from bridge.auth import Principal
 from bridge.calls import Call
+from bridge.ice import allow_loopback_candidates
 from bridge.ingress.stream import (
     job_ending,
     shown,
@@ -465,8 +466,6 @@ class WebRtcIngress:
             # aioice leaves 127.0.0.1 out of the host candidates and has no option to keep it;
             # without it a browser on this machine (or in a namespace with only lo) cannot
             # connect. This wraps aioice.ice.get_host_addresses for the whole process.
-            from bridge.client.webrtc import allow_loopback_candidates
-
             allow_loopback_candidates()
 
     def rtc_configuration(self) -> RTCConfiguration:
