@@ -64,7 +64,7 @@ from sip.message import (
     parse_message,
     sdp_audio_codecs,
 )
-from sip.routing import RouteError, Router
+from sip.routing import RouteError, Router, call_slots
 
 __all__ = ["ALLOW", "FAILOVER_CODES", "Dispatcher", "Hold", "InviteRefused", "TcpLimits", "Worker"]
 
@@ -706,11 +706,8 @@ class Dispatcher:
             return (488, None, [_warning(305, f"None of the offered audio codecs ({names}) is supported; "
                                               f"accepted: {accepted}")],
                     f"no common codec in {names}")
-        headers: dict[str, str] = {}
-        for n, v in msg.headers:
-            headers.setdefault(n, v)
         try:
-            needed = 2 if self.router.target_for(msg.request_user, headers) else 1
+            needed = call_slots(self.router.bridge_target(msg))
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
         try:

@@ -5,6 +5,7 @@ by a full SIP/RTP stack rather than by hand-made packets.
 
     python -m sip.peer call SIP_URI --play FILE.wav [--record OUT.wav] [--header "X-Foo: bar"]...
                        [--dtmf "12#" --dtmf-at 1.0] [--hold-s S] [--timeout S] [--port 0] [--codec PCMU/8000]
+                       [--proxy sip:HOST:PORT]
     python -m sip.peer answer --port P --play FILE.wav [--record OUT.wav] [--timeout S]
                        [--ring-s S] [--reject CODE] [--hangup-after S]
 
@@ -167,6 +168,8 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:peer@{local}"
         acfg.mediaConfig.transportConfig.boundAddress = args.host
+        if args.proxy:  # loose routing (;lr): the request-URI stays the callee's (tel: needs a proxy)
+            acfg.sipConfig.proxies.append(args.proxy if ";lr" in args.proxy.lower() else args.proxy + ";lr")
         objs["acc"] = PeerAccount()  # pjsua2 objects live only in objs: all dropped before libDestroy
         objs["acc"].create(acfg)
         print(f"sip.peer: {args.mode} on {local}", file=sys.stderr, flush=True)
@@ -279,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hold-s", type=float, default=0.5, help="stay this long after the file ends (default 0.5)")
     c.add_argument("--timeout", type=float, default=15.0, help="give up (CANCEL) if not answered in S seconds")
     c.add_argument("--port", type=int, default=0, help="local SIP port (default 0: any free port)")
+    c.add_argument("--proxy", help="send the INVITE through this SIP URI (outbound proxy), e.g. "
+                                   "sip:127.0.0.1:5060 to call a tel: URI through the dispatcher")
     c.set_defaults(ring_s=0.0, reject=0, hangup_after=0.0)
     a = sub.add_parser("answer", parents=[common], help="answer one call on --port, play a file, record")
     a.add_argument("--port", type=int, required=True, help="SIP port to listen on")
@@ -287,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reject", type=int, default=0, help="answer with this final status (e.g. 486) instead")
     a.add_argument("--hangup-after", type=float, default=0.0,
                    help="hang up (BYE) this many seconds after media starts (default: wait for the caller)")
-    a.set_defaults(uri="", header=None, dtmf=None, dtmf_at=0.0, hold_s=0.0)
+    a.set_defaults(uri="", header=None, dtmf=None, dtmf_at=0.0, hold_s=0.0, proxy=None)
     return p
 
 

@@ -34,7 +34,6 @@ import gc
 import importlib
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -42,10 +41,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from sip.message import SipParseError, parse_message
 from sip.protocol import MessageError, encode, read_message
 from sip.routing import RouteError, Router
 
-__all__ = ["WorkerConfig", "create_endpoint", "destroy_endpoint", "main", "parse_sip_message", "set_codecs"]
+__all__ = ["WorkerConfig", "create_endpoint", "destroy_endpoint", "main", "set_codecs"]
 
 POLL_S = 0.005  # libHandleEvents cadence: SIP timers and sockets are serviced from the loop
 MONITOR_S = 1.0  # RTP inactivity check
@@ -58,10 +58,6 @@ PR_SET_PDEATHSIG = 1
 STOP_DEADLINE_S = 15  # once stopping, SIGALRM ends the process after this even if pjsua hangs
 DTMF_IS_UPDATE, DTMF_IS_END = 1 << 0, 1 << 1  # pjmedia_stream_dtmf_event_flags (not exported by the wheel)
 
-_COMPACT = {"i": "Call-ID", "f": "From", "t": "To", "m": "Contact", "v": "Via", "c": "Content-Type",
-            "l": "Content-Length", "k": "Supported", "s": "Subject", "e": "Content-Encoding",
-            "o": "Event", "r": "Refer-To", "b": "Referred-By", "u": "Allow-Events", "x": "Session-Expires"}
-_URI_USER = re.compile(r"^sips?:([^@;?]+)@", re.IGNORECASE)
 
 
 def log(msg: str) -> None:
@@ -204,38 +200,6 @@ def set_codecs(ep: Any, wanted: list[str] | tuple[str, ...]) -> list[str]:
     for i, cid in enumerate(chosen):
         ep.codecSetPriority(cid, max(1, 255 - i))
     return chosen
-
-
-def parse_sip_message(raw: str) -> tuple[str, dict[str, str]]:
-    """(request URI, headers) of a SIP request. Compact header names are expanded; repeated headers
-    are joined with ", " (as RFC 3261 allows for list headers); names keep their first spelling."""
-    head = raw.replace("\r\n", "\n").split("\n\n", 1)[0]
-    lines = head.split("\n")
-    parts = lines[0].split()
-    request_uri = parts[1] if len(parts) >= 3 else ""
-    headers: dict[str, str] = {}
-    lower: dict[str, str] = {}
-    last: str | None = None
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t") and last is not None:  # folded continuation
-            headers[last] += " " + line.strip()
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        name = name.strip()
-        name = _COMPACT.get(name.lower(), name) if len(name) == 1 else name
-        value = value.strip()
-        key = lower.setdefault(name.lower(), name)
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        last = key
-    return request_uri, headers
-
-
-def uri_user(uri: str) -> str:
-    u = uri.strip().strip("<>")
-    m = _URI_USER.match(u)
-    return m.group(1) if m else ""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -504,16 +468,28 @@ class Worker:
 
     def _accept(self, call: Any, rdata: Any) -> None:
         pj = _pj()
-        request_uri, headers = parse_sip_message(rdata.wholeMsg)
+        try:
+            invite = parse_message(rdata.wholeMsg.encode("utf-8", "surrogateescape"))
+        except SipParseError as e:  # pjsip parsed it: at worst a part we do not need is off
+            if e.partial is None:
+                log(f"unreadable INVITE: {e}")
+                self._reject(call, 400, str(e)[:100])
+                return
+            invite = e.partial
         self.seq += 1
         ref = f"w{self.wid}-{self.seq}"
         ci = call.getInfo()
-        sip = {"call_id": headers.get("Call-ID") or ci.callIdString, "from": headers.get("From", ci.remoteUri),
-               "to": headers.get("To", ci.localUri), "request_uri": request_uri,
-               "contact": headers.get("Contact", ci.remoteContact), "remote": rdata.srcAddress,
-               "headers": {k: v for k, v in headers.items() if k.lower().startswith("x-")}}
+
+        def header(name: str, default: str) -> str:
+            value = invite.joined(name)
+            return default if value is None else value
+
+        sip = {"call_id": invite.joined("Call-ID") or ci.callIdString, "from": header("From", ci.remoteUri),
+               "to": header("To", ci.localUri), "request_uri": invite.uri or "",
+               "contact": header("Contact", ci.remoteContact), "remote": rdata.srcAddress,
+               "headers": invite.extension_headers()}
         try:
-            target = self.router.target_for(uri_user(request_uri), headers)
+            target = self.router.bridge_target(invite)  # the dispatcher counted its slots on the same call
         except RouteError as e:
             log(f"{ref}: bad bridge target: {e}")
             self._reject(call, 400, str(e)[:100])
