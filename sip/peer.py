@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sip import pjsua
+
 __all__ = ["main", "wav_seconds"]
 
 POLL_MS = 10
@@ -73,13 +75,10 @@ class _State:
 
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Make or take the call; (result for the JSON line, exit code)."""
-    import pjsua2 as pj
-
-    from sip.worker import create_endpoint, destroy_endpoint, set_codecs
-
+    pj = pjsua.load()
     play_s = wav_seconds(args.play)
     st = _State()
-    ep, keep = create_endpoint(log_level=args.log_level, max_calls=4, user_agent="callbridge-peer")
+    ep, keep = pjsua.create_endpoint(log_level=args.log_level, max_calls=4, user_agent="callbridge-peer")
     objs: dict[str, Any] = {}
 
     class Player(pj.AudioMediaPlayer):
@@ -123,11 +122,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                     objs["recorder"] = rec
                 if "recorder" in objs:
                     am.startTransmit(objs["recorder"])
-                try:
-                    si = self.getStreamInfo(i)
-                    st.codec = f"{si.codecName}/{si.codecClockRate}"
-                except pj.Error:
-                    pass
+                st.codec = pjsua.stream_codec(self, i) or st.codec
 
         def onCallRedirected(self, prm: Any) -> int:
             return pj.PJSIP_REDIRECT_ACCEPT  # follow 302s (the dispatcher may redirect to a worker)
@@ -155,19 +150,14 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 objs["answer_at"] = time.monotonic() + args.ring_s
 
     try:
-        set_codecs(ep, args.codec or list(DEFAULT_CODECS))
-        tcfg = pj.TransportConfig()
-        tcfg.port = args.port
-        tcfg.boundAddress = args.host
-        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-        local = ep.transportGetInfo(tid).localName
+        pjsua.set_codecs(ep, args.codec or list(DEFAULT_CODECS))
+        local = pjsua.add_transport(ep, "udp", args.host, args.port)
         if args.mode == "answer" or "transport=tcp" in args.uri.lower():
-            tcfg.port = int(local.rsplit(":", 1)[1])  # TCP on the same port number
-            ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+            pjsua.add_transport(ep, "tcp", args.host, int(local.rsplit(":", 1)[1]))  # TCP on the same port number
         ep.libStart()
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:peer@{local}"
-        acfg.mediaConfig.transportConfig.boundAddress = args.host
+        pjsua.media_transport(acfg, args.host)
         if args.proxy:  # loose routing (;lr): the request-URI stays the callee's (tel: needs a proxy)
             acfg.sipConfig.proxies.append(args.proxy if ";lr" in args.proxy.lower() else args.proxy + ";lr")
         objs["acc"] = PeerAccount()  # pjsua2 objects live only in objs: all dropped before libDestroy
@@ -256,7 +246,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         objs.clear()
         st.incoming.clear()
         gc.collect()
-        destroy_endpoint(ep, keep)
+        pjsua.destroy_endpoint(ep, keep)
 
 
 def _codec_list(s: str) -> list[str]:
