@@ -2,9 +2,10 @@
 
 The dispatcher reads headers (Via, Call-ID, CSeq, From/To tags, the request-URI user), edits a few
 (pushes and pops its Via, decrements Max-Forwards), builds its own responses and looks at the SDP
-offer's audio codecs. The workers read the INVITE pjsua hands them with the same parser (identity
-headers, request-URI user), so both sides see one request-URI user for a call. Everything else travels untouched: header lines keep their names, order and
-text, so a forwarded message is the message received plus our edits.
+offer's audio codecs. Everything else travels untouched: header lines keep their names, order and
+text, so a forwarded message is the message received plus our edits. The workers read the INVITE
+pjsua hands them with the same parser (identity headers, request-URI user), so both sides see
+one request-URI user for a call.
 
 Parsing is lenient where real phones are sloppy (folded lines, whitespace around ":" "/" ";" "=",
 compact header names, bare LF line ends, CRLFs before a message on a stream) and strict where a

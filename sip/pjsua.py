@@ -56,7 +56,8 @@ def _stderr_writer() -> Any:
     return StderrLog()
 
 
-def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "callbridge-worker") -> tuple[Any, list[Any]]:
+def create_endpoint(log_level: int = 1, max_calls: int = 4,
+                    user_agent: str = "callbridge-worker") -> tuple[Any, list[Any]]:
     """A started-but-not-transported pjsua2 Endpoint: headless (null audio device), polled from the
     calling thread (no pjsua worker threads), no VAD (steady RTP), no echo canceller (no sound
     device to echo). Returns (endpoint, objects to keep alive until destroy_endpoint)."""

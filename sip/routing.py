@@ -7,9 +7,9 @@ to place the outbound leg, both on the same INVITE parsed by sip/message.py, so 
 disagree about a call (they did when the worker had its own request-URI regex: no tel:, no
 percent-decoding). Routes come from config `sip.routes` as "USER=SIP_URI" entries matched
 against the request-URI user (`uri_user`: sip:/sips: user or tel: number, percent-decoded);
-"*" matches any user. A header (config `sip.target_header`) may
-name the target instead, but only where `sip.allow_target_header` is set: otherwise any caller
-could make the service dial anywhere (toll fraud), so the header is ignored by default.
+"*" matches any user. A header (config `sip.target_header`) may name the target instead, but
+only where `sip.allow_target_header` is set: otherwise any caller could make the service dial
+anywhere (toll fraud), so the header is ignored by default.
 
 `WorkerPool` is the dispatcher's load policy, the call-load algorithm of Kamailio's dispatcher
 module: a new call goes to the least-loaded live worker with the free slots it needs, never one
