@@ -1,5 +1,8 @@
 """SIP gateway: pjsua2 worker processes (at most 4 calls each), the dispatcher that spreads
-INVITEs over them, and the control channel that carries their calls' audio to the service."""
+INVITEs over them, and the control channel that carries their calls' audio to the service.
+
+The package stands alone (it imports nothing from `bridge`): the service drives it and passes
+in what it needs (its logger, its admission check). docs/sip.md lists the modules."""
 
 import importlib.util
 

@@ -3,7 +3,9 @@
 The dispatcher reads headers (Via, Call-ID, CSeq, From/To tags, the request-URI user), edits a few
 (pushes and pops its Via, decrements Max-Forwards), builds its own responses and looks at the SDP
 offer's audio codecs. Everything else travels untouched: header lines keep their names, order and
-text, so a forwarded message is the message received plus our edits.
+text, so a forwarded message is the message received plus our edits. The workers read the INVITE
+pjsua hands them with the same parser (identity headers, request-URI user), so both sides see
+one request-URI user for a call.
 
 Parsing is lenient where real phones are sloppy (folded lines, whitespace around ":" "/" ";" "=",
 compact header names, bare LF line ends, CRLFs before a message on a stream) and strict where a
@@ -343,6 +345,24 @@ class SipMessage:
 
     def has(self, name: str) -> bool:
         return self.get(name) is not None
+
+    def joined(self, name: str) -> str | None:
+        """Every value of `name` joined with ", " (RFC 3261 7.3.1 makes repeated header lines one
+        comma list), or None."""
+        values = self.get_all(name)
+        return ", ".join(values) if values else None
+
+    def extension_headers(self) -> dict[str, str]:
+        """The X- headers, each once under its first spelling, repeated ones joined with ", ":
+        what a call keeps of its INVITE (`metadata.sip.headers`)."""
+        out: dict[str, str] = {}
+        spelling: dict[str, str] = {}
+        for n, v in self.headers:
+            if not n.lower().startswith("x-"):
+                continue
+            key = spelling.setdefault(n.lower(), n)
+            out[key] = f"{out[key]}, {v}" if key in out else v
+        return out
 
     def remove(self, name: str) -> int:
         want = canonical_name(name)

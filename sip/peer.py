@@ -5,6 +5,7 @@ by a full SIP/RTP stack rather than by hand-made packets.
 
     python -m sip.peer call SIP_URI --play FILE.wav [--record OUT.wav] [--header "X-Foo: bar"]...
                        [--dtmf "12#" --dtmf-at 1.0] [--hold-s S] [--timeout S] [--port 0] [--codec PCMU/8000]
+                       [--proxy sip:HOST:PORT]
     python -m sip.peer answer --port P --play FILE.wav [--record OUT.wav] [--timeout S]
                        [--ring-s S] [--reject CODE] [--hangup-after S]
 
@@ -30,6 +31,8 @@ import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sip import pjsua
 
 __all__ = ["main", "wav_seconds"]
 
@@ -72,13 +75,10 @@ class _State:
 
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Make or take the call; (result for the JSON line, exit code)."""
-    import pjsua2 as pj
-
-    from sip.worker import create_endpoint, destroy_endpoint, set_codecs
-
+    pj = pjsua.load()
     play_s = wav_seconds(args.play)
     st = _State()
-    ep, keep = create_endpoint(log_level=args.log_level, max_calls=4, user_agent="callbridge-peer")
+    ep, keep = pjsua.create_endpoint(log_level=args.log_level, max_calls=4, user_agent="callbridge-peer")
     objs: dict[str, Any] = {}
 
     class Player(pj.AudioMediaPlayer):
@@ -122,11 +122,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                     objs["recorder"] = rec
                 if "recorder" in objs:
                     am.startTransmit(objs["recorder"])
-                try:
-                    si = self.getStreamInfo(i)
-                    st.codec = f"{si.codecName}/{si.codecClockRate}"
-                except pj.Error:
-                    pass
+                st.codec = pjsua.stream_codec(self, i) or st.codec
 
         def onCallRedirected(self, prm: Any) -> int:
             return pj.PJSIP_REDIRECT_ACCEPT  # follow 302s (the dispatcher may redirect to a worker)
@@ -154,19 +150,16 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 objs["answer_at"] = time.monotonic() + args.ring_s
 
     try:
-        set_codecs(ep, args.codec or list(DEFAULT_CODECS))
-        tcfg = pj.TransportConfig()
-        tcfg.port = args.port
-        tcfg.boundAddress = args.host
-        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
-        local = ep.transportGetInfo(tid).localName
+        pjsua.set_codecs(ep, args.codec or list(DEFAULT_CODECS))
+        local = pjsua.add_transport(ep, "udp", args.host, args.port)
         if args.mode == "answer" or "transport=tcp" in args.uri.lower():
-            tcfg.port = int(local.rsplit(":", 1)[1])  # TCP on the same port number
-            ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+            pjsua.add_transport(ep, "tcp", args.host, int(local.rsplit(":", 1)[1]))  # TCP on the same port number
         ep.libStart()
         acfg = pj.AccountConfig()
         acfg.idUri = f"sip:peer@{local}"
-        acfg.mediaConfig.transportConfig.boundAddress = args.host
+        pjsua.media_transport(acfg, args.host)
+        if args.proxy:  # loose routing (;lr): the request-URI stays the callee's (tel: needs a proxy)
+            acfg.sipConfig.proxies.append(args.proxy if ";lr" in args.proxy.lower() else args.proxy + ";lr")
         objs["acc"] = PeerAccount()  # pjsua2 objects live only in objs: all dropped before libDestroy
         objs["acc"].create(acfg)
         print(f"sip.peer: {args.mode} on {local}", file=sys.stderr, flush=True)
@@ -253,7 +246,7 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         objs.clear()
         st.incoming.clear()
         gc.collect()
-        destroy_endpoint(ep, keep)
+        pjsua.destroy_endpoint(ep, keep)
 
 
 def _codec_list(s: str) -> list[str]:
@@ -279,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hold-s", type=float, default=0.5, help="stay this long after the file ends (default 0.5)")
     c.add_argument("--timeout", type=float, default=15.0, help="give up (CANCEL) if not answered in S seconds")
     c.add_argument("--port", type=int, default=0, help="local SIP port (default 0: any free port)")
+    c.add_argument("--proxy", help="send the INVITE through this SIP URI (outbound proxy), e.g. "
+                                   "sip:127.0.0.1:5060 to call a tel: URI through the dispatcher")
     c.set_defaults(ring_s=0.0, reject=0, hangup_after=0.0)
     a = sub.add_parser("answer", parents=[common], help="answer one call on --port, play a file, record")
     a.add_argument("--port", type=int, required=True, help="SIP port to listen on")
@@ -287,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reject", type=int, default=0, help="answer with this final status (e.g. 486) instead")
     a.add_argument("--hangup-after", type=float, default=0.0,
                    help="hang up (BYE) this many seconds after media starts (default: wait for the caller)")
-    a.set_defaults(uri="", header=None, dtmf=None, dtmf_at=0.0, hold_s=0.0)
+    a.set_defaults(uri="", header=None, dtmf=None, dtmf_at=0.0, hold_s=0.0, proxy=None)
     return p
 
 

@@ -31,10 +31,8 @@ import argparse
 import asyncio
 import ctypes
 import gc
-import importlib
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -42,10 +40,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from sip import pjsua
+from sip.message import SipParseError, parse_message
+from sip.pjsua import DTMF_IS_END, DTMF_IS_UPDATE, PJ_ETOOMANY
 from sip.protocol import MessageError, encode, read_message
 from sip.routing import RouteError, Router
 
-__all__ = ["WorkerConfig", "create_endpoint", "destroy_endpoint", "main", "parse_sip_message", "set_codecs"]
+__all__ = ["WorkerConfig", "main"]
 
 POLL_S = 0.005  # libHandleEvents cadence: SIP timers and sockets are serviced from the loop
 MONITOR_S = 1.0  # RTP inactivity check
@@ -53,15 +54,9 @@ SHUTDOWN_WAIT_S = 3.0  # for BYE/CANCEL transactions to finish before libDestroy
 SHUTDOWN_GRACE_S = 0.5  # SIP kept running after the last hangup (ACK-delayed BYEs, retransmissions)
 RTP_BLOCK = 100
 MAX_BUFFERED = 64 << 20  # control-channel bytes queued before the service is declared stuck
-PJ_ETOOMANY = 70010
 PR_SET_PDEATHSIG = 1
 STOP_DEADLINE_S = 15  # once stopping, SIGALRM ends the process after this even if pjsua hangs
-DTMF_IS_UPDATE, DTMF_IS_END = 1 << 0, 1 << 1  # pjmedia_stream_dtmf_event_flags (not exported by the wheel)
 
-_COMPACT = {"i": "Call-ID", "f": "From", "t": "To", "m": "Contact", "v": "Via", "c": "Content-Type",
-            "l": "Content-Length", "k": "Supported", "s": "Subject", "e": "Content-Encoding",
-            "o": "Event", "r": "Refer-To", "b": "Referred-By", "u": "Allow-Events", "x": "Session-Expires"}
-_URI_USER = re.compile(r"^sips?:([^@;?]+)@", re.IGNORECASE)
 
 
 def log(msg: str) -> None:
@@ -95,147 +90,6 @@ def _guarded(fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001 - the callback boundary: log everything, keep serving calls
         log(f"error in {fn.__name__}:\n{traceback.format_exc()}")
-
-
-# --------------------------------------------------------------------------- pjsua2 setup (shared with sip.peer)
-
-
-def _pj():
-    import pjsua2
-
-    return pjsua2
-
-
-def _stderr_writer():
-    pj = _pj()
-
-    class StderrLog(pj.LogWriter):
-        """pjsua2 logs go to stderr (the service captures it); the default writer uses stdout."""
-
-        def write(self, entry: Any) -> None:
-            msg = entry.msg
-            try:
-                sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
-            except (OSError, ValueError):
-                pass  # the service (our stderr pipe) is gone: nothing to report to
-
-    return StderrLog()
-
-
-def create_endpoint(log_level: int = 1, max_calls: int = 4, user_agent: str = "callbridge-worker"):
-    """A started-but-not-transported pjsua2 Endpoint: headless (null audio device), polled from the
-    calling thread (no pjsua worker threads), no VAD (steady RTP), no echo canceller (no sound
-    device to echo). Returns (endpoint, objects to keep alive until destroy_endpoint)."""
-    pj = _pj()
-    ep = pj.Endpoint()
-    ep.libCreate()
-    cfg = pj.EpConfig()
-    cfg.uaConfig.threadCnt = 0
-    cfg.uaConfig.mainThreadOnly = True
-    cfg.uaConfig.maxCalls = max_calls
-    cfg.uaConfig.userAgent = user_agent
-    writer = _stderr_writer()
-    cfg.logConfig.writer = writer
-    cfg.logConfig.level = log_level
-    cfg.logConfig.consoleLevel = log_level
-    cfg.medConfig.noVad = True
-    cfg.medConfig.ecTailLen = 0
-    cfg.medConfig.clockRate = 16000
-    cfg.medConfig.sndClockRate = 16000
-    ep.libInit(cfg)
-    ep.audDevManager().setNullDev()
-    return ep, [writer]
-
-
-def pjsua_call_counter() -> Any:
-    """pjsua's own count of call slots in use (`pjsua_call_get_count`, called through ctypes: the
-    wheel exports it but pjsua2 does not wrap it). It differs from the calls the application
-    sees: hanging up a call whose 200 the caller never ACKed (a flood tool), pjsua reports it
-    DISCONNECTED at once but keeps its slot until the ACK comes or Timer H (32 s) expires, and
-    refuses new calls with 486 meanwhile. None where the symbol is missing."""
-    try:
-        lib = ctypes.CDLL(importlib.import_module("pjsua2._pjsua2").__file__)
-        fn = lib.pjsua_call_get_count
-    except (OSError, AttributeError, ImportError) as e:
-        log(f"pjsua_call_get_count unavailable ({e}); reporting the calls we track")
-        return None
-    fn.restype, fn.argtypes = ctypes.c_uint, []
-    return fn
-
-
-def stop_media_clock(ep: Any) -> None:
-    """Detach the conference bridge from the null sound device, which stops the clock thread that
-    drives every AudioMediaPort callback. A Python port freed while that thread runs can be called
-    in the middle of its deallocation (a worker segfaulted so at shutdown in CI); with the clock
-    stopped, nothing calls into Python ports any more. Idempotent."""
-    try:
-        ep.audDevManager().setNoDev()
-    except _pj().Error as e:
-        log(f"stopping the media clock failed: {e.info()}")
-
-
-def destroy_endpoint(ep: Any, keep: list[Any]) -> None:
-    """libDestroy after every Call/port reference is gone (else pjsua2 aborts the process).
-    Calls were hung up (and waited for) before this, so nothing more goes out on the network:
-    without NO_NETWORK pjsua sleeps a further second waiting for unregistrations."""
-    stop_media_clock(ep)
-    gc.collect()
-    try:
-        ep.libDestroy(_pj().PJSUA_DESTROY_NO_NETWORK)
-    finally:
-        keep.clear()
-
-
-def set_codecs(ep: Any, wanted: list[str] | tuple[str, ...]) -> list[str]:
-    """Give `wanted` codecs (e.g. "PCMU/8000") descending high priorities and every other codec 0,
-    which disables it: never offered, never accepted. Returns the pjsua codec ids enabled."""
-    ids = [c.codecId for c in ep.codecEnum2()]
-    chosen: list[str] = []
-    for w in wanted:
-        key = w.strip().lower().rstrip("/")
-        match = [cid for cid in ids if cid.lower() == key or cid.lower().startswith(key + "/")]
-        if not match:
-            raise ValueError(f"codec {w!r} is not in this pjsua2 build (have {', '.join(ids)})")
-        chosen.extend(m for m in match[:1] if m not in chosen)
-    if not chosen:
-        raise ValueError("no codecs configured")
-    for cid in ids:
-        ep.codecSetPriority(cid, 0)
-    for i, cid in enumerate(chosen):
-        ep.codecSetPriority(cid, max(1, 255 - i))
-    return chosen
-
-
-def parse_sip_message(raw: str) -> tuple[str, dict[str, str]]:
-    """(request URI, headers) of a SIP request. Compact header names are expanded; repeated headers
-    are joined with ", " (as RFC 3261 allows for list headers); names keep their first spelling."""
-    head = raw.replace("\r\n", "\n").split("\n\n", 1)[0]
-    lines = head.split("\n")
-    parts = lines[0].split()
-    request_uri = parts[1] if len(parts) >= 3 else ""
-    headers: dict[str, str] = {}
-    lower: dict[str, str] = {}
-    last: str | None = None
-    for line in lines[1:]:
-        if line[:1] in (" ", "\t") and last is not None:  # folded continuation
-            headers[last] += " " + line.strip()
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        name = name.strip()
-        name = _COMPACT.get(name.lower(), name) if len(name) == 1 else name
-        value = value.strip()
-        key = lower.setdefault(name.lower(), name)
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        last = key
-    return request_uri, headers
-
-
-def uri_user(uri: str) -> str:
-    u = uri.strip().strip("<>")
-    m = _URI_USER.match(u)
-    return m.group(1) if m else ""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -326,7 +180,7 @@ class Worker:
         self.sessions: dict[str, Session] = {}
         self.alive: set[Any] = set()  # WCalls holding a pjsua slot
         self.graveyard: list[tuple[float, Any]] = []  # (until, Call/port) kept until pjsua is surely done
-        # Capture ports are reused, never freed while the media clock runs (see stop_media_clock)
+        # Capture ports are reused, never freed while the media clock runs (see pjsua.stop_media_clock)
         self.spare_captures: list[Any] = []
         self.captures_made = 0
         self.seq = 0
@@ -409,7 +263,7 @@ class Worker:
     # ---------------------------------------------------------------- pjsua2 objects
 
     def _build(self) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         worker = self
 
         class Capture(pj.AudioMediaPort):
@@ -460,29 +314,19 @@ class Worker:
         self.Capture, self.WCall, self.WAccount = Capture, WCall, WAccount
 
     def start_sip(self) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         cfg = self.cfg
         self._build()
-        self.ep, self._keep = create_endpoint(log_level=cfg.log_level, max_calls=cfg.max_calls)
-        self._call_count = pjsua_call_counter()
-        enabled = set_codecs(self.ep, cfg.codecs)
+        self.ep, self._keep = pjsua.create_endpoint(log_level=cfg.log_level, max_calls=cfg.max_calls)
+        self._call_count = pjsua.pjsua_call_counter(log)
+        enabled = pjsua.set_codecs(self.ep, cfg.codecs)
         public = cfg.public_address if cfg.public_address not in ("", "0.0.0.0", "::", "[::]") else ""
-        for kind in (pj.PJSIP_TRANSPORT_UDP, pj.PJSIP_TRANSPORT_TCP):
-            t = pj.TransportConfig()
-            t.port = self.port
-            t.boundAddress = self.host
-            if public:
-                t.publicAddress = public
-            self.ep.transportCreate(kind, t)
+        for kind in ("udp", "tcp"):
+            pjsua.add_transport(self.ep, kind, self.host, self.port, public)
         self.ep.libStart()
         a = pj.AccountConfig()
         a.idUri = f"sip:worker{self.wid}@{public or self.host}:{self.port}"
-        mt = a.mediaConfig.transportConfig
-        mt.port = cfg.rtp_port_start
-        mt.portRange = RTP_BLOCK
-        mt.boundAddress = self.host
-        if public:
-            mt.publicAddress = public
+        pjsua.media_transport(a, self.host, cfg.rtp_port_start, RTP_BLOCK, public)
         self.acc = self.WAccount()
         self.acc.create(a)
         log(f"worker {self.wid} listening on {self.host}:{self.port} (UDP, TCP), RTP {cfg.rtp_port_start}+"
@@ -503,17 +347,29 @@ class Worker:
             raise
 
     def _accept(self, call: Any, rdata: Any) -> None:
-        pj = _pj()
-        request_uri, headers = parse_sip_message(rdata.wholeMsg)
+        pj = pjsua.load()
+        try:
+            invite = parse_message(rdata.wholeMsg.encode("utf-8", "surrogateescape"))
+        except SipParseError as e:  # pjsip parsed it: at worst a part we do not need is off
+            if e.partial is None:
+                log(f"unreadable INVITE: {e}")
+                self._reject(call, 400, str(e)[:100])
+                return
+            invite = e.partial
         self.seq += 1
         ref = f"w{self.wid}-{self.seq}"
         ci = call.getInfo()
-        sip = {"call_id": headers.get("Call-ID") or ci.callIdString, "from": headers.get("From", ci.remoteUri),
-               "to": headers.get("To", ci.localUri), "request_uri": request_uri,
-               "contact": headers.get("Contact", ci.remoteContact), "remote": rdata.srcAddress,
-               "headers": {k: v for k, v in headers.items() if k.lower().startswith("x-")}}
+
+        def header(name: str, default: str) -> str:
+            value = invite.joined(name)
+            return default if value is None else value
+
+        sip = {"call_id": invite.joined("Call-ID") or ci.callIdString, "from": header("From", ci.remoteUri),
+               "to": header("To", ci.localUri), "request_uri": invite.uri or "",
+               "contact": header("Contact", ci.remoteContact), "remote": rdata.srcAddress,
+               "headers": invite.extension_headers()}
         try:
-            target = self.router.target_for(uri_user(request_uri), headers)
+            target = self.router.bridge_target(invite)  # the dispatcher counted its slots on the same call
         except RouteError as e:
             log(f"{ref}: bad bridge target: {e}")
             self._reject(call, 400, str(e)[:100])
@@ -534,7 +390,7 @@ class Worker:
         self.schedule_load()
 
     def _reject(self, call: Any, code: int, reason: str = "") -> None:
-        pj = _pj()
+        pj = pjsua.load()
         op = pj.CallOpParam()
         op.statusCode = code
         if reason:
@@ -546,7 +402,7 @@ class Worker:
             log(f"reject {code} failed: {e.info()}")
 
     def _place_outbound(self, sess: Session) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         if sess.closing or sess.caller.leg.disconnected:
             return
         agent = self.WCall(self.acc, None, sess, 1)
@@ -566,7 +422,7 @@ class Worker:
         self.schedule_load()
 
     def _on_state(self, call: Any, ci: Any) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         leg: _Leg = call.leg
         sess: Session | None = call.sess
         if ci.state == pj.PJSIP_INV_STATE_CONFIRMED:
@@ -603,7 +459,7 @@ class Worker:
             self.schedule_load()
 
     def _answer_caller(self, sess: Session) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         caller = sess.caller
         if sess.closing or caller.leg.disconnected or caller.leg.answered:
             return
@@ -617,7 +473,7 @@ class Worker:
             self.finish(sess, "error", detail=f"answer failed: {e.reason}")
 
     def _on_media(self, call: Any, ci: Any) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         sess: Session | None = call.sess
         leg: _Leg = call.leg
         for i, m in enumerate(ci.media):
@@ -640,22 +496,16 @@ class Worker:
             return None
         try:
             return call.getAudioMedia(call.leg.media_idx)
-        except _pj().Error:
+        except pjsua.load().Error:
             return None
 
     def _maybe_start(self, sess: Session) -> None:
-        pj = _pj()
         caller_am = self._audio_media(sess.caller)
         if caller_am is None or (sess.target and self._audio_media(sess.agent) is None):
             return
-        try:
-            si = sess.caller.getStreamInfo(sess.caller.leg.media_idx)
-            sess.codec = f"{si.codecName}/{si.codecClockRate}"
-        except pj.Error:
-            sess.codec = None
+        sess.codec = pjsua.stream_codec(sess.caller, sess.caller.leg.media_idx)
         legs = ["caller", "agent"] if sess.target and self.cfg.transcribe_agent else ["caller"]
-        fmt = pj.MediaFormatAudio()
-        fmt.init(pj.PJMEDIA_FORMAT_PCM, 16000, 1, 20000, 16)
+        fmt = pjsua.pcm16_format(16000)
         for i in range(len(legs)):
             if self.spare_captures:
                 cap = self.spare_captures.pop()
@@ -672,7 +522,7 @@ class Worker:
         log(f"{sess.ref}: call started ({sess.codec}{', bridged to ' + sess.target if sess.target else ''})")
 
     def _connect(self, sess: Session) -> None:
-        pj = _pj()
+        pj = pjsua.load()
         caller_am, agent_am = self._audio_media(sess.caller), self._audio_media(sess.agent)
         try:
             for cap in sess.captures:
@@ -712,7 +562,7 @@ class Worker:
     # ---------------------------------------------------------------- ending calls
 
     def _hangup_leg(self, call: Any, code: int, bye_reason: str = "") -> None:
-        pj = _pj()
+        pj = pjsua.load()
         if call is None or call.leg.disconnected or call.leg.hanging_up:
             return
         call.leg.hanging_up = True
@@ -749,7 +599,7 @@ class Worker:
             if am is not None:
                 try:
                     am.stopTransmit(cap)
-                except _pj().Error:
+                except pjsua.load().Error:
                     pass  # the call's media is already gone from the bridge
         self._bury(*sess.captures)
         if all(c is None or c.leg.disconnected for c in (sess.caller, sess.agent)):
@@ -787,7 +637,7 @@ class Worker:
 
     def _monitor(self) -> None:
         """RTP inactivity: a leg whose received packet count has not moved for rtp_timeout_s."""
-        pj = _pj()
+        pj = pjsua.load()
         now = time.monotonic()
         for sess in list(self.sessions.values()):
             if sess.closing or not sess.started:
@@ -821,7 +671,7 @@ class Worker:
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
         try:
             self.start_sip()
-        except (_pj().Error, ValueError, OSError) as e:  # pjsua2.Error carries the detail in info()
+        except (pjsua.load().Error, ValueError, OSError) as e:  # pjsua2.Error carries the detail in info()
             msg = e.info() if hasattr(e, "info") else str(e)
             log(f"cannot start SIP on {self.host}:{self.port}: {msg}")
             self.send({"type": "log", "level": "error", "event": "sip_worker_start_failed", "error": msg[:500]})
@@ -885,7 +735,7 @@ class Worker:
         self._closed = True
 
     def _destroy(self) -> None:
-        stop_media_clock(self.ep)  # before any capture port is freed
+        pjsua.stop_media_clock(self.ep, log)  # before any capture port is freed
         log(f"{self.captures_made} capture port(s) served {self.seq} call(s)")
         objs = [o for _, o in self.graveyard] + list(self.alive) + self.spare_captures
         for sess in self.sessions.values():
@@ -902,7 +752,7 @@ class Worker:
         self.spare_captures.clear()
         self.acc = None
         gc.collect()
-        destroy_endpoint(self.ep, self._keep)
+        pjsua.destroy_endpoint(self.ep, self._keep, log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from sip.message import (
     split_list,
     uri_user,
 )
+from sip.routing import RouteError, Router, call_slots
 
 
 def wire(text: str, body: str = "") -> bytes:
@@ -356,3 +357,43 @@ def test_sdp_codecs_static_dynamic_and_disabled_streams() -> None:
     assert common_codecs(sdp_audio_codecs(b"m=audio 1 RTP/AVP 3\r\n"), ours) == []
     assert common_codecs(["pcma/8000"], ours) == ["PCMA/8000"]
     assert sdp_audio_codecs(b"not sdp at all") == []
+
+
+def _invite(uri: str, *headers: str) -> SipMessage:
+    return parse_message(("\r\n".join([f"INVITE {uri} SIP/2.0", "Via: SIP/2.0/UDP h;branch=z9hG4bK1",
+                                       "Call-ID: c", "CSeq: 1 INVITE", *headers]) + "\r\n\r\n").encode())
+
+
+@pytest.mark.parametrize("uri, slots", [
+    ("tel:+15551234;phone-context=example.com", 2),
+    ("tel:%2B15551234", 2),
+    ("sip:%2A72%23@10.0.0.1;user=phone", 2),
+    ("sips:sal%65s@h", 2),
+    ("sip:+15551234@h", 2),
+    ("sip:other@h", 1),
+    ("tel:+15559999", 1),
+])
+def test_bridge_decision_on_request_uri(uri: str, slots: int) -> None:
+    """The one bridging decision the dispatcher (slots) and the worker (outbound leg) both make:
+    tel: numbers and percent-encoded users match their routes."""
+    router = Router({"+15551234": "sip:agent@a", "*72#": "sip:agent@a", "sales": "sip:agent@a"})
+    target = router.bridge_target(_invite(uri))
+    assert call_slots(target) == slots and (target == "sip:agent@a") == (slots == 2)
+
+
+def test_bridge_decision_target_header() -> None:
+    """The first non-empty target header wins over routes, only where allowed; any spelling of its
+    name; a target that is not a SIP URI is a RouteError (answered 400 by both sides)."""
+    invite = _invite("sip:other@h", "x-callbridge-target:  ", "X-Callbridge-Target: <sip:b@h2>",
+                     "X-Callbridge-Target: <sip:c@h3>")
+    assert Router({"*": "sip:star@h"}, allow_target_header=True).bridge_target(invite) == "sip:b@h2"
+    assert Router({"*": "sip:star@h"}).bridge_target(invite) == "sip:star@h"
+    with pytest.raises(RouteError):
+        Router({}, allow_target_header=True).bridge_target(_invite("sip:o@h", "X-Callbridge-Target: tel:1"))
+
+
+def test_extension_headers_and_joined_values() -> None:
+    """What a worker keeps of the INVITE: X- headers under their first spelling, repeats joined."""
+    invite = _invite("sip:o@h", "X-Ticket: 1", "m: <sip:a@h>", "x-ticket: 2", "Contact: <sip:b@h>", "X-Empty:")
+    assert invite.extension_headers() == {"X-Ticket": "1, 2", "X-Empty": ""}
+    assert invite.joined("Contact") == "<sip:a@h>, <sip:b@h>" and invite.joined("Subject") is None

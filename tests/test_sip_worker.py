@@ -27,7 +27,10 @@ import pytest
 from sip.ports import free_sip_port
 
 from bench.corpus import _resample, read_wav, synthesize, write_wav
+from sip.dispatcher import Dispatcher
+from sip.dispatcher import Worker as DispatcherWorker
 from sip.protocol import encode, read_message
+from sip.routing import Router
 
 pytest.importorskip("pjsua2")
 
@@ -432,6 +435,65 @@ async def test_bridge_needs_two_slots(worker, speech):
     ended = (await w.ctl.wait("call_ended"))[0]
     assert ended["reason"] == "error" and ended["sip_code"] == 486
     assert (await w.ctl.wait("load", slots_used=0, calls=0, count=2))
+
+
+class EventLog:
+    """The dispatcher's log events (its logger is injected): what it decided for each INVITE."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def bind(self, **_: Any) -> EventLog:
+        return self
+
+    def _record(self, event: str, **kw: Any) -> None:
+        self.events.append({"event": event, **kw})
+
+    debug = info = warning = error = exception = _record
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == event]
+
+
+@pytest.mark.parametrize("callee_uri, via_proxy, sent", [
+    ("tel:+15551234;phone-context=example.com", True, "tel:+15551234"),  # tel: needs the dispatcher as proxy
+    # the feature code *72#: pjsip sends "#" escaped (it unescapes and re-escapes the user part)
+    ("sip:%2A72%23@127.0.0.1:{dispatcher}", False, "72%23@"),
+], ids=["tel", "percent-encoded"])
+async def test_dispatcher_and_worker_agree_on_bridging(worker, speech, callee_uri, via_proxy, sent):
+    """A real dispatcher in front of a real worker, a real pjsua2 caller: for a tel: and a
+    percent-encoded request-URI, the slots the dispatcher counts for the call (2 when bridged)
+    match the worker's decision to bridge it, and the call is bridged to the routed target."""
+    callee_port = _free_port()
+    target = f"sip:agent@127.0.0.1:{callee_port}"
+    routes = {"+15551234": target, "*72#": target}
+    w = await worker(routes=routes)
+    log = EventLog()
+    d = Dispatcher("127.0.0.1", 0, [DispatcherWorker(w.wid, "127.0.0.1", w.port, 4, alive=True)],
+                   Router(routes), logger=log)
+    await d.start()
+    callee = await start_peer("answer", "--port", str(callee_port), "--play", speech["b"], "--timeout", "30")
+    try:
+        args = ["call", callee_uri.format(dispatcher=d.port), "--play", speech["short"], "--hold-s", "0"]
+        if via_proxy:
+            args += ["--proxy", f"sip:127.0.0.1:{d.port}"]
+        r = await run_peer(*args)
+        started = (await w.ctl.wait("call_started"))[0]
+        forwarded = log.of("sip_invite_forwarded")
+        assert len(forwarded) == 1, log.events
+        worker_slots = 2 if started["target"] else 1
+        assert forwarded[0]["slots"] == worker_slots, (forwarded[0], started)
+        assert started["target"] == target and started["legs"] == ["caller", "agent"], started
+        assert r.rc == 0 and r.result["sip_code"] == 200, r.stderr[-2000:]
+        rc = await finish_peer(callee)
+        assert rc.rc == 0 and rc.result["sip_code"] == 200, rc.stderr[-2000:]
+        assert sent in started["sip"]["request_uri"], started["sip"]  # the worker saw the URI as sent
+        assert (await w.ctl.wait("call_ended", call=started["call"]))[0]["reason"] == "bye_caller"
+    finally:
+        if callee.returncode is None:
+            callee.kill()
+            await callee.wait()
+        await d.stop()
 
 
 async def test_rtp_timeout(worker, speech):
