@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bridge.backoff import AuthBackoff
 from bridge.config import AuthConfig
 from bridge.keyformat import JWT_SHAPE, MIN_CONFIG_KEY_CHARS, TEMP_PREFIX, config_key_problem
+# the key store's vocabulary; also re-exported here, where callers have always found it
 from bridge.stores.keys import (
     KEY_PREFIX,
     ApiKey,

@@ -11,6 +11,7 @@ them, and nothing outside bridge/stores opens a database.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import subprocess
@@ -27,11 +28,14 @@ from bridge.stores import (
     BACKENDS,
     DB_NAME,
     InsufficientCredits,
+    JobStore,
     KeyNotFound,
+    KeyStore,
     StoreNotFound,
     Stores,
     StoreUnavailable,
     TokenRefused,
+    WebhookStore,
     open_stores,
     store_url,
 )
@@ -61,6 +65,20 @@ async def stores(url: str) -> AsyncIterator[Stores]:
     s = await open_stores(url)
     yield s
     await s.close()
+
+
+@pytest.mark.parametrize("interface,attr", [(JobStore, "jobs"), (KeyStore, "keys"), (WebhookStore, "webhooks")])
+async def test_the_backend_has_every_method_of_the_interface_as_a_coroutine(stores: Stores, interface: type,
+                                                                             attr: str) -> None:
+    impl = getattr(stores, attr)
+    for name, method in inspect.getmembers(interface, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        mine = getattr(impl, name, None)
+        assert mine is not None and inspect.iscoroutinefunction(mine), f"{type(impl).__name__}.{name}"
+        want = [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()][1:]
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(mine).parameters.values()]
+        assert got == want, f"{type(impl).__name__}.{name}{inspect.signature(mine)}"
 
 
 def final(text: str, start: float, end: float, channel: int = 0, speaker: str = "caller") -> dict:

@@ -3,7 +3,6 @@ and the one loader for untrusted JSON (REST bodies, socket and data channel fram
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
