@@ -1,8 +1,9 @@
 """The embedded SQLite backend (`sqlite://PATH`), the default: one file holds jobs, keys and the
 webhook outbox, each store on its own connection (WAL, BEGIN IMMEDIATE: see db.py).
 
-URL: `sqlite://` followed by the file's path, absolute (`sqlite:///var/lib/callbridge/callbridge.db`)
-or relative to the working directory (`sqlite://data/callbridge.db`).
+URL: `sqlite://` followed by the file's path, taken literally (no percent-decoding, so any data
+directory works), absolute (`sqlite:///var/lib/callbridge/callbridge.db`) or relative to the
+working directory (`sqlite://data/callbridge.db`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def path_of(url: str) -> Path:
     if not url.startswith(_PREFIX):
         raise ConfigError(f"storage.url: not a {SCHEME} URL: {url!r}")
     rest = url[len(_PREFIX):]
-    if not rest or rest == ":memory:" or "?" in rest:
+    if not rest or rest == ":memory:":
         raise ConfigError(f"storage.url {url!r} must name a database file: "
                           "sqlite:///ABSOLUTE/PATH or sqlite://RELATIVE/PATH")
     return Path(rest)
@@ -54,8 +55,10 @@ def _open(path: Path) -> Stores:
         opened.append(jobs := SqliteJobStore(path))
         opened.append(keys := SqliteKeyStore(str(path)))
         opened.append(hooks := SqliteWebhookStore(path))
-    except sqlite3.DatabaseError as e:
+    except BaseException as e:
         for store in opened:
             store.close()
-        raise StoreUnavailable(str(path), str(e)) from e
+        if isinstance(e, sqlite3.DatabaseError):
+            raise StoreUnavailable(str(path), str(e)) from e
+        raise
     return Stores(jobs=ThreadedJobStore(jobs), keys=ThreadedKeyStore(keys), webhooks=ThreadedWebhookStore(hooks))
