@@ -76,7 +76,7 @@ async def talk(c: WebRtcClient, server=None, *, bye: bool = True, timeout: float
 
 async def wait_job_done(store, job_id: str, timeout: float = 15):
     async with asyncio.timeout(timeout):
-        while (job := store.get_job(job_id)).status.value == "live":
+        while (job := await store.get_job(job_id)).status.value == "live":
             await asyncio.sleep(0.05)
     return job
 
