@@ -53,7 +53,7 @@ class ThreadedJobStore:
         await _run(self.blocking.finish_job, job_id, status, duration_s, error, ended_at)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        await _run(lambda: self.blocking.update_job(job_id, **fields))
+        await _run(self.blocking.update_job, job_id, **fields)
 
     async def edit_segment(self, job_id: str, segment_id: int, text: str | None = None,
                            speaker: str | None = None) -> Segment:
@@ -118,7 +118,7 @@ class ThreadedKeyStore:
         return await _run(self.blocking.mint_temp_token, key_id, expires_in)
 
     async def consume_temp_token(self, token: str, *, spend: bool = True) -> str:
-        return await _run(lambda: self.blocking.consume_temp_token(token, spend=spend))
+        return await _run(self.blocking.consume_temp_token, token, spend=spend)
 
     async def release_temp_token(self, token_hash: str) -> None:
         await _run(self.blocking.release_temp_token, token_hash)
@@ -161,7 +161,7 @@ class ThreadedWebhookStore:
         return await _run(self.blocking.count_endpoints, owner)
 
     async def update_endpoint(self, endpoint_id: str, **fields: Any) -> Endpoint | None:
-        return await _run(lambda: self.blocking.update_endpoint(endpoint_id, **fields))
+        return await _run(self.blocking.update_endpoint, endpoint_id, **fields)
 
     async def delete_endpoint(self, endpoint_id: str) -> bool:
         return await _run(self.blocking.delete_endpoint, endpoint_id)
@@ -180,8 +180,8 @@ class ThreadedWebhookStore:
 
     async def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
                              error: str | None, next_attempt_at: float, at: float) -> None:
-        await _run(lambda: self.blocking.record_attempt(delivery_id, status=status, http_status=http_status,
-                                                        error=error, next_attempt_at=next_attempt_at, at=at))
+        await _run(self.blocking.record_attempt, delivery_id, status=status, http_status=http_status, error=error,
+                   next_attempt_at=next_attempt_at, at=at)
 
     async def list_deliveries(self, endpoint_id: str, status: str | None = None, job_id: str | None = None,
                               limit: int = 50, before: int | None = None) -> list[Delivery]:
