@@ -8,9 +8,10 @@ wall-clock time it was emitted and the stream time that was playing then.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -103,13 +104,18 @@ async def play_many(pool: RecognizerPool, clips: Sequence[np.ndarray], pace: flo
     return runs
 
 
-async def wait_for(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+async def wait_for(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> bool:
+    """Until `pred()` holds (a coroutine function is awaited: the stores are async), every 20 ms."""
+    async def holds() -> bool:
+        r = pred()
+        return await r if inspect.isawaitable(r) else r
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if pred():
+        if await holds():
             return True
         await asyncio.sleep(0.02)
-    return pred()
+    return await holds()
 
 
 async def stream_at_pace(s: Any, data: bytes, rate: int, tail_s: float, timeout: float) -> tuple[float, list[tuple[float, dict]]]:

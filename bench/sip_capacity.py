@@ -109,9 +109,9 @@ async def run_sip(svc, calls: list[Call], wav_dir: Path) -> dict:
         jid = by_user.get(f"bench{i}")
         if jid is None:
             continue
-        job = svc.store.get_job(jid)
+        job = await svc.store.get_job(jid)
         completed += job.status.value == "completed"
-        text = " ".join(g.text for g in svc.store.segments(jid) if g.text)
+        text = " ".join(g.text for g in await svc.store.segments(jid) if g.text)
         e, n = corpus.word_errors(c.text, text)
         errs, words = errs + e, words + n
         lats += latencies(c, finals.get(jid, []), started[jid][0])

@@ -156,7 +156,7 @@ async def backlog_phase(svc, url: str, calls, wav_dir: Path) -> dict:
             wid = (await r.json())["id"]
         await run_phase("socket", svc, url, BENCH_KEY, calls, wav_dir)
         await svc.webhooks.flush()
-        queued = {(d.job_id, d.seq) for d in svc.webhooks.store.list_deliveries(wid, "pending", limit=10**6)}
+        queued = {(d.job_id, d.seq) for d in await svc.webhooks.store.list_deliveries(wid, "pending", limit=10**6)}
         _, app_runner = await rx.start(port)
         try:
             t0 = time.monotonic()
@@ -179,7 +179,7 @@ async def capacity_phase(svc, url: str, hook_url: str, rx: Receiver, jobs: int, 
         async with http.post(f"{url}/v1/webhooks", json={"url": hook_url, "secret": SECRET,
                                                         "events": ["final"]}) as r:
             wid = (await r.json())["id"]
-    owner = svc.keys.list_keys()[0].id
+    owner = (await svc.keys.list_keys())[0].id
     words = tuple(Word(w, i * 0.3, i * 0.3 + 0.25, 0.9) for i, w in enumerate("one two three four five six".split()))
     keys = set()
     t0 = time.monotonic()

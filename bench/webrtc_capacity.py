@@ -183,9 +183,9 @@ async def run_phase(kind: str, svc, url: str, key: str, calls: list[Call], wav_d
         if "error" in r:
             errs, words = errs + len(c.text.split()), words + len(c.text.split())
             continue
-        job = svc.store.get_job(r["job_id"])
+        job = await svc.store.get_job(r["job_id"])
         completed += job is not None and job.status.value == "completed" and r["completed"]
-        text = " ".join(g.text for g in svc.store.segments(r["job_id"]) if g.text)
+        text = " ".join(g.text for g in await svc.store.segments(r["job_id"]) if g.text)
         e, n = corpus.word_errors(c.text, text)
         errs, words = errs + e, words + n
         lats += latencies(c, [(t, ev) for t, ev in r["finals"]], r["t0"])

@@ -21,11 +21,11 @@ from bridge.audio.wav import WavRecorder
 from bridge.events.bus import EventBus
 from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Usage
 from bridge.jobs.model import Job, JobStatus
-from bridge.jobs.store import JobStore
 from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig, StreamingRecognizer
 from bridge.storage import StorageFull, StorageGuard, is_storage_full
+from bridge.stores import JobStore
 
 __all__ = ["Call", "CallRegistry", "Leg", "credits_for", "ended_event", "job_credits"]
 
@@ -115,7 +115,7 @@ class Call:
         self.job.audio_path = str(path)
         self._recorder = WavRecorder(path, channels=self.channels)
         try:
-            await asyncio.to_thread(self.store.create_job, self.job)
+            await self.store.create_job(self.job)
         except BaseException:  # no job row: no recording either
             self._recorder.abandon()
             path.unlink(missing_ok=True)
@@ -224,7 +224,7 @@ class Call:
     async def annotate(self, **fields: Any) -> None:
         """Merge `fields` into the job's metadata and save it (DTMF digits, how the call ended)."""
         self.job.metadata = {**self.job.metadata, **fields}
-        await asyncio.to_thread(self.store.update_job, self.job.id, metadata=self.job.metadata)
+        await self.store.update_job(self.job.id, metadata=self.job.metadata)
 
     @property
     def streamed_seconds(self) -> float:
@@ -270,7 +270,7 @@ class Call:
 
     async def _save_event(self, ev: Any) -> None:
         if isinstance(ev, Final):
-            await asyncio.to_thread(self.store.add_segment, self.job.id, ev.to_dict())
+            await self.store.add_segment(self.job.id, ev.to_dict())
             self.finals += 1
         elif isinstance(ev, Dtmf):
             await self.annotate(dtmf=list(self.dtmf))
@@ -317,23 +317,23 @@ class Call:
         self.job.status = status
         self.job.error = error
         self.job.duration_s = self.streamed_seconds
-        await asyncio.to_thread(self._save_ending, status, error)
+        await self._save_ending(status, error)
         self._publish(self.usage())
         self._publish(CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
         self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
                       finals=self.finals, error=(error or {}).get("code"))
         return self.job
 
-    def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
+    async def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
         """Mark the job ended; on a full disk free the emergency reserve and try once more, so the
         job does not stay `live` (which would also keep DELETE from freeing its space)."""
         try:
-            self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
         except Exception as e:
             if not is_storage_full(e) or self.storage is None:
                 raise
-            self.storage.exhaust(e)
-            self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await asyncio.to_thread(self.storage.exhaust, e)
+            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
 
     async def abort(self) -> None:
         """Stop the recognizers without flushing (server shutdown past its drain deadline)."""

@@ -36,6 +36,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callb
 VAD_KINDS = ("silero", "webrtc", "energy")  # bridge.recognizer.vad.VAD_KINDS (not imported: numpy)
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+STORE_SCHEMES = ("sqlite",)  # bridge.stores.registry.BACKENDS (not imported: config is the base layer)
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,12 @@ class ServerConfig:
     data_dir: str = _f("./data", "SQLite database, recordings and the generated API key", nonempty=True)
     api_keys: tuple[str, ...] = _f((), "accepted API keys, at least 16 characters each; empty: `serve` creates "
                                        "one in data_dir", api_keys=True)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = _f("", "database URL (sqlite:///PATH); empty: sqlite:///<data_dir>/callbridge.db",
+                  store_url=True)
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -240,6 +248,8 @@ class Config:
                     v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
                 elif mask_keys and f.name in ("jwt_hs256_secret", "turn_credential") and v:
                     v = _mask(v)
+                elif mask_keys and sec.name == "storage" and f.name == "url":
+                    v = _mask_url_password(v)
                 values[f.name] = v
             out[sec.name] = values
         return out
@@ -249,10 +259,32 @@ def _mask(key: str) -> str:
     return key[:4] + "…" if len(key) >= 12 else "****"
 
 
+def _mask_url_password(url: str) -> str:
+    """scheme://user:secret@host/db -> scheme://user:****@host/db (a database URL may carry one)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not (sep and at and ":" in creds):
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:****@{host}"
+
+
+def _store_url_problem(url: str) -> str | None:
+    """Why `url` cannot be storage.url, or None; the backend checks the rest when it opens it."""
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        return f"must look like SCHEME://..., e.g. sqlite:///var/lib/callbridge/callbridge.db, got {url!r}"
+    if scheme.lower() not in STORE_SCHEMES:
+        return f"has unknown scheme {scheme!r}; known: {', '.join(STORE_SCHEMES)}"
+    return None
+
+
 # --------------------------------------------------------------------------- schema
 
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
+    "storage": StorageConfig,
     "model": ModelConfig,
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
@@ -353,6 +385,10 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
             problem = config_key_problem(secret)
             if problem:  # the key itself is never echoed: it is a secret
                 raise bad(f"key {i} of {len(value)}: {problem}")
+    if meta.get("store_url"):
+        problem = _store_url_problem(value)
+        if problem:
+            raise bad(problem)
     if meta.get("nonempty") and not value.strip():
         raise bad("must not be empty")
     if "choices" in meta and value not in meta["choices"]:

@@ -24,12 +24,12 @@ from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.storage import StorageGuard
+from bridge.stores import DB_NAME, JobStore, Stores, open_stores, store_url
 from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
 log = get_logger("bridge.service")
-DB_NAME = "callbridge.db"
 
 
 class Service:
@@ -42,8 +42,9 @@ class Service:
         self.metrics = Metrics(self)
         # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
         self.storage = StorageGuard(self.data_dir, int(config.limits.min_free_disk_mb * 1024 * 1024))
-        self.store: Any = None
-        self.keys: Any = None
+        self.stores: Stores | None = None  # from storage.url (bridge/stores)
+        self.store: Any = None  # self.stores.jobs
+        self.keys: Any = None  # self.stores.keys
         self.auth: Any = None
         self.pool = pool
         self._own_pool = pool is None
@@ -66,8 +67,7 @@ class Service:
         return self.calls.draining
 
     async def start(self) -> None:
-        from bridge.auth import Authenticator, KeyStore, bootstrap_key
-        from bridge.jobs.store import SqliteJobStore
+        from bridge.auth import Authenticator, bootstrap_key
 
         allocator.configure()  # before the first session's buffers (bridge/allocator.py)
 
@@ -75,21 +75,19 @@ class Service:
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
-        db = self.data_dir / DB_NAME
-        self.store = SqliteJobStore(db)
-        self.recovered_jobs = self.store.fail_live_jobs("the server stopped while this job was live")
+        self.stores = await open_stores(store_url(self.config))
+        self.store, self.keys = self.stores.jobs, self.stores.keys
+        self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live")
         if self.recovered_jobs:
-            await asyncio.to_thread(recover_recordings, self.store, self.recovered_jobs)
+            await recover_recordings(self.store, self.recovered_jobs)
             log.warning("recovered_live_jobs", count=len(self.recovered_jobs), job_ids=self.recovered_jobs)
-        self.keys = KeyStore(str(db))
-        self.keys.ensure_keys(self.config.server.api_keys)
-        self.generated_key = bootstrap_key(self.keys, str(self.data_dir))
-        self.keys.settle_orphans(self._orphan_usage)
+        await self.keys.ensure_keys(self.config.server.api_keys)
+        self.generated_key = await bootstrap_key(self.keys, str(self.data_dir))
+        await self.keys.settle_orphans(self._orphan_usage)
         self.auth = Authenticator(self.keys, self.config.auth)
         from bridge.webhooks.dispatcher import WebhookDispatcher
-        from bridge.webhooks.store import SqliteWebhookStore
 
-        self.webhooks = WebhookDispatcher(self.bus, SqliteWebhookStore(db), self.store, self.config.webhooks,
+        self.webhooks = WebhookDispatcher(self.bus, self.stores.webhooks, self.store, self.config.webhooks,
                                           credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
         await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
         if self.pool is None:
@@ -142,12 +140,12 @@ class Service:
         self.idle_trims += 1
         log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"))
 
-    def _orphan_usage(self, job_id: str) -> int:
+    async def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length
         of its recording, see recover_recordings) x channels."""
         import math
 
-        job = self.store.get_job(job_id)
+        job = await self.store.get_job(job_id)
         if job is None:
             return 0
         from bridge.calls import job_credits
@@ -177,15 +175,12 @@ class Service:
             await self.sip.stop()
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
-            self.webhooks.store.close()
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._own_pool and self.pool is not None:
             await asyncio.to_thread(self.pool.close)
-        if self.keys is not None:
-            self.keys.close()
-        if self.store is not None:
-            self.store.close()
+        if self.stores is not None:
+            await self.stores.close()
         log.info("service_stopped")
 
     # -- the aiohttp application ------------------------------------------------------------
@@ -202,22 +197,22 @@ class Service:
         return app
 
 
-def recover_recordings(store: Any, job_ids: list[str]) -> None:
+async def recover_recordings(store: JobStore, job_ids: list[str]) -> None:
     """Jobs a crash cut off: make each recording's header match the audio it holds and take its
     length as the job's duration. The audio received is what the job used (and is billed for):
     the last final's end is 0 for a stream that had no final yet, and the header lags the data
     by up to one flush."""
     for job_id in job_ids:
-        job = store.get_job(job_id)
+        job = await store.get_job(job_id)
         if job is None or not job.audio_path:
             continue
         try:
-            seconds = repair_wav(job.audio_path)
+            seconds = await asyncio.to_thread(repair_wav, job.audio_path)
         except OSError as e:
             log.error("recording_not_repaired", job_id=job_id, error=repr(e))
             continue
         if seconds is not None and seconds > job.duration_s:
-            store.update_job(job_id, duration_s=seconds)
+            await store.update_job(job_id, duration_s=seconds)
         log.info("recording_recovered", job_id=job_id, recorded_s=seconds)
 
 

@@ -108,7 +108,11 @@ class StorageGuard:
 
     def caused(self, exc: BaseException) -> bool:
         """Whether the full disk explains `exc`: SQLite reports a -wal/-shm file it cannot create
-        on a full disk as a plain "disk I/O error", so an I/O error with no room left counts."""
+        on a full disk as a plain "disk I/O error", so an I/O error with no room left counts. A
+        store that could not open (bridge.stores.StoreUnavailable) is judged by the driver's error
+        it wraps."""
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
         if is_storage_full(exc):
             return True
         if isinstance(exc, (OSError, sqlite3.OperationalError)):

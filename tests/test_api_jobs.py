@@ -48,14 +48,14 @@ CONVERSATION = [
 ]
 
 
-def owner_of(server: Any, key: str = API_KEY) -> str:
+async def owner_of(server: Any, key: str = API_KEY) -> str:
     """The owner id the service gives a key (its key id), as the jobs it creates would carry."""
-    return server.service.keys.verify_key(key).id
+    return (await server.service.keys.verify_key(key)).id
 
 
-def make_job(server: Any, owner: str, *, created_at: float | None = None, status: JobStatus = JobStatus.COMPLETED,
-             source: JobSource = JobSource.STREAM, finals: list[dict[str, Any]] | None = None,
-             audio: bool = True) -> Job:
+async def make_job(server: Any, owner: str, *, created_at: float | None = None,
+                   status: JobStatus = JobStatus.COMPLETED, source: JobSource = JobSource.STREAM,
+                   finals: list[dict[str, Any]] | None = None, audio: bool = True) -> Job:
     """A finished job in the real store, with a real two-channel WAV in the recordings folder."""
     created = created_at if created_at is not None else time.time()
     job = Job(id=new_job_id(), owner=owner, status=status, source=source, created_at=created,
@@ -68,9 +68,9 @@ def make_job(server: Any, owner: str, *, created_at: float | None = None, status
             rec.write_frames([(3000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16),
                               (3000 * np.sin(2 * np.pi * 330 * t)).astype(np.int16)])
         job.audio_path = str(path)
-    server.service.store.create_job(job)
+    await server.service.store.create_job(job)
     for f in CONVERSATION if finals is None else finals:
-        server.service.store.add_segment(job.id, f)
+        await server.service.store.add_segment(job.id, f)
     return job
 
 
@@ -98,9 +98,9 @@ async def error_of(resp: aiohttp.ClientResponse, status: int, code: str) -> str:
 
 
 async def test_list_paginates_newest_first(server, http):
-    me = owner_of(server)
+    me = await owner_of(server)
     base = time.time() - 1000
-    made = [make_job(server, me, created_at=base + i, audio=False) for i in range(5)]
+    made = [await make_job(server, me, created_at=base + i, audio=False) for i in range(5)]
     seen, cursor, pages = [], None, 0
     while True:
         params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
@@ -123,11 +123,11 @@ async def test_list_paginates_newest_first(server, http):
 
 
 async def test_list_filters(server, http):
-    me = owner_of(server)
+    me = await owner_of(server)
     now = time.time()
-    old = make_job(server, me, created_at=now - 7200, source=JobSource.SIP, audio=False)
-    failed = make_job(server, me, created_at=now - 60, status=JobStatus.FAILED, source=JobSource.WEBRTC, audio=False)
-    recent = make_job(server, me, created_at=now - 30, audio=False)
+    old = await make_job(server, me, created_at=now - 7200, source=JobSource.SIP, audio=False)
+    failed = await make_job(server, me, created_at=now - 60, status=JobStatus.FAILED, source=JobSource.WEBRTC, audio=False)
+    recent = await make_job(server, me, created_at=now - 30, audio=False)
 
     async def ids(**params: str) -> list[str]:
         async with http.get("/v1/jobs", params=params, headers=auth()) as r:
@@ -158,7 +158,7 @@ async def test_list_rejects_bad_query(server, http, params):
 
 
 async def test_auth_required_and_query_key(server, http):
-    make_job(server, owner_of(server), audio=False)
+    await make_job(server, await owner_of(server), audio=False)
     for headers in ({}, auth("cbk_wrong_key_000000000000000000"), {"Authorization": "Basic eDp5"}):
         async with http.get("/v1/jobs", headers=headers) as r:
             assert r.status == 401 and r.content_type == "application/json"
@@ -169,7 +169,7 @@ async def test_auth_required_and_query_key(server, http):
 
 
 async def test_other_owner_sees_nothing(server, http):
-    job = make_job(server, owner_of(server))
+    job = await make_job(server, await owner_of(server))
     async with http.get("/v1/jobs", headers=auth(OTHER_KEY)) as r:
         assert (await r.json()) == {"jobs": [], "next": None}
     calls = [("GET", f"/v1/jobs/{job.id}", None), ("PATCH", f"/v1/jobs/{job.id}", {"speakers": {"caller": "x"}}),
@@ -182,7 +182,7 @@ async def test_other_owner_sees_nothing(server, http):
         async with http.request(method, missing_path, json=body, headers=auth(OTHER_KEY)) as r:
             missing = await error_of(r, 404, "NOT_FOUND")
         assert foreign.replace(job.id, "ID") == missing.replace("job_00000000000000000000000000", "ID")
-    assert server.service.store.get_job(job.id).speakers == ["caller", "agent"]  # nothing changed
+    assert (await server.service.store.get_job(job.id)).speakers == ["caller", "agent"]  # nothing changed
     assert Path(job.audio_path).is_file()
 
 
@@ -190,7 +190,7 @@ async def test_other_owner_sees_nothing(server, http):
 
 
 async def test_get_job(server, http):
-    job = make_job(server, owner_of(server), source=JobSource.SIP)
+    job = await make_job(server, await owner_of(server), source=JobSource.SIP)
     async with http.get(f"/v1/jobs/{job.id}", headers=auth()) as r:
         assert r.status == 200
         text = await r.text()
@@ -205,7 +205,7 @@ async def test_get_job(server, http):
         (f["start"], f["speaker"], f["text"]) for f in CONVERSATION]
     assert all(isinstance(s["id"], int) and s["words"] for s in body["segments"])
 
-    bare = make_job(server, owner_of(server), audio=False, finals=[])
+    bare = await make_job(server, await owner_of(server), audio=False, finals=[])
     async with http.get(f"/v1/jobs/{bare.id}", headers=auth()) as r:
         body = await r.json()
     assert body["audio_path"] is None and body["segments"] == []
@@ -257,7 +257,7 @@ def _check_exports_match(ex: dict[str, str], job: dict[str, Any]) -> None:
 
 
 async def test_patch_shows_in_every_export(server, http):
-    job = make_job(server, owner_of(server))
+    job = await make_job(server, await owner_of(server))
     async with http.get(f"/v1/jobs/{job.id}", headers=auth()) as r:
         before = await r.json()
     _check_exports_match(await _exports(http, job.id), before)
@@ -290,7 +290,7 @@ async def test_patch_shows_in_every_export(server, http):
 
 
 async def test_patch_swaps_speaker_labels(server, http):
-    job = make_job(server, owner_of(server))
+    job = await make_job(server, await owner_of(server))
     async with http.patch(f"/v1/jobs/{job.id}", json={"speakers": {"caller": "agent", "agent": "caller"}},
                           headers=auth()) as r:
         assert r.status == 200, await r.text()
@@ -318,19 +318,19 @@ async def test_patch_swaps_speaker_labels(server, http):
     [],
 ])
 async def test_patch_rejects_bad_bodies_without_changing_anything(server, http, body):
-    job = make_job(server, owner_of(server))
-    seg_id = server.service.store.segments(job.id)[0].id
+    job = await make_job(server, await owner_of(server))
+    seg_id = (await server.service.store.segments(job.id))[0].id
     body = json.loads(json.dumps(body).replace('"SEG"', str(seg_id)))
     async with http.patch(f"/v1/jobs/{job.id}", json=body, headers=auth()) as r:
         await error_of(r, 400, "INVALID_REQUEST")
-    segs = server.service.store.segments(job.id)
+    segs = await server.service.store.segments(job.id)
     assert [s.text for s in segs] == [f["text"] for f in CONVERSATION]
     assert all(s.edited_at is None for s in segs)
-    assert server.service.store.get_job(job.id).speakers == ["caller", "agent"]
+    assert (await server.service.store.get_job(job.id)).speakers == ["caller", "agent"]
 
 
 async def test_patch_rejects_non_json(server, http):
-    job = make_job(server, owner_of(server), audio=False)
+    job = await make_job(server, await owner_of(server), audio=False)
     async with http.patch(f"/v1/jobs/{job.id}", data=b"{not json", headers=auth()) as r:
         await error_of(r, 400, "INVALID_REQUEST")
 
@@ -339,7 +339,7 @@ async def test_patch_rejects_non_json(server, http):
 
 
 async def test_transcript_content_types_and_errors(server, http):
-    job = make_job(server, owner_of(server), audio=False)
+    job = await make_job(server, await owner_of(server), audio=False)
     expected = {"json": "application/json", "txt": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}
     for fmt, ctype in expected.items():
         async with http.get(f"/v1/jobs/{job.id}/transcript", params={"format": fmt}, headers=auth()) as r:
@@ -356,7 +356,7 @@ async def test_transcript_content_types_and_errors(server, http):
 
 
 async def test_audio_download(server, http):
-    job = make_job(server, owner_of(server))
+    job = await make_job(server, await owner_of(server))
     wav = Path(job.audio_path).read_bytes()
     async with http.get(f"/v1/jobs/{job.id}/audio", headers=auth()) as r:
         assert r.status == 200 and r.content_type == "audio/wav"
@@ -364,7 +364,7 @@ async def test_audio_download(server, http):
     async with http.get(f"/v1/jobs/{job.id}/audio", headers={**auth(), "Range": "bytes=0-43"}) as r:
         assert r.status == 206 and await r.read() == wav[:44]  # players can seek
 
-    bare = make_job(server, owner_of(server), audio=False)
+    bare = await make_job(server, await owner_of(server), audio=False)
     async with http.get(f"/v1/jobs/{bare.id}/audio", headers=auth()) as r:
         assert "no recorded audio" in await error_of(r, 404, "NOT_FOUND")
 
@@ -373,14 +373,14 @@ async def test_audio_download(server, http):
 
 
 async def test_delete_removes_rows_and_audio(server, http):
-    job = make_job(server, owner_of(server))
-    keep = make_job(server, owner_of(server))
+    job = await make_job(server, await owner_of(server))
+    keep = await make_job(server, await owner_of(server))
     wav = Path(job.audio_path)
     assert wav.is_file()
     async with http.delete(f"/v1/jobs/{job.id}", headers=auth()) as r:
         assert r.status == 204
     assert not wav.exists()
-    assert server.service.store.get_job(job.id) is None and server.service.store.segments(job.id) == []
+    assert await server.service.store.get_job(job.id) is None and await server.service.store.segments(job.id) == []
     for path in (f"/v1/jobs/{job.id}", f"/v1/jobs/{job.id}/transcript", f"/v1/jobs/{job.id}/audio"):
         async with http.get(path, headers=auth()) as r:
             await error_of(r, 404, "NOT_FOUND")
@@ -447,9 +447,9 @@ async def test_live_job_is_readable_but_not_editable(server, http):
 
 
 async def test_client_end_to_end(server, tmp_path):
-    me = owner_of(server)
+    me = await owner_of(server)
     base = time.time() - 100
-    made = [make_job(server, me, created_at=base + i) for i in range(5)]
+    made = [await make_job(server, me, created_at=base + i) for i in range(5)]
     async with JobsClient(server.url, API_KEY) as c:
         assert [j["id"] async for j in c.iter_jobs(page_size=2)] == [j.id for j in reversed(made)]
         page = await c.list_jobs(limit=2, since=datetime.fromtimestamp(base + 2.5, tz=UTC))
@@ -507,8 +507,8 @@ async def run_cli(*argv: str) -> int:
 
 
 async def test_cli_list_show_export_audio_delete(server, tmp_path, capsys):
-    me = owner_of(server)
-    jobs = [make_job(server, me, created_at=time.time() - 10 + i) for i in range(3)]
+    me = await owner_of(server)
+    jobs = [await make_job(server, me, created_at=time.time() - 10 + i) for i in range(3)]
     conn = ["--url", server.url, "--api-key", API_KEY]
 
     assert await run_cli("jobs", "list", *conn) == 0
@@ -532,7 +532,7 @@ async def test_cli_list_show_export_audio_delete(server, tmp_path, capsys):
     assert "[00:01] caller: Hi, I have a question about my order." in out
     assert "[00:22] caller: Great, thank you." in out
 
-    seg_id = server.service.store.segments(jobs[0].id)[3].id
+    seg_id = (await server.service.store.segments(jobs[0].id))[3].id
     assert await run_cli("jobs", "edit", jobs[0].id, "--segment", str(seg_id), "--text", "Perfect, thanks.",
                          "--rename", "agent=Dana", *conn) == 0
     assert "[00:22] caller: Perfect, thanks." in capsys.readouterr().out
@@ -561,13 +561,13 @@ async def test_cli_errors_are_one_line(server, capsys):
     assert err.count("\n") == 1 and "404 NOT_FOUND" in err and err.startswith("callbridge: error:")
     assert await run_cli("jobs", "list", "--url", server.url, "--api-key", "cbk_wrong_key_00000000000000") == 2
     assert capsys.readouterr().err.count("\n") == 1
-    job = make_job(server, owner_of(server), audio=False)
+    job = await make_job(server, await owner_of(server), audio=False)
     assert await run_cli("jobs", "audio", job.id, "-o", "unused.wav", *conn) == 2
     assert "no recorded audio" in capsys.readouterr().err
 
 
 async def test_cli_key_from_data_dir(server, tmp_path, monkeypatch, capsys):
-    make_job(server, owner_of(server), audio=False)
+    await make_job(server, await owner_of(server), audio=False)
     data = tmp_path / "clidata"
     data.mkdir()
     (data / "api_key").write_text(f"# generated by callbridge serve\n{API_KEY}\n")

@@ -24,18 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bench.drive import wait_for
-from bridge.auth import (
-    Authenticator,
-    AuthError,
-    InsufficientCredits,
-    KeyNotFound,
-    KeyStore,
-    Principal,
-    bootstrap_key,
-    key_id_for,
-)
+from bridge.auth import Authenticator, AuthError, Principal, bootstrap_key, key_id_for
 from bridge.backoff import source_of
 from bridge.config import AuthConfig
+from bridge.stores import InsufficientCredits, KeyNotFound, TokenRefused
+from bridge.stores.sqlite.keys import SqliteKeyStore
+from bridge.stores.sqlite.threaded import ThreadedKeyStore
 from tests.serving import API_KEY, OTHER_KEY, start_server
 
 HS_SECRET = "hs256-test-secret-0123456789abcdef0123456789"  # >= 32 bytes, as RFC 7518 requires
@@ -59,7 +53,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock):
-    s = KeyStore(str(tmp_path / "callbridge.db"), clock=clock)
+    s = SqliteKeyStore(str(tmp_path / "callbridge.db"), clock=clock)
     yield s
     s.close()
 
@@ -110,7 +104,7 @@ def _request(headers: dict[str, str] | None = None, **query: str) -> Any:
 # --------------------------------------------------------------------------- KeyStore: keys
 
 
-def test_secret_is_stored_only_as_hash(tmp_path: Path, store: KeyStore) -> None:
+def test_secret_is_stored_only_as_hash(tmp_path: Path, store: SqliteKeyStore) -> None:
     key, secret = store.create_key(name="ci", credits=10)
     assert secret.startswith("cbk_") and len(secret) >= 40
     assert key.id == "key_" + hashlib.sha256(secret.encode()).hexdigest()[:16] == key_id_for(secret)
@@ -121,7 +115,7 @@ def test_secret_is_stored_only_as_hash(tmp_path: Path, store: KeyStore) -> None:
     assert secret.encode() not in raw and API_KEY.encode() not in raw
     assert hashlib.sha256(secret.encode()).hexdigest().encode() in raw  # what is kept instead
 
-    reopened = KeyStore(str(tmp_path / "callbridge.db"))
+    reopened = SqliteKeyStore(str(tmp_path / "callbridge.db"))
     try:
         assert reopened.verify_key(secret) == key
         assert reopened.verify_key(secret + "x") is None
@@ -130,7 +124,7 @@ def test_secret_is_stored_only_as_hash(tmp_path: Path, store: KeyStore) -> None:
         reopened.close()
 
 
-def test_config_keys_are_imported_idempotently_with_stable_ids(store: KeyStore) -> None:
+def test_config_keys_are_imported_idempotently_with_stable_ids(store: SqliteKeyStore) -> None:
     store.ensure_keys([API_KEY, OTHER_KEY])
     store.ensure_keys([API_KEY])
     keys = {k.id: k for k in store.list_keys()}
@@ -146,13 +140,13 @@ def test_config_keys_are_imported_idempotently_with_stable_ids(store: KeyStore) 
 
 @pytest.mark.parametrize("bad, why", [("short", "at least 16"), ("cbt_looks_like_a_temp_token", "cbt_"),
                                       ("aaaaaaaa.bbbbbbbb.cccccccc", "JWT")])
-def test_config_keys_that_could_never_authenticate_are_refused(store: KeyStore, bad: str, why: str) -> None:
+def test_config_keys_that_could_never_authenticate_are_refused(store: SqliteKeyStore, bad: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         store.ensure_keys([bad])
     assert store.list_keys() == []
 
 
-def test_revoke(store: KeyStore) -> None:
+def test_revoke(store: SqliteKeyStore) -> None:
     key, secret = store.create_key()
     assert store.revoke(key.id) is True
     assert store.revoke(key.id) is False  # already revoked
@@ -162,7 +156,7 @@ def test_revoke(store: KeyStore) -> None:
     assert store.active_key_count() == 0
 
 
-def test_credits_adjustments(store: KeyStore) -> None:
+def test_credits_adjustments(store: SqliteKeyStore) -> None:
     key, _ = store.create_key()
     assert store.get_key(key.id).balance is None  # unlimited by default
     with pytest.raises(ValueError, match="unlimited"):
@@ -183,21 +177,21 @@ def test_credits_adjustments(store: KeyStore) -> None:
 # --------------------------------------------------------------------------- KeyStore: temporary tokens
 
 
-def test_temp_token_is_single_use(store: KeyStore, clock: Clock) -> None:
+def test_temp_token_is_single_use(store: SqliteKeyStore, clock: Clock) -> None:
     key, _ = store.create_key()
     token, expires_at = store.mint_temp_token(key.id, 60)
     assert token.startswith("cbt_") and expires_at == clock.now + 60
     assert store.consume_temp_token(token) == key.id
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(TokenRefused) as e:
         store.consume_temp_token(token)
     assert e.value.code == "TOKEN_REUSED" and token not in e.value.message
 
 
-def test_temp_token_expires(store: KeyStore, clock: Clock) -> None:
+def test_temp_token_expires(store: SqliteKeyStore, clock: Clock) -> None:
     key, _ = store.create_key()
     token, _ = store.mint_temp_token(key.id, 60)
     clock.now += 60.5
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(TokenRefused) as e:
         store.consume_temp_token(token)
     assert e.value.code == "TOKEN_EXPIRED"
     fresh, _ = store.mint_temp_token(key.id, 60)
@@ -205,34 +199,34 @@ def test_temp_token_expires(store: KeyStore, clock: Clock) -> None:
     assert store.consume_temp_token(fresh) == key.id  # just inside its lifetime
 
 
-def test_temp_token_refused_when_unknown_or_key_revoked(store: KeyStore) -> None:
+def test_temp_token_refused_when_unknown_or_key_revoked(store: SqliteKeyStore) -> None:
     key, _ = store.create_key()
     token, _ = store.mint_temp_token(key.id, 60)
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(TokenRefused) as e:
         store.consume_temp_token("cbt_" + "x" * 43)
     assert e.value.code == "INVALID_CREDENTIALS"
     store.revoke(key.id)
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(TokenRefused) as e:
         store.consume_temp_token(token)
     assert e.value.code == "KEY_REVOKED"
-    with pytest.raises(AuthError) as e:
+    with pytest.raises(TokenRefused) as e:
         store.mint_temp_token(key.id, 60)
     assert e.value.code == "KEY_REVOKED"
     with pytest.raises(KeyNotFound):
         store.mint_temp_token("key_nope", 60)
 
 
-def test_temp_token_consumed_once_under_concurrency(tmp_path: Path, store: KeyStore) -> None:
+def test_temp_token_consumed_once_under_concurrency(tmp_path: Path, store: SqliteKeyStore) -> None:
     """Threads on one connection and a second connection (another process) race for one token."""
     key, _ = store.create_key()
     token, _ = store.mint_temp_token(key.id, 60)
-    other = KeyStore(str(tmp_path / "callbridge.db"), clock=store.clock)
+    other = SqliteKeyStore(str(tmp_path / "callbridge.db"), clock=store.clock)
 
     def attempt(i: int) -> str:
         try:
             (store if i % 2 else other).consume_temp_token(token)
             return "ok"
-        except AuthError as e:
+        except TokenRefused as e:
             return e.code
 
     try:
@@ -243,7 +237,7 @@ def test_temp_token_consumed_once_under_concurrency(tmp_path: Path, store: KeySt
     assert results.count("ok") == 1 and results.count("TOKEN_REUSED") == 15
 
 
-def test_temp_token_stored_only_as_hash(tmp_path: Path, store: KeyStore) -> None:
+def test_temp_token_stored_only_as_hash(tmp_path: Path, store: SqliteKeyStore) -> None:
     key, _ = store.create_key()
     token, _ = store.mint_temp_token(key.id, 60)
     store.close()
@@ -254,7 +248,7 @@ def test_temp_token_stored_only_as_hash(tmp_path: Path, store: KeyStore) -> None
 # --------------------------------------------------------------------------- KeyStore: reservations
 
 
-def test_reserve_and_settle(store: KeyStore) -> None:
+def test_reserve_and_settle(store: SqliteKeyStore) -> None:
     key, _ = store.create_key(credits=1000)
     store.reserve(key.id, "job_a", 600)
     with pytest.raises(InsufficientCredits) as e:
@@ -274,7 +268,7 @@ def test_reserve_and_settle(store: KeyStore) -> None:
     assert store.get_key(key.id).balance == 0 and store.open_reservations() == {}
 
 
-def test_unmetered_owners_reserve_nothing(store: KeyStore) -> None:
+def test_unmetered_owners_reserve_nothing(store: SqliteKeyStore) -> None:
     unlimited, _ = store.create_key()
     store.reserve(unlimited.id, "job_1", 10**9)
     store.reserve("jwt:alice", "job_2", 10**9)
@@ -283,13 +277,13 @@ def test_unmetered_owners_reserve_nothing(store: KeyStore) -> None:
     assert store.get_key(unlimited.id).balance is None
 
 
-def test_orphaned_reservations_are_settled_at_startup(tmp_path: Path, store: KeyStore) -> None:
+def test_orphaned_reservations_are_settled_at_startup(tmp_path: Path, store: SqliteKeyStore) -> None:
     key, _ = store.create_key(credits=1000)
     store.reserve(key.id, "job_crashed", 500)
     store.reserve(key.id, "job_empty", 300)
     store.close()  # the process dies with both sessions live
 
-    reopened = KeyStore(str(tmp_path / "callbridge.db"))
+    reopened = SqliteKeyStore(str(tmp_path / "callbridge.db"))
     try:
         used = {"job_crashed": 42, "job_empty": 0}
         assert reopened.settle_orphans(used.__getitem__) == 2
@@ -300,34 +294,34 @@ def test_orphaned_reservations_are_settled_at_startup(tmp_path: Path, store: Key
         reopened.close()
 
 
-def test_bootstrap_key(tmp_path: Path, store: KeyStore) -> None:
+async def test_bootstrap_key(tmp_path: Path, store: SqliteKeyStore) -> None:
     data_dir = tmp_path / "data"
-    secret = bootstrap_key(store, str(data_dir))
+    secret = await bootstrap_key(ThreadedKeyStore(store), str(data_dir))
     assert secret is not None
     path = data_dir / "api_key"
     assert path.read_text().strip() == secret
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = store.verify_key(secret)
     assert key is not None and key.name == "default" and key.balance is None
-    assert bootstrap_key(store, str(data_dir)) is None  # an active key exists now
+    assert await bootstrap_key(ThreadedKeyStore(store), str(data_dir)) is None  # an active key exists now
 
 
 # --------------------------------------------------------------------------- Authenticator
 
 
-def _auth(store: KeyStore, **config: Any) -> Authenticator:
-    return Authenticator(store, AuthConfig(**config))
+def _auth(store: SqliteKeyStore, **config: Any) -> Authenticator:
+    return Authenticator(ThreadedKeyStore(store), AuthConfig(**config))
 
 
-def _refused(auth: Authenticator, request: Any, code: str, **kw: Any) -> AuthError:
+async def _refused(auth: Authenticator, request: Any, code: str, **kw: Any) -> AuthError:
     with pytest.raises(AuthError) as e:
-        auth.authenticate(request, **kw)
+        await auth.authenticate(request, **kw)
     assert e.value.code == code, e.value.message
     assert e.value.status == 401 and e.value.to_dict() == {"error": {"code": code, "message": e.value.message}}
     return e.value
 
 
-def test_construction_refuses_unusable_jwt_keys(tmp_path: Path, store: KeyStore) -> None:
+def test_construction_refuses_unusable_jwt_keys(tmp_path: Path, store: SqliteKeyStore) -> None:
     with pytest.raises(ValueError, match="cannot read"):
         _auth(store, jwt_rs256_public_key=str(tmp_path / "missing.pem"))
     (tmp_path / "junk.pem").write_text("not a key")
@@ -340,35 +334,35 @@ def test_construction_refuses_unusable_jwt_keys(tmp_path: Path, store: KeyStore)
         _auth(store, jwt_hs256_secret="too-short")
 
 
-def test_credential_sources_and_kinds(store: KeyStore) -> None:
+async def test_credential_sources_and_kinds(store: SqliteKeyStore) -> None:
     store.ensure_keys([API_KEY, OTHER_KEY])
     auth = _auth(store, jwt_hs256_secret=HS_SECRET)
     api = Principal(owner=key_id_for(API_KEY), kind="api_key", key_id=key_id_for(API_KEY))
-    assert auth.authenticate(_request(api_key=API_KEY)) == api
-    assert auth.authenticate(_request({"Authorization": f"Bearer {API_KEY}"})) == api
+    assert await auth.authenticate(_request(api_key=API_KEY)) == api
+    assert await auth.authenticate(_request({"Authorization": f"Bearer {API_KEY}"})) == api
     # the header wins over the query
-    assert auth.authenticate(_request({"Authorization": f"bearer {API_KEY}"}, api_key=OTHER_KEY)) == api
-    assert auth.authenticate(_request(token=hs256())) == Principal(owner="jwt:alice", kind="jwt", subject="alice")
-    _refused(auth, _request(), "UNAUTHORIZED")
-    _refused(auth, _request(api_key=""), "UNAUTHORIZED")
-    _refused(auth, _request({"Authorization": f"Basic {API_KEY}"}), "INVALID_CREDENTIALS")
-    err = _refused(auth, _request(api_key="cbk_wrong_but_plausible_key_value_0000"), "INVALID_CREDENTIALS")
+    assert await auth.authenticate(_request({"Authorization": f"bearer {API_KEY}"}, api_key=OTHER_KEY)) == api
+    assert await auth.authenticate(_request(token=hs256())) == Principal(owner="jwt:alice", kind="jwt", subject="alice")
+    await _refused(auth, _request(), "UNAUTHORIZED")
+    await _refused(auth, _request(api_key=""), "UNAUTHORIZED")
+    await _refused(auth, _request({"Authorization": f"Basic {API_KEY}"}), "INVALID_CREDENTIALS")
+    err = await _refused(auth, _request(api_key="cbk_wrong_but_plausible_key_value_0000"), "INVALID_CREDENTIALS")
     assert "cbk_wrong" not in err.message
 
 
-def test_temp_token_not_spent_where_not_allowed(store: KeyStore) -> None:
+async def test_temp_token_not_spent_where_not_allowed(store: SqliteKeyStore) -> None:
     key, _ = store.create_key()
     token, _ = store.mint_temp_token(key.id, 60)
     auth = _auth(store)
-    _refused(auth, _request({"Authorization": f"Bearer {token}"}), "TEMP_TOKEN_NOT_ALLOWED", allow_temp=False)
-    assert auth.authenticate(_request(token=token)) == Principal(owner=key.id, kind="temp_token", key_id=key.id)
-    _refused(auth, _request(token=token), "TOKEN_REUSED")
+    await _refused(auth, _request({"Authorization": f"Bearer {token}"}), "TEMP_TOKEN_NOT_ALLOWED", allow_temp=False)
+    assert await auth.authenticate(_request(token=token)) == Principal(owner=key.id, kind="temp_token", key_id=key.id)
+    await _refused(auth, _request(token=token), "TOKEN_REUSED")
 
 
-def test_jwt_rules(store: KeyStore, rsa_key: rsa.RSAPrivateKey, rsa_pem_path: str) -> None:
+async def test_jwt_rules(store: SqliteKeyStore, rsa_key: rsa.RSAPrivateKey, rsa_pem_path: str) -> None:
     auth = _auth(store, jwt_hs256_secret=HS_SECRET, jwt_rs256_public_key=rsa_pem_path, jwt_leeway_s=0)
     now = int(time.time())
-    assert auth.authenticate(_request(token=rs256(rsa_key, sub="bob"))).owner == "jwt:bob"
+    assert (await auth.authenticate(_request(token=rs256(rsa_key, sub="bob")))).owner == "jwt:bob"
     cases = {
         "expired": (hs256(exp=now - 10), "TOKEN_EXPIRED"),
         "not yet valid": (hs256(nbf=now + 600), "INVALID_CREDENTIALS"),
@@ -383,19 +377,19 @@ def test_jwt_rules(store: KeyStore, rsa_key: rsa.RSAPrivateKey, rsa_pem_path: st
         "garbage jwt": ("aaaa.bbbb.cccc", "INVALID_CREDENTIALS"),
     }
     for name, (token, code) in cases.items():
-        err = _refused(auth, _request(token=token), code)
+        err = await _refused(auth, _request(token=token), code)
         assert token not in err.message, name
     # algorithm confusion: an HS256 token whose HMAC secret is the RS256 *public* key (which
     # PyJWT will not even sign with, hence forged by hand)
-    _refused(auth, _request(token=_forge_hs256(Path(rsa_pem_path).read_bytes())), "INVALID_CREDENTIALS")
-    _refused(_auth(store, jwt_rs256_public_key=rsa_pem_path), _request(token=hs256()), "INVALID_CREDENTIALS")
+    await _refused(auth, _request(token=_forge_hs256(Path(rsa_pem_path).read_bytes())), "INVALID_CREDENTIALS")
+    await _refused(_auth(store, jwt_rs256_public_key=rsa_pem_path), _request(token=hs256()), "INVALID_CREDENTIALS")
 
 
-def test_jwt_issuer_checked_when_configured(store: KeyStore) -> None:
+async def test_jwt_issuer_checked_when_configured(store: SqliteKeyStore) -> None:
     auth = _auth(store, jwt_hs256_secret=HS_SECRET, jwt_issuer="https://idp.example")
-    assert auth.authenticate(_request(token=hs256(iss="https://idp.example"))).subject == "alice"
-    _refused(auth, _request(token=hs256(iss="https://evil.example")), "INVALID_CREDENTIALS")
-    _refused(auth, _request(token=hs256()), "INVALID_CREDENTIALS")
+    assert (await auth.authenticate(_request(token=hs256(iss="https://idp.example")))).subject == "alice"
+    await _refused(auth, _request(token=hs256(iss="https://evil.example")), "INVALID_CREDENTIALS")
+    await _refused(auth, _request(token=hs256()), "INVALID_CREDENTIALS")
 
 
 # --------------------------------------------------------------------------- over a real socket
@@ -428,7 +422,7 @@ async def _stream_owner(session: aiohttp.ClientSession, srv: Any, query: dict[st
         await ws.send_json({"type": "end"})
         frames = [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
     assert frames and frames[-1]["type"] == "completed", frames
-    job = srv.service.store.get_job(ready["job_id"])
+    job = await srv.service.store.get_job(ready["job_id"])
     assert job is not None
     return job.owner
 
@@ -437,7 +431,7 @@ async def _expect_401(session: aiohttp.ClientSession, srv: Any, code: str, query
                       headers: dict[str, str] | None = None, secret: str | None = None) -> None:
     """Refused before the upgrade: the handshake fails with 401, and the same request as a plain
     GET shows the JSON body. Nothing is created."""
-    jobs_before = len(srv.service.store.list_jobs(limit=100)[0])
+    jobs_before = len((await srv.service.store.list_jobs(limit=100))[0])
     with pytest.raises(aiohttp.WSServerHandshakeError) as e:
         async with session.ws_connect(srv.ws_url, params=query, headers=headers):
             pass
@@ -447,14 +441,14 @@ async def _expect_401(session: aiohttp.ClientSession, srv: Any, code: str, query
         body = await r.json()
     assert body["error"]["code"] == code, body
     assert body["error"]["message"] and (secret is None or secret not in body["error"]["message"])
-    assert len(srv.service.store.list_jobs(limit=100)[0]) == jobs_before
+    assert len((await srv.service.store.list_jobs(limit=100))[0]) == jobs_before
 
 
 async def test_auth_matrix_refusals(jwt_server: Any, rsa_key: rsa.RSAPrivateKey) -> None:
     srv = jwt_server
     now = int(time.time())
-    revoked, revoked_secret = srv.service.keys.create_key(name="gone")
-    srv.service.keys.revoke(revoked.id)
+    revoked, revoked_secret = await srv.service.keys.create_key(name="gone")
+    await srv.service.keys.revoke(revoked.id)
     async with aiohttp.ClientSession() as s:
         await _expect_401(s, srv, "UNAUTHORIZED")
         await _expect_401(s, srv, "INVALID_CREDENTIALS", {"api_key": "cbk_not_a_real_key_000000"},
@@ -541,25 +535,25 @@ async def test_credits_reserved_at_start_and_settled_to_use(server: Any) -> None
     """A short balance is refused before any audio; a session that fits holds its maximum cost
     while live and is charged only what it streamed."""
     keys = server.service.keys
-    key, secret = keys.create_key(name="metered", credits=100)
-    jobs_before = len(server.service.store.list_jobs(limit=100)[0])
+    key, secret = await keys.create_key(name="metered", credits=100)
+    jobs_before = len((await server.service.store.list_jobs(limit=100))[0])
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(server.ws_url, params={"api_key": secret}) as ws:
             await ws.send_json({"type": "start"})  # 3 h at 220 credits/min: 39600 held, 100 available
             err = await ws.receive_json(timeout=15)
         assert err["type"] == "error" and err["code"] == "INSUFFICIENT_CREDITS", err
-        assert len(server.service.store.list_jobs(limit=100)[0]) == jobs_before
-        assert keys.get_key(key.id).reserved == 0
+        assert len((await server.service.store.list_jobs(limit=100))[0]) == jobs_before
+        assert (await keys.get_key(key.id)).reserved == 0
 
         async with s.ws_connect(server.ws_url, params={"api_key": secret}) as ws:
             await ws.send_json({"type": "start", "max_duration_seconds": 20})  # ceil(20 s x 220 / 60) = 74
             assert (await ws.receive_json(timeout=15))["type"] == "ready"
-            assert (keys.get_key(key.id).balance, keys.get_key(key.id).reserved) == (100, 74)
+            assert ((await keys.get_key(key.id)).balance, (await keys.get_key(key.id)).reserved) == (100, 74)
             await ws.send_bytes(b"\x00\x00" * 16000)  # 1 s of silence: 220 / 60 = 3.67 credits
             await ws.send_json({"type": "end"})
             frames = [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
     assert frames[-1]["type"] == "completed" and frames[-1]["credits_used"] == pytest.approx(3.67, abs=0.01)
-    k = keys.get_key(key.id)
+    k = await keys.get_key(key.id)
     assert (k.balance, k.reserved) == (96, 0)  # charged ceil(3.67) = 4, not the 74 held
 
 
@@ -623,7 +617,7 @@ def test_keys_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the revoke line
     assert listed[0]["id"] == key_id and listed[0]["balance"] == 400 and listed[0]["revoked_at"] is not None
 
-    store = KeyStore(str(Path(data) / "callbridge.db"))
+    store = SqliteKeyStore(str(Path(data) / "callbridge.db"))
     try:
         assert store.verify_key(secret).revoked
     finally:
@@ -680,10 +674,10 @@ async def test_temp_token_is_refused_on_event_routes_and_not_spent(server: Any) 
 async def _given_back(srv: Any, token: str) -> None:
     """Wait until the stream handler has given `token` back: it does so in its `finally`, in a
     thread, after the close handshake the client already saw. The timeout only guards a hang."""
-    def claimable() -> bool:
+    async def claimable() -> bool:
         try:
-            srv.service.keys.consume_temp_token(token, spend=False)
-        except AuthError as e:
+            await srv.service.keys.consume_temp_token(token, spend=False)
+        except TokenRefused as e:
             if e.code != "TOKEN_REUSED":
                 raise
             return False
@@ -726,7 +720,7 @@ async def test_ingest_refused_before_the_session_opens_does_not_spend_the_token(
         await _expect_401(s, server, "TOKEN_REUSED", params, secret=token)
         async with s.post(f"{server.url}/v1/webrtc/offer", params=params, json=offer) as r:
             assert r.status == 401 and (await r.json())["error"]["code"] == "TOKEN_REUSED"
-    assert len(server.service.store.list_jobs(limit=100)[0]) == 1
+    assert len((await server.service.store.list_jobs(limit=100))[0]) == 1
 
 
 # --------------------------------------------------------------------------- backoff after failed authentication

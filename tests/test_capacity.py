@@ -88,7 +88,7 @@ async def test_capacity_admits_n_refuses_the_next_and_admits_again_when_a_leg_en
         assert frame["code"] == "RATE_LIMITED" and close == 4429, frame
         for s in (a, c):
             assert (await _end(*s[:2]))["type"] == "completed"
-        jobs, _ = svc.store.list_jobs()
+        jobs, _ = await svc.store.list_jobs()
         assert len(jobs) == 3  # refused sessions leave no job
         assert await wait_for(lambda: svc.calls.legs == 0)
         status, body = await _get(srv.url, "/healthz")
@@ -110,7 +110,7 @@ async def test_webrtc_offer_over_capacity_is_503_with_retry_after(tmp_path, pool
         assert status == 503 and retry == "5", (status, retry, body)
         assert body["error"]["code"] == "RATE_LIMITED" and "capacity" in body["error"]["message"], body
         assert (await _end(*live[:2]))["type"] == "completed"
-        assert len(srv.service.store.list_jobs()[0]) == 1
+        assert len((await srv.service.store.list_jobs())[0]) == 1
     finally:
         await srv.stop()
 
@@ -189,7 +189,7 @@ async def test_sip_invite_over_capacity_gets_503_with_retry_after(tmp_path, pool
         resp = await caller.expect(503, timeout=10)
         assert resp.get("Retry-After") == "5", resp.headers
         assert "capacity" in (resp.get("Warning") or ""), resp.headers
-        assert [j.source.value for j in srv.service.store.list_jobs()[0]] == ["stream"]  # no SIP job
+        assert [j.source.value for j in (await srv.service.store.list_jobs())[0]] == ["stream"]  # no SIP job
         assert (await _end(*live[:2]))["type"] == "completed"
         assert await wait_for(lambda: srv.service.calls.legs == 0)
         caller.send(request("INVITE", caller.port, call_id="cap-2", body=SDP), ("127.0.0.1", srv.service.sip.port))

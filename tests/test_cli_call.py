@@ -38,7 +38,7 @@ async def test_call_with_a_relative_wav_prints_the_job_id_of_its_call(sip_server
                              "--api-key", sip_server.api_key, cwd=here)
     assert rc == 0, err
     job_id, call_id = field_of(out, "job"), field_of(out, "call-id")
-    job = sip_server.service.store.get_job(job_id)
+    job = await sip_server.service.store.get_job(job_id)
     assert job is not None and job.source.value == "sip"
     assert job.metadata["sip"]["call_id"] == call_id
     # the id printed is the one `jobs show` takes

@@ -243,7 +243,7 @@ def test_config_is_the_base_layer_and_does_not_import_auth():
     import sys
 
     code = ("import sys, bridge.config\n"
-            "print(sorted(m for m in ('bridge.auth', 'bridge.backoff', 'bridge.db', 'jwt', 'cryptography')"
+            "print(sorted(m for m in ('bridge.auth', 'bridge.backoff', 'bridge.stores', 'jwt', 'cryptography')"
             " if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout

@@ -32,14 +32,14 @@ async def _watch(server, source: str, rx: Receiver):
     return http, ws
 
 
-def _check(job_id: str, source: str, socket_events: list[dict], rx: Receiver, store) -> list[dict]:
+async def _check(job_id: str, source: str, socket_events: list[dict], rx: Receiver, store) -> list[dict]:
     hooked = rx.events(job_id)
     mine = [e for e in socket_events if e["job_id"] == job_id]
     for evs in (mine, hooked):
         assert evs[0]["type"] == "call_started" and evs[0]["source"] == source
         assert evs[-1]["type"] == "call_ended" and evs[-1]["status"] == "completed"
         assert [e["seq"] for e in evs] == sorted(e["seq"] for e in evs)
-    saved = [(g.channel, g.speaker, g.text) for g in store.segments(job_id)]
+    saved = [(g.channel, g.speaker, g.text) for g in await store.segments(job_id)]
     assert saved
     for evs in (mine, hooked):
         assert [(e["channel"], e["speaker"], e["text"]) for e in evs if e["type"] == "final"] == saved
@@ -63,7 +63,7 @@ async def test_sip_call_events_reach_sockets_and_webhooks(tmp_path, pool):
         seen = await asyncio.wait_for(reader, 60)
         job_id = seen[0]["job_id"]
         await rx.wait_for(lambda r: r.ended(job_id))
-        hooked = _check(job_id, "sip", seen, rx, srv.service.store)
+        hooked = await _check(job_id, "sip", seen, rx, srv.service.store)
     finally:
         await ws.close()
         await http.close()
@@ -86,7 +86,7 @@ async def test_webrtc_call_events_reach_sockets_and_webhooks(tmp_path, pool):
             events = await talk(c, server)
         seen = await asyncio.wait_for(reader, 60)
         await rx.wait_for(lambda r: r.ended(c.job_id))
-        hooked = _check(c.job_id, "webrtc", seen, rx, server.service.store)
+        hooked = await _check(c.job_id, "webrtc", seen, rx, server.service.store)
     finally:
         await ws.close()
         await http.close()

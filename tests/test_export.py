@@ -10,8 +10,9 @@ import re
 import pytest
 
 from bridge.events.types import Final, Word
-from bridge.jobs import Job, SqliteJobStore, new_job_id
+from bridge.jobs import Job, new_job_id
 from bridge.jobs.export import render, to_json, to_srt, to_txt, to_vtt
+from bridge.stores.sqlite.jobs import SqliteJobStore
 
 LONG = ("so what I was trying to say earlier is that the delivery arrived two days late and the box "
         "was damaged on one side which meant that several of the glasses inside were broken and I "

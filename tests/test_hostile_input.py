@@ -170,7 +170,7 @@ async def test_odd_jwt_headers_are_401_on_rest_and_socket(srv: Any, log: Log) ->
                     pass
             assert e.value.status == 401, name
             assert len(log.refusals(mark)) == 1, name
-    assert srv.service.store.list_jobs(limit=10)[0] == []
+    assert (await srv.service.store.list_jobs(limit=10))[0] == []
 
 
 async def _raw(port: int, path: str, header_bytes: bytes) -> tuple[int, bytes]:
@@ -224,7 +224,7 @@ async def test_a_request_aiohttp_cannot_parse_logs_one_line_without_traceback(sr
 
 async def _targets(srv: Any, s: aiohttp.ClientSession) -> list[tuple[str, str, int, str]]:
     """Every route that reads a JSON body: (method, url, status, code) of its refusal."""
-    job = make_job(srv, owner_of(srv))
+    job = await make_job(srv, await owner_of(srv))
     async with s.post(f"{srv.url}/v1/webhooks", headers=auth(),
                       json={"url": "http://127.0.0.1:9/callbridge", "secret": "s" * 24}) as r:
         assert r.status == 201, await r.text()
@@ -268,7 +268,7 @@ async def test_hostile_start_frames_are_invalid_config(srv: Any, log: Log) -> No
             assert err["type"] == "error" and err["code"] == "INVALID_CONFIG", (name, err)
             assert len(err["message"]) < 400
             assert [x["event"] for x in log.refusals(mark)] == ["session_refused"], name
-    assert srv.service.store.list_jobs(limit=10)[0] == []
+    assert (await srv.service.store.list_jobs(limit=10))[0] == []
     log.assert_no_traceback()
 
 
@@ -285,7 +285,7 @@ async def test_hostile_control_frames_end_the_session_with_invalid_config(srv: A
                 assert ws.close_code == 4400, (name, ws.close_code)
             err = frames[-1]
             assert err["type"] == "error" and err["code"] == "INVALID_CONFIG", (name, err)
-            job = srv.service.store.get_job(ready["job_id"])
+            job = await srv.service.store.get_job(ready["job_id"])
             assert job.status.value == "failed" and job.error["code"] == "INVALID_CONFIG"
     log.assert_no_traceback()
 
@@ -298,7 +298,7 @@ async def test_hostile_json_on_the_webrtc_events_channel_ends_the_call_with_inva
             c.channel.send(frame)
             events = [e async for e in c]
         assert events[-1]["type"] == "error" and events[-1]["code"] == "INVALID_CONFIG", (name, events[-1:])
-        job = srv.service.store.get_job(c.job_id)  # saved before the error was sent
+        job = await srv.service.store.get_job(c.job_id)  # saved before the error was sent
         assert job.status.value == "failed" and job.error["code"] == "INVALID_CONFIG", (name, job)
     log.assert_no_traceback()
 
@@ -342,12 +342,12 @@ async def test_bad_speaker_labels_are_refused_at_start(srv: Any, log: Log) -> No
             ready = await ws.receive_json(timeout=15)
             assert ready["config"]["speakers"] == ["Dr. Müller", "agent 7"], ready
             await ws.send_json({"type": "end"})
-    assert [j.status.value for j in srv.service.store.list_jobs(limit=10)[0]] == ["completed"]
+    assert [j.status.value for j in (await srv.service.store.list_jobs(limit=10))[0]] == ["completed"]
 
 
 async def test_patch_refuses_control_characters_and_changes_nothing(srv: Any, log: Log) -> None:
-    job = make_job(srv, owner_of(srv))
-    seg_id = srv.service.store.segments(job.id)[0].id
+    job = await make_job(srv, await owner_of(srv))
+    seg_id = (await srv.service.store.segments(job.id))[0].id
     url = f"{srv.url}/v1/jobs/{job.id}"
     edits = [{"segments": [{"id": seg_id, "text": t}]} for t in
              ("a\x00b", "line one\nline two", "a\rb", "a\u2029b", "\x1b[31mred", "\u202egnirts", "x" * 10001)]
@@ -404,7 +404,7 @@ def test_exporters_keep_every_stored_value_inside_its_cue() -> None:
 async def test_exports_over_http_stay_well_formed_with_a_stored_bad_label(srv: Any) -> None:
     bad = [final("fine words --> more", 1.0, 3.0, 1, INJECTION),
            final("second words", 4.0, 5.0, 0, "caller\u2028x")]
-    job = make_job(srv, owner_of(srv), finals=bad, audio=False)
+    job = await make_job(srv, await owner_of(srv), finals=bad, audio=False)
     async with aiohttp.ClientSession() as s:
         got = {}
         for fmt in ("srt", "vtt", "txt"):

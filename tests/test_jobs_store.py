@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 from bridge.events.types import Final, Word
-from bridge.jobs import Job, JobSource, JobStatus, SqliteJobStore, new_job_id
+from bridge.jobs import Job, JobSource, JobStatus, new_job_id
+from bridge.stores.sqlite.jobs import SqliteJobStore
 
 
 def final(text: str, start: float, end: float, channel: int = 0, speaker: str = "caller") -> dict:
@@ -131,7 +132,8 @@ def test_kill_9_keeps_segments(tmp_path):
     path = tmp_path / "crash.db"
     code = textwrap.dedent(f"""
         import os
-        from bridge.jobs import Job, SqliteJobStore, new_job_id
+        from bridge.jobs import Job, new_job_id
+        from bridge.stores.sqlite.jobs import SqliteJobStore
         s = SqliteJobStore({str(path)!r})
         job = s.create_job(Job(id=new_job_id(), owner="k"))
         for i in range(3):

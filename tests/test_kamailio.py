@@ -77,20 +77,26 @@ async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_pat
 
         async def call(i: int):
             # one after another, each once the earlier ones are answered and still talking
-            await _state(lambda: len(svc.store.list_jobs()[0]) >= min(i, 2), 30, f"{min(i, 2)} calls answered")
+            async def answered() -> bool:
+                return len((await svc.store.list_jobs())[0]) >= min(i, 2)
+
+            await _state(answered, 30, f"{min(i, 2)} calls answered")
             return await peer("call", f"sip:k{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
 
         results = await asyncio.gather(*(call(i) for i in range(3)))
         codes = sorted(info["sip_code"] for _, info, _ in results)
-        jobs, _ = svc.store.list_jobs()
+        jobs, _ = await svc.store.list_jobs()
         assert codes == [200, 200, 503], (codes, [(j.config.get("worker"), j.created_at, j.ended_at) for j in jobs],
                                           svc.sip.dispatcher.stats().get("workers"))
-        jobs, _ = svc.store.list_jobs()
+        jobs, _ = await svc.store.list_jobs()
         assert len(jobs) == 2 and {j.config["worker"] for j in jobs} == {0, 1}
-        await _state(lambda: all(svc.store.get_job(j.id).status.value != "live" for j in jobs), 30, "jobs ended")
+        async def ended() -> bool:
+            return all([(await svc.store.get_job(j.id)).status.value != "live" for j in jobs])
+
+        await _state(ended, 30, "jobs ended")
         for j in jobs:
-            assert svc.store.get_job(j.id).status.value == "completed"
-            assert corpus.wer(CALLER, leg_text(svc.store, j.id, "caller")) <= 0.15
+            assert (await svc.store.get_job(j.id)).status.value == "completed"
+            assert corpus.wer(CALLER, await leg_text(svc.store, j.id, "caller")) <= 0.15
         # the slots are free again: the next call is answered
         rc, info, err = await peer("call", f"sip:again@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
         assert rc == 0 and info["sip_code"] == 200, err

@@ -87,7 +87,7 @@ async def test_many_sessions_leave_no_live_objects_and_idle_trims(tmp_path, pool
                     assert (await dash.receive_json())["type"] == "call_started"
 
         async with aiohttp.ClientSession() as http:  # replays of finished calls: the server closes those
-            for job in svc.store.list_jobs()[0][:3]:
+            for job in (await svc.store.list_jobs())[0][:3]:
                 async with http.ws_connect(f"{srv.url}/v1/calls/{job.id}/events?api_key={API_KEY}") as replay:
                     kinds = [msg.json()["type"] async for msg in replay]
                 assert kinds[-1] == "call_ended" and replay.close_code == 1000, kinds
@@ -99,7 +99,7 @@ async def test_many_sessions_leave_no_live_objects_and_idle_trims(tmp_path, pool
         assert settled, {k: (base.get(k, 0), now.get(k, 0)) for k in set(base) | set(now) if base[k] != now[k]}
         assert _internal(svc) == base_internal == {"calls": 0, "bus_seq": 0, "bus_subs": 0, "pending_partials": 0,
                                                    "webrtc": 0}
-        assert len(svc.store.list_jobs()[0]) == 2 + 3 * 7
+        assert len((await svc.store.list_jobs())[0]) == 2 + 3 * 7
         # idle: the allocator was asked to give its free pages back (bridge/allocator.py)
         assert await wait_for(lambda: svc.idle_trims > trims, timeout=15)
     finally:

@@ -137,17 +137,17 @@ async def test_kill_9_mid_session_keeps_audio_and_finals(tmp_path, pool):
     try:
         assert live.job_id in srv2.service.recovered_jobs
         store = srv2.service.store
-        job = store.get_job(live.job_id)
+        job = await store.get_job(live.job_id)
         assert job.status.value == "failed" and job.error["code"] == "INTERNAL"
-        saved = [g.text for g in store.segments(live.job_id)]
+        saved = [g.text for g in await store.segments(live.job_id)]
         assert saved[: len(finals(seen))] == [e["text"] for e in finals(seen)]
         assert corpus.wer(EN[0], saved[0]) < 0.2
         with wave.open(job.audio_path) as w:  # the recording is readable and holds what was received
             got = w.getnframes() / w.getframerate()
         sent_before_final = finals(seen)[0]["end"]
         assert got >= sent_before_final, (got, sent_before_final)
-        assert store.get_job(done.job_id).status.value == "completed"
-        assert [g.text for g in store.segments(done.job_id)]
+        assert (await store.get_job(done.job_id)).status.value == "completed"
+        assert [g.text for g in await store.segments(done.job_id)]
     finally:
         await srv2.stop()
 
@@ -155,11 +155,11 @@ async def test_kill_9_mid_session_keeps_audio_and_finals(tmp_path, pool):
 async def test_kill_9_before_any_final_bills_the_audio_received(tmp_path, pool):
     """A stream killed (kill -9) before its first final is billed for the audio it sent, and its
     recording's header says how much audio the file holds, once the service restarts."""
-    from bridge.auth import KeyStore
+    from bridge.stores.sqlite.keys import SqliteKeyStore
 
     data = tmp_path / "data"
     data.mkdir()
-    keys = KeyStore(str(data / "callbridge.db"))
+    keys = SqliteKeyStore(str(data / "callbridge.db"))
     key, secret = keys.create_key("metered", credits=1000)
     keys.close()
     # no usage ticks (they flush the recording's header too): only the recorder's own autoflush runs
@@ -181,15 +181,15 @@ async def test_kill_9_before_any_final_bills_the_audio_received(tmp_path, pool):
         await live.aclose()
     srv2 = await start_server(data, pool)
     try:
-        job = srv2.service.store.get_job(live.job_id)
-        assert job.status.value == "failed" and not srv2.service.store.segments(live.job_id)  # no final
+        job = await srv2.service.store.get_job(live.job_id)
+        assert job.status.value == "failed" and not await srv2.service.store.segments(live.job_id)  # no final
         assert job.duration_s == pytest.approx(3.5)
         with wave.open(job.audio_path) as w:
             assert w.getnframes() == 3.5 * SR  # the header matches the audio in the file
         assert os.path.getsize(job.audio_path) == 44 + 3.5 * SR * 2
-        charged = 1000 - srv2.service.keys.get_key(key.id).balance
+        charged = 1000 - (await srv2.service.keys.get_key(key.id)).balance
         assert charged == math.ceil(3.5 * 220 / 60)  # 13 credits, not 0
-        assert srv2.service.keys.open_reservations() == {}
+        assert await srv2.service.keys.open_reservations() == {}
     finally:
         await srv2.stop()
 
@@ -240,7 +240,7 @@ async def test_serve_with_sip_call_then_sigterm_hangs_up_and_leaves_no_workers(t
     assert info["sip_code"] == 200 and info["hangup_by"] == "remote", err.decode()
     for pid in worker_pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-    from bridge.jobs.store import SqliteJobStore
+    from bridge.stores.sqlite.jobs import SqliteJobStore
 
     store = SqliteJobStore(data / "callbridge.db")
     try:

@@ -4,6 +4,7 @@ in separate processes (pjsua2 via sip.peer, and Debian's baresip), the real mode
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -56,16 +57,16 @@ async def peer(*args: str, timeout: float = 60) -> tuple[int, dict | None, str]:
 async def wait_job_done(store, timeout: float = 30.0, n: int = 1):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        jobs, _ = store.list_jobs()
+        jobs, _ = await store.list_jobs()
         done = [j for j in jobs if j.status.value != "live"]
         if len(done) >= n:
             return done
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no finished SIP job in {timeout} s: {store.list_jobs()[0]}")
+    raise AssertionError(f"no finished SIP job in {timeout} s: {(await store.list_jobs())[0]}")
 
 
-def leg_text(store, job_id: str, speaker: str) -> str:
-    return " ".join(g.text for g in store.segments(job_id) if g.speaker == speaker and g.text)
+async def leg_text(store, job_id: str, speaker: str) -> str:
+    return " ".join(g.text for g in await store.segments(job_id) if g.speaker == speaker and g.text)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ async def test_pjsua2_caller_transcribed_and_bye_completes(sip_server, tmp_path)
     assert job.metadata["ended_by"] == "bye_caller"
     sip = job.metadata["sip"]
     assert sip["call_id"] == info["call_id"] and "X-Ticket" in sip["headers"] and "support@" in sip["to"]
-    text = leg_text(svc.store, job.id, "caller")
+    text = await leg_text(svc.store, job.id, "caller")
     assert corpus.wer(CALLER, text) <= 0.15, text
     with wave.open(job.audio_path) as w:
         assert w.getnchannels() == 1 and abs(w.getnframes() / SR - info["sent_seconds"]) < 1.0
@@ -118,7 +119,7 @@ async def test_baresip_caller(sip_server, tmp_path):
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
     assert job.status.value == "completed" and job.metadata["ended_by"] == "bye_caller", out.decode()[-2000:]
     assert "baresip" in job.metadata["sip"]["to"]
-    text = leg_text(svc.store, job.id, "caller")
+    text = await leg_text(svc.store, job.id, "caller")
     assert corpus.wer(CALLER, text) <= 0.15, (text, out.decode()[-1500:])
 
 
@@ -141,8 +142,8 @@ async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, po
         await asyncio.wait_for(callee, 30)
         job = (await wait_job_done(svc.store))[0]
         assert job.speakers == ["caller", "agent"] and job.config["target"].startswith("sip:agent@")
-        assert corpus.wer(CALLER, leg_text(svc.store, job.id, "caller")) <= 0.2
-        assert corpus.wer(AGENT, leg_text(svc.store, job.id, "agent")) <= 0.2
+        assert corpus.wer(CALLER, await leg_text(svc.store, job.id, "caller")) <= 0.2
+        assert corpus.wer(AGENT, await leg_text(svc.store, job.id, "agent")) <= 0.2
         with wave.open(job.audio_path) as w:
             assert w.getnchannels() == 2
         # the callee heard the caller: transcribe its recording offline with the same model
@@ -224,7 +225,7 @@ async def test_bad_sip_input_gets_sip_errors_and_service_keeps_answering(sip_ser
     rc, info, err = await peer("call", f"sip:after@127.0.0.1:{port}", "--play", str(wav))
     assert rc == 0 and info["sip_code"] == 200, err
     job = (await wait_job_done(sip_server.service.store))[0]
-    assert corpus.wer(CALLER, leg_text(sip_server.service.store, job.id, "caller")) <= 0.15
+    assert corpus.wer(CALLER, await leg_text(sip_server.service.store, job.id, "caller")) <= 0.15
     metrics = sip_server.service.metrics.render().decode()
     assert 'callbridge_sip_rejected{status="488"} 2.0' in metrics and 'callbridge_sip_rejected{status="400"} 1.0' in metrics
     assert "callbridge_sip_workers_alive 2.0" in metrics
@@ -237,7 +238,7 @@ async def test_tcp_caller_through_the_dispatcher(sip_server, tmp_path):
     assert rc == 0 and info["sip_code"] == 200, err
     job = (await wait_job_done(svc.store))[0]
     assert job.metadata["ended_by"] == "bye_caller"
-    assert corpus.wer(CALLER, leg_text(svc.store, job.id, "caller")) <= 0.15
+    assert corpus.wer(CALLER, await leg_text(svc.store, job.id, "caller")) <= 0.15
 
 
 async def test_dtmf_and_max_duration(tmp_path, pool):
@@ -361,9 +362,14 @@ async def test_slots_after_a_flood_follow_the_workers(tmp_path, pool):
 
 
 async def _state(cond, timeout: float = 30.0, what: str = "") -> None:
-    """Until `cond()` holds (in-process service state), checked every 20 ms."""
+    """Until `cond()` holds (in-process service state; a coroutine function is awaited), checked
+    every 20 ms."""
+    async def holds() -> bool:
+        r = cond()
+        return await r if inspect.isawaitable(r) else r
+
     async def go() -> None:
-        while not cond():
+        while not await holds():
             await asyncio.sleep(0.02)
     try:
         await asyncio.wait_for(go(), timeout)
@@ -386,18 +392,21 @@ async def test_worker_killed_mid_call_job_fails_with_what_was_received_and_worke
         caller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sip.peer", "call", f"sip:x@127.0.0.1:{svc.sip.port}", "--play", str(wav),
             cwd=str(ROOT), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await _state(lambda: store.list_jobs()[0] and list(store.segments(store.list_jobs()[0][0].id)),
-                     60, "a final saved for the call")
-        job_id = store.list_jobs()[0][0].id
-        saved = [g.text for g in store.segments(job_id)]
+        async def a_final_saved() -> bool:
+            jobs = (await store.list_jobs())[0]
+            return bool(jobs and await store.segments(jobs[0].id))
+
+        await _state(a_final_saved, 60, "a final saved for the call")
+        job_id = (await store.list_jobs())[0][0].id
+        saved = [g.text for g in await store.segments(job_id)]
         os.kill(old_pid, signal.SIGKILL)
         job = (await wait_job_done(store))[0]
         assert job.id == job_id and job.status.value == "failed" and job.error["code"] == "INTERNAL"
         assert "exited" in job.error["message"] and job.metadata["ended_by"] == "worker_exited"
-        assert [g.text for g in store.segments(job_id)][: len(saved)] == saved
-        assert corpus.wer(CALLER, leg_text(store, job_id, "caller")) <= 0.15
+        assert [g.text for g in await store.segments(job_id)][: len(saved)] == saved
+        assert corpus.wer(CALLER, await leg_text(store, job_id, "caller")) <= 0.15
         with wave.open(job.audio_path) as f:  # the audio received until the kill is kept
-            assert f.getnframes() / f.getframerate() >= store.segments(job_id)[0].end
+            assert f.getnframes() / f.getframerate() >= (await store.segments(job_id))[0].end
         await _state(lambda: w.restarts == 1 and w.hello.is_set() and w.proc.pid != old_pid
                      and svc.sip.dispatcher.workers[0].alive, 30, "the worker restarted")
         ok = speech_wav(tmp_path / "ok.wav", CALLER)
@@ -406,7 +415,7 @@ async def test_worker_killed_mid_call_job_fails_with_what_was_received_and_worke
         done = await wait_job_done(store, n=2)
         again = next(j for j in done if j.id != job_id)
         assert again.status.value == "completed"
-        assert corpus.wer(CALLER, leg_text(store, again.id, "caller")) <= 0.15
+        assert corpus.wer(CALLER, await leg_text(store, again.id, "caller")) <= 0.15
     finally:
         if caller is not None and caller.returncode is None:
             caller.kill()

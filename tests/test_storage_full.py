@@ -271,7 +271,7 @@ async def test_no_reserve_configured_a_full_disk_still_leaves_no_empty_recording
                     pass
             assert refused.value.code == "STORAGE_FULL"
         assert list((data / "recordings").iterdir()) == []
-        assert srv.service.store.list_jobs()[0] == []
+        assert (await srv.service.store.list_jobs())[0] == []
     finally:
         await srv.stop()
 
@@ -283,7 +283,7 @@ async def test_no_reserve_configured_a_full_disk_still_leaves_no_empty_recording
 async def test_serve_on_a_disk_too_full_to_start_prints_one_line(tmpfs, existing):
     data = tmpfs(2 * MiB)
     if existing:  # a database closed cleanly (no -wal/-shm files) and no emergency reserve file
-        from bridge.jobs.store import SqliteJobStore
+        from bridge.stores.sqlite.jobs import SqliteJobStore
 
         SqliteJobStore(data / "callbridge.db").close()
     fill(data)
@@ -348,7 +348,7 @@ async def test_sip_invites_get_503_while_the_disk_is_low(tmpfs, pool, tmp_path):
         uri = f"sip:support@127.0.0.1:{srv.service.sip.port}"
         rc, info, err = await peer("call", uri, "--play", str(wav))
         assert info is not None and info["sip_code"] == 503, (rc, info, err[-2000:])
-        assert srv.service.store.list_jobs()[0] == [] and list((data / "recordings").iterdir()) == []
+        assert (await srv.service.store.list_jobs())[0] == [] and list((data / "recordings").iterdir()) == []
         filler.unlink()  # space is back: calls are answered again
         rc, info, err = await peer("call", uri, "--play", str(wav))
         assert rc == 0 and info["sip_code"] == 200, err[-2000:]
@@ -375,10 +375,10 @@ async def test_sip_call_when_the_disk_fills_is_hung_up_and_failed(tmpfs, pool, t
         rc, info, err = await asyncio.wait_for(call, 60)
         assert info["sip_code"] == 200 and info["hangup_by"] == "remote", err[-2000:]
         assert info["sent_seconds"] < 15  # hung up by the service, long before the caller's audio ran out
-        job = srv.service.store.get_job(live.id)
+        job = await srv.service.store.get_job(live.id)
         assert job.status.value == "failed" and job.error["code"] == "STORAGE_FULL"
         assert job.metadata["ended_by"] == "storage_full"
-        assert [g.text for g in srv.service.store.segments(job.id)], "the final before the disk filled is kept"
+        assert [g.text for g in await srv.service.store.segments(job.id)], "the final before the disk filled is kept"
         assert wav_matches_file(job.audio_path) >= job.duration_s > 0
     finally:
         await srv.stop()
@@ -428,9 +428,9 @@ async def test_webrtc_call_when_the_disk_fills_gets_storage_full(tmpfs, pool):
                 if ev["type"] in ("completed", "error"):
                     break
         assert events[-1]["type"] == "error" and events[-1]["code"] == "STORAGE_FULL", events[-3:]
-        job = srv.service.store.get_job(c.job_id)
+        job = await srv.service.store.get_job(c.job_id)
         assert job.status.value == "failed" and job.error["code"] == "STORAGE_FULL"
-        assert [g.text for g in srv.service.store.segments(job.id)] == [e["text"] for e in finals(events)]
+        assert [g.text for g in await srv.service.store.segments(job.id)] == [e["text"] for e in finals(events)]
         assert wav_matches_file(job.audio_path) >= job.duration_s > len(speech(EN[0])) / SR
     finally:
         await srv.stop()

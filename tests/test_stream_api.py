@@ -82,8 +82,8 @@ async def test_mono_16k_stream_round_trip(server):
     assert last_usage["streamed_seconds"] == done["streamed_seconds"]
     # the saved job: finals with words, the recording, status
     svc = server.service
-    job = svc.store.get_job(s.job_id)
-    segs = svc.store.segments(s.job_id)
+    job = await svc.store.get_job(s.job_id)
+    segs = await svc.store.segments(s.job_id)
     assert job.status.value == "completed" and job.speakers == ["ch0"]
     assert [g.text for g in segs] == [e["text"] for e in fin]
     assert segs[0].words and segs[0].words[0]["word"]
@@ -119,7 +119,7 @@ async def test_two_channel_mulaw_8k_labels(server):
     # each channel's final sits where that channel spoke
     assert f1[0]["start"] > f0[0]["end"] - 0.5
     assert s.completed["credits_used"] == pytest.approx(2 * 220 * (n / SR) / 60, abs=0.05)
-    job = server.service.store.get_job(s.job_id)
+    job = await server.service.store.get_job(s.job_id)
     with wave.open(job.audio_path) as w:
         assert w.getnchannels() == 2
         stereo = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
@@ -149,7 +149,7 @@ async def test_force_endpoint_and_configure(server):
         await s.end()
         events = await collect(s)
     assert not any(e["type"] == "partial" for e in events)
-    assert server.service.store.get_job(s.job_id).config["endpointing_ms"] == 5000
+    assert (await server.service.store.get_job(s.job_id)).config["endpointing_ms"] == 5000
 
 
 async def test_usage_ticks_and_keep_alive_resets_idle(tmp_path, pool):
@@ -205,7 +205,7 @@ async def test_invalid_config_refuses_without_a_job(server, first, needle):
     assert frames[0]["type"] == "error" and frames[0]["code"] == "INVALID_CONFIG", frames
     assert needle.lower() in frames[0]["message"].lower()
     assert code == 4400 and len(frames) == 1
-    assert server.service.store.list_jobs()[0] == []
+    assert (await server.service.store.list_jobs())[0] == []
 
 
 async def test_invalid_audio_keeps_what_was_received(server):
@@ -220,9 +220,9 @@ async def test_invalid_audio_keeps_what_was_received(server):
     assert s.close_code == 4415
     fin = finals(events)
     assert corpus.wer(EN[0], text_of(fin)) < 0.2
-    job = server.service.store.get_job(s.job_id)
+    job = await server.service.store.get_job(s.job_id)
     assert job.status.value == "failed" and job.error["code"] == "INVALID_AUDIO"
-    assert [g.text for g in server.service.store.segments(s.job_id)] == [e["text"] for e in fin]
+    assert [g.text for g in await server.service.store.segments(s.job_id)] == [e["text"] for e in fin]
     with wave.open(job.audio_path) as w:
         assert abs(w.getnframes() - len(pcm)) <= 16
 
@@ -247,10 +247,10 @@ async def test_max_duration_finalizes_then_errors(tmp_path, pool):
         assert corpus.wer(EN[0], text_of(finals(events))) < 0.2
         usage = [e for e in events if e["type"] == "usage"][-1]
         assert usage["streamed_seconds"] == pytest.approx(4.0)
-        job = srv.service.store.get_job(s.job_id)
+        job = await srv.service.store.get_job(s.job_id)
         assert job.status.value == "completed" and job.error["code"] == "MAX_DURATION_REACHED"
         assert job.duration_s == pytest.approx(4.0)
-        assert srv.service.store.segments(s.job_id)
+        assert await srv.service.store.segments(s.job_id)
     finally:
         await srv.stop()
 
@@ -266,7 +266,7 @@ async def test_idle_and_first_audio_timeouts(tmp_path, pool):
             await s.send_audio(sil(0.2))
             events = await asyncio.wait_for(collect(s), 10)
         assert events[-1]["code"] == "IDLE_TIMEOUT" and "keep_alive" in events[-1]["message"]
-        job = srv.service.store.get_job(s.job_id)
+        job = await srv.service.store.get_job(s.job_id)
         assert job.status.value == "completed" and job.duration_s == pytest.approx(0.2)
     finally:
         await srv.stop()
@@ -346,12 +346,12 @@ async def test_disconnect_without_end_still_saves_everything(server):
     await s.aclose()  # gone, no `end`
     store = server.service.store
     for _ in range(200):
-        job = store.get_job(s.job_id)
+        job = await store.get_job(s.job_id)
         if job.status.value != "live":
             break
         await asyncio.sleep(0.05)
     assert job.status.value == "completed" and job.duration_s == pytest.approx(len(pcm) / SR, abs=0.01)
-    assert corpus.wer(EN[0], " ".join(g.text for g in store.segments(s.job_id))) < 0.2
+    assert corpus.wer(EN[0], " ".join(g.text for g in await store.segments(s.job_id))) < 0.2
 
 
 async def test_cli_stream_prints_finals(server, tmp_path):

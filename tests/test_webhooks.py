@@ -316,7 +316,7 @@ async def test_kill_9_mid_call_then_restart_delivers_saved_finals_and_the_end(tm
     srv2 = await start_server(data, pool, **{"webhooks.endpoints": endpoints, "webhooks.backoff_max_s": "2"})
     try:
         await rx.wait_for(lambda r: r.ended(live.job_id), timeout=60)
-        saved = srv2.service.store.segments(live.job_id)
+        saved = await srv2.service.store.segments(live.job_id)
     finally:
         await srv2.stop()
         await rx.stop()
@@ -332,8 +332,8 @@ async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path
     """The few milliseconds between a final's save and its outbox row: a job left live in the
     database with finals and no outbox rows (what kill -9 in that window leaves) gets them sent."""
     from bridge.jobs.model import Job, JobSource, JobStatus
-    from bridge.jobs.store import SqliteJobStore
-    from bridge.service import DB_NAME
+    from bridge.stores.sqlite.jobs import SqliteJobStore
+    from bridge.stores import DB_NAME
 
     data = tmp_path / "data"
     data.mkdir(parents=True)

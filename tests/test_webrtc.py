@@ -76,7 +76,7 @@ async def talk(c: WebRtcClient, server=None, *, bye: bool = True, timeout: float
 
 async def wait_job_done(store, job_id: str, timeout: float = 15):
     async with asyncio.timeout(timeout):
-        while (job := store.get_job(job_id)).status.value == "live":
+        while (job := await store.get_job(job_id)).status.value == "live":
             await asyncio.sleep(0.05)
     return job
 
@@ -105,12 +105,12 @@ async def test_call_round_trip_with_bye(server):
     # the saved job: source, label, finals, and the recording of everything received (the
     # audio, then the silence a live microphone sends until bye)
     svc = server.service
-    job = svc.store.get_job(c.job_id)
+    job = await svc.store.get_job(c.job_id)
     assert job.status.value == "completed" and job.source.value == "webrtc" and job.speakers == ["caller"]
     assert job.metadata["ended_by"] == "bye"
     assert len(pcm) / SR <= job.duration_s <= len(pcm) / SR + 0.8
     assert done["streamed_seconds"] == pytest.approx(job.duration_s, abs=0.001)
-    assert [g.text for g in svc.store.segments(c.job_id)] == [e["text"] for e in fin]
+    assert [g.text for g in await svc.store.segments(c.job_id)] == [e["text"] for e in fin]
     with wave.open(job.audio_path) as w:
         assert (w.getnchannels(), w.getframerate()) == (1, SR)
         assert abs(w.getnframes() - job.duration_s * SR) <= 16
@@ -161,7 +161,7 @@ async def test_hangup_without_bye_completes_the_job(server):
     job = await wait_job_done(server.service.store, c.job_id)
     assert job.status.value == "completed" and job.metadata["ended_by"] == "hangup"
     assert job.duration_s == pytest.approx(len(pcm) / SR, abs=0.15)
-    assert corpus.wer(EN[0], " ".join(g.text for g in server.service.store.segments(c.job_id))) < 0.2
+    assert corpus.wer(EN[0], " ".join(g.text for g in await server.service.store.segments(c.job_id))) < 0.2
 
 
 async def test_media_and_connect_timeouts_end_the_call(tmp_path, pool):
@@ -180,7 +180,7 @@ async def test_media_and_connect_timeouts_end_the_call(tmp_path, pool):
             events = await talk(c, bye=False, timeout=20)
         assert events[-1]["type"] == "completed", events[-3:]
         assert corpus.wer(EN[0], text_of(events)) < 0.2
-        job = srv.service.store.get_job(c.job_id)
+        job = await srv.service.store.get_job(c.job_id)
         assert job.status.value == "completed" and job.metadata["ended_by"] == "media_timeout"
         # all but the jitter buffer's last packets (up to 80 ms) arrived
         assert len(pcm) / SR - 0.15 <= job.duration_s <= len(pcm) / SR + 0.01
@@ -198,10 +198,10 @@ async def test_max_duration_error_on_the_channel(tmp_path, pool):
         err = events[-1]
         assert err["type"] == "error" and err["code"] == "MAX_DURATION_REACHED", events[-3:]
         assert c.error == err and c.completed is None
-        job = srv.service.store.get_job(c.job_id)
+        job = await srv.service.store.get_job(c.job_id)
         assert job.status.value == "completed" and job.error["code"] == "MAX_DURATION_REACHED"
         assert job.duration_s == pytest.approx(3.0, abs=0.001)
-        assert srv.service.store.segments(c.job_id)  # what was heard before the cap is saved
+        assert await srv.service.store.segments(c.job_id)  # what was heard before the cap is saved
         with wave.open(job.audio_path) as w:
             assert abs(w.getnframes() - 3 * SR) <= 16
     finally:
@@ -224,8 +224,8 @@ async def test_drain_completes_live_calls(tmp_path, pool):
             await asyncio.wait_for(stopping, 30)
         assert events[-1]["type"] == "completed"
         assert srv.service.webrtc.sessions == {}
-        from bridge.jobs.store import SqliteJobStore
-        from bridge.service import DB_NAME
+        from bridge.stores.sqlite.jobs import SqliteJobStore
+        from bridge.stores import DB_NAME
 
         store = SqliteJobStore(tmp_path / DB_NAME)  # the service's store is closed by now
         try:
@@ -328,7 +328,7 @@ async def test_offer_refusals_are_json_and_create_no_job(server):
         status, body = await _post(server, body_in)
         assert status == 400, (body_in, body)
         assert body["error"]["code"] == "INVALID_CONFIG" and needle.lower() in body["error"]["message"].lower(), body
-    assert server.service.store.list_jobs()[0] == [] and server.service.calls.calls == {}
+    assert (await server.service.store.list_jobs())[0] == [] and server.service.calls.calls == {}
 
 
 async def test_single_use_token_is_spent_only_by_a_call(server):

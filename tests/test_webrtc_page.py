@@ -258,11 +258,11 @@ async def test_browser_captions_from_fake_microphone(server, tmp_path):
     assert (width, height) == got["viewport"], ((width, height), got["viewport"])
     assert rows >= 100, f"{rows} distinct pixel rows: a blank page?"  # 318 in docs/webrtc-page.png
 
-    job = server.service.store.get_job(got["job_id"])
+    job = await server.service.store.get_job(got["job_id"])
     assert job is not None
     assert job.source.value == "webrtc" and job.status.value == "completed", (job.source, job.status)
     assert job.speakers == ["caller"]
-    saved = " ".join(s.text for s in server.service.store.segments(job.id))
+    saved = " ".join(s.text for s in await server.service.store.segments(job.id))
     assert corpus.wer(TEXT, saved) <= 0.15, saved
 
 
@@ -310,7 +310,7 @@ async def test_browser_bad_key_message(server, tmp_path):
         _drive_refusal, f"{server.url}/", tmp_path, deny_mic=False, key="cbk_wrong_key_000000000000000000")
     assert (state, kind) == ("error", "bad-key"), msg
     assert "API key was refused" in msg
-    assert _jobs(server) == []  # a refused key creates nothing
+    assert await _jobs(server) == []  # a refused key creates nothing
 
 
 @needs_browser
@@ -320,7 +320,7 @@ async def test_browser_shows_the_servers_error_message(server, tmp_path):
         _drive_refusal, f"{server.url}/?api_key={API_KEY}", tmp_path, language="de")
     assert (state, kind) == ("error", "server"), msg
     assert msg.startswith("The server rejected the settings:") and "needs a multilingual model" in msg
-    assert _jobs(server) == []
+    assert await _jobs(server) == []
 
 
 @needs_browser
@@ -329,7 +329,7 @@ async def test_browser_microphone_denied_message(server, tmp_path):
         _drive_refusal, f"{server.url}/?api_key={API_KEY}", tmp_path, deny_mic=True)
     assert (state, kind) == ("error", "mic-denied"), msg
     assert "Microphone access was denied" in msg
-    assert _jobs(server) == []  # refused before any offer reached the server
+    assert await _jobs(server) == []  # refused before any offer reached the server
 
 
 @needs_browser
@@ -367,5 +367,5 @@ async def test_browser_lost_connection_message(server, tmp_path):
     assert job_shown and link == job_id  # what was said so far is saved: the page still links it
 
 
-def _jobs(server) -> list[Any]:
-    return server.service.store.list_jobs()[0]
+async def _jobs(server) -> list[Any]:
+    return (await server.service.store.list_jobs())[0]

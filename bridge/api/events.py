@@ -169,7 +169,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         after = int(after_raw) if after_raw not in (None, "") else None
     except ValueError:
         raise bad_request(f"after={after_raw!r} is not an integer seq") from None
-    job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
+    job = await svc.store.get_job(job_id, principal.owner)
     if job is None:
         return json_error(404, "NOT_FOUND", f"job {job_id!r} not found")
     index = _seq_index(svc.bus)
@@ -180,8 +180,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     feed = _Feed(request, ws, sub)
 
     async def body() -> None:
-        job_now = await asyncio.to_thread(svc.store.get_job, job_id)
-        segs = await asyncio.to_thread(svc.store.segments, job_id)
+        job_now = await svc.store.get_job(job_id)
+        segs = await svc.store.segments(job_id)
         seqs = index.jobs.get(job_id, {})
         sent: set[tuple] = set()
         for g in segs:

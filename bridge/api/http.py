@@ -3,7 +3,6 @@ and the one loader for untrusted JSON (REST bodies, socket and data channel fram
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -167,8 +166,8 @@ async def require_principal(request: web.Request, *, allow_temp: bool = False,
 
     Only the ingest routes take single-use tokens (`allow_temp`): a token opens one session, and
     any other route refuses it without spending it; `spend_temp=False` checks one without
-    spending it. The key lookup reads SQLite, so it runs in a thread: a slow disk must not
-    stall live calls' events."""
+    spending it. The key store is async (the SQLite backend reads in a worker thread): a slow
+    disk must not stall live calls' events."""
     svc = service_of(request)
     backoff = svc.auth.backoff
     source = client_source(request)
@@ -179,8 +178,7 @@ async def require_principal(request: web.Request, *, allow_temp: bool = False,
         log.debug("auth_throttled", source=source, path=request.path, retry_after_s=wait)
         raise _throttled(wait)
     try:
-        return await asyncio.to_thread(svc.auth.authenticate, request, allow_temp=allow_temp,
-                                       spend_temp=spend_temp)
+        return await svc.auth.authenticate(request, allow_temp=allow_temp, spend_temp=spend_temp)
     except AuthError as e:
         svc.metrics.auth_failures.labels(e.code).inc()
         blocked = backoff.failed(source) if e.code in COUNTED_CODES else 0

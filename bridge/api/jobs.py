@@ -20,6 +20,7 @@ from bridge.api.http import bad_request, http_error, json_error, limit_param, re
 from bridge.jobs import export
 from bridge.jobs.model import MAX_LABEL_CHARS, InvalidText, Job, JobSource, JobStatus, Segment, check_label, check_text
 from bridge.logs import get_logger
+from bridge.stores import JobStore
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LABEL_CHARS", "MAX_LIMIT", "add_routes", "parse_since"]
 
@@ -99,7 +100,7 @@ async def _load(request: web.Request) -> tuple[Any, Job]:
     svc = service_of(request)
     principal = await require_principal(request)
     job_id = request.match_info["job_id"]
-    job = await asyncio.to_thread(svc.store.get_job, job_id, principal.owner)
+    job = await svc.store.get_job(job_id, principal.owner)
     if job is None:
         raise _not_found(job_id)
     return svc, _with_live_timing(svc, job)
@@ -124,7 +125,7 @@ def _job_view(job: Job, segs: list[Segment], has_audio: bool) -> dict[str, Any]:
 
 
 async def _full_view(svc: Any, job: Job) -> dict[str, Any]:
-    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    segs = await svc.store.segments(job.id)
     has_audio = await asyncio.to_thread(_has_audio, job)
     return _job_view(job, segs, has_audio)
 
@@ -154,8 +155,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise bad_request(str(e)) from None
     cursor = q.get("cursor") or None
     try:
-        jobs, nxt = await asyncio.to_thread(svc.store.list_jobs, principal.owner, status, source, since,
-                                            limit, cursor)
+        jobs, nxt = await svc.store.list_jobs(principal.owner, status, source, since, limit, cursor)
     except ValueError:
         raise bad_request(f"cursor={cursor!r} is not a cursor this API returned") from None
     return web.json_response({"jobs": [_summary(_with_live_timing(svc, j)) for j in jobs], "next": nxt})
@@ -228,7 +228,7 @@ def _checked(check: Any, value: Any, where: str) -> None:
         raise bad_request(str(e)) from None
 
 
-def _apply_patch(store: Any, job_id: str, edits: list[dict[str, Any]], renames: dict[str, str]) -> None:
+async def _apply_patch(store: JobStore, job_id: str, edits: list[dict[str, Any]], renames: dict[str, str]) -> None:
     """Renames first (they relabel the whole job), then per-segment edits, so the more specific wins.
 
     Renames go through unique temporary labels when one rename's target is another's source, so
@@ -238,14 +238,14 @@ def _apply_patch(store: Any, job_id: str, edits: list[dict[str, Any]], renames: 
     if set(renames.values()) & set(renames):
         temp = {old: f"\x00rename-{i}" for i, old in enumerate(renames)}
         for old, tmp in temp.items():
-            store.rename_speaker(job_id, old, tmp)
+            await store.rename_speaker(job_id, old, tmp)
         for old, tmp in temp.items():
-            store.rename_speaker(job_id, tmp, renames[old])
+            await store.rename_speaker(job_id, tmp, renames[old])
     else:
         for old, new in renames.items():
-            store.rename_speaker(job_id, old, new)
+            await store.rename_speaker(job_id, old, new)
     for e in edits:
-        store.edit_segment(job_id, e["id"], text=e.get("text"), speaker=e.get("speaker"))
+        await store.edit_segment(job_id, e["id"], text=e.get("text"), speaker=e.get("speaker"))
 
 
 async def patch_job(request: web.Request) -> web.Response:
@@ -253,32 +253,32 @@ async def patch_job(request: web.Request) -> web.Response:
     svc, job = await _load(request)
     _refuse_live(svc, job, "edited")
     body = await read_json(request)
-    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    segs = await svc.store.segments(job.id)
     edits, renames = _validate_patch(body, job, segs)
-    await asyncio.to_thread(_apply_patch, svc.store, job.id, edits, renames)
+    await _apply_patch(svc.store, job.id, edits, renames)
     log.info("job_edited", job_id=job.id, segments=len(edits), renames=len(renames))
-    updated = await asyncio.to_thread(svc.store.get_job, job.id)
+    updated = await svc.store.get_job(job.id)
     if updated is None:  # deleted concurrently
         raise _not_found(job.id)
     return web.json_response(await _full_view(svc, updated))
 
 
-def _delete(store: Any, job: Job) -> None:
+async def _delete(store: JobStore, job: Job) -> None:
     """Audio first, rows second: if anything fails the job is still listed, and DELETE can be retried
     (the other order could leave an orphaned recording nobody can reach any more)."""
     if job.audio_path:
         try:
-            os.remove(job.audio_path)
+            await asyncio.to_thread(os.remove, job.audio_path)
         except FileNotFoundError:
             pass
-    store.delete_job(job.id)
+    await store.delete_job(job.id)
 
 
 async def delete_job(request: web.Request) -> web.Response:
     """DELETE /v1/jobs/{id}: the job, its segments and its recording; 204."""
     svc, job = await _load(request)
     _refuse_live(svc, job, "deleted")
-    await asyncio.to_thread(_delete, svc.store, job)
+    await _delete(svc.store, job)
     log.info("job_deleted", job_id=job.id)
     return web.Response(status=204)
 
@@ -289,7 +289,7 @@ async def transcript(request: web.Request) -> web.Response:
     fmt = (request.query.get("format") or "json").lower()
     if fmt not in _EXTENSIONS:
         raise bad_request(f"format={fmt!r} is not one of {sorted(_EXTENSIONS)}")
-    segs = await asyncio.to_thread(svc.store.segments, job.id)
+    segs = await svc.store.segments(job.id)
     body, ctype = export.render(fmt, job, segs)
     headers = {"Content-Type": ctype, "Cache-Control": "no-store"}
     if _truthy(request.query.get("download")):

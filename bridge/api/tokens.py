@@ -11,12 +11,10 @@ for the browser instead, and a token outliving the JWT that minted it would exte
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from bridge.api.http import http_error, read_json, require_principal
-from bridge.auth import AuthError
+from bridge.stores import TokenRefused
 
 __all__ = ["DEFAULT_EXPIRES_IN", "MAX_EXPIRES_IN", "MIN_EXPIRES_IN", "add_routes"]
 
@@ -34,9 +32,8 @@ async def create_token(request: web.Request) -> web.Response:
                          "a JWT issuer can sign a short-lived JWT for the browser instead")
     expires_in = await _expires_in(request)
     try:
-        token, expires_at = await asyncio.to_thread(request.app[SERVICE].keys.mint_temp_token,
-                                                    principal.key_id, expires_in)
-    except AuthError as e:  # the key was revoked between authentication and minting
+        token, expires_at = await request.app[SERVICE].keys.mint_temp_token(principal.key_id, expires_in)
+    except TokenRefused as e:  # the key was revoked between authentication and minting
         raise http_error(web.HTTPUnauthorized, e.code, e.message) from None
     # no-store: the body is a credential, no proxy or browser cache may keep it
     return web.json_response({"token": token, "expires_in": expires_in, "expires_at": round(expires_at, 3)},

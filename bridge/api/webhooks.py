@@ -11,7 +11,6 @@ changed in the config file, not here.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from typing import Any
@@ -53,7 +52,7 @@ async def _load(request: web.Request, *, writable: bool = False) -> tuple[Any, E
     svc = service_of(request)
     principal = await require_principal(request)
     wid = request.match_info["webhook_id"]
-    ep = await asyncio.to_thread(svc.webhooks.store.get_endpoint, wid, principal.owner)
+    ep = await svc.webhooks.store.get_endpoint(wid, principal.owner)
     if ep is None:
         raise http_error(web.HTTPNotFound, "NOT_FOUND", f"webhook {wid!r} not found")
     if writable and ep.managed_by == "config":
@@ -68,7 +67,7 @@ async def create(request: web.Request) -> web.Response:
     spec = await _spec(request, creating=True)
     store = svc.webhooks.store
     cap = svc.config.webhooks.max_endpoints_per_key
-    if await asyncio.to_thread(store.count_endpoints, principal.owner) >= cap:
+    if await store.count_endpoints(principal.owner) >= cap:
         raise http_error(web.HTTPConflict, "TOO_MANY_WEBHOOKS",
                          f"this key has {cap} webhooks, the most allowed (webhooks.max_endpoints_per_key)")
     now = time.time()
@@ -76,7 +75,7 @@ async def create(request: web.Request) -> web.Response:
                   secret=spec.get("secret") or new_secret(), events=spec["events"], sources=spec["sources"],
                   description=spec.get("description", ""), enabled=spec.get("enabled", True),
                   created_at=now, updated_at=now)
-    await asyncio.to_thread(store.create_endpoint, ep)
+    await store.create_endpoint(ep)
     await svc.webhooks.reload()
     log.info("webhook_created", webhook_id=ep.id, owner=ep.owner, events=list(ep.events))
     return web.json_response(_shown(svc, ep, with_secret=True), status=201,
@@ -86,7 +85,7 @@ async def create(request: web.Request) -> web.Response:
 async def list_all(request: web.Request) -> web.Response:
     svc = service_of(request)
     principal = await require_principal(request)
-    eps = await asyncio.to_thread(svc.webhooks.store.list_endpoints, principal.owner)
+    eps = await svc.webhooks.store.list_endpoints(principal.owner)
     return web.json_response({"webhooks": [_shown(svc, e) for e in eps], "delivering": svc.webhooks.delivering})
 
 
@@ -100,7 +99,7 @@ async def update(request: web.Request) -> web.Response:
     spec = await _spec(request, creating=False)
     if not spec:
         raise bad_request("nothing to change: give url, secret, events, sources, description or enabled")
-    ep = await asyncio.to_thread(svc.webhooks.store.update_endpoint, ep.id, **spec)
+    ep = await svc.webhooks.store.update_endpoint(ep.id, **spec)
     if "url" in spec:
         svc.webhooks.forget(ep.id)
     await svc.webhooks.reload()
@@ -111,7 +110,7 @@ async def update(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     """The endpoint and its delivery log; events still pending for it are not sent."""
     svc, ep = await _load(request, writable=True)
-    await asyncio.to_thread(svc.webhooks.store.delete_endpoint, ep.id)
+    await svc.webhooks.store.delete_endpoint(ep.id)
     svc.webhooks.forget(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_deleted", webhook_id=ep.id)
@@ -132,8 +131,7 @@ async def deliveries(request: web.Request) -> web.Response:
             before = int(q["cursor"])
         except ValueError:
             raise bad_request(f"cursor={q['cursor']!r} is not a cursor this API returned") from None
-    rows = await asyncio.to_thread(svc.webhooks.store.list_deliveries, ep.id, status, q.get("job_id") or None,
-                                   limit + 1, before)
+    rows = await svc.webhooks.store.list_deliveries(ep.id, status, q.get("job_id") or None, limit + 1, before)
     nxt = str(rows[limit - 1].id) if len(rows) > limit else None
     return web.json_response({"deliveries": [d.to_dict() for d in rows[:limit]], "next": nxt})
 
@@ -149,7 +147,7 @@ def _delivery_id(request: web.Request) -> int:
 async def delivery(request: web.Request) -> web.Response:
     svc, ep = await _load(request)
     did = _delivery_id(request)
-    d = await asyncio.to_thread(svc.webhooks.store.get_delivery, ep.id, did)
+    d = await svc.webhooks.store.get_delivery(ep.id, did)
     if d is None:
         raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {did} not found")
     return web.json_response(d.to_dict())
@@ -159,7 +157,7 @@ async def redeliver_one(request: web.Request) -> web.Response:
     """Send one delivery again (any status), with a fresh retry period."""
     svc, ep = await _load(request)
     did = _delivery_id(request)
-    n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, [did])
+    n = await svc.webhooks.store.redeliver(ep.id, [did])
     if not n:
         raise http_error(web.HTTPNotFound, "NOT_FOUND", f"delivery {did} not found")
     svc.webhooks.retry_now(ep.id)
@@ -172,8 +170,8 @@ async def redeliver_dead(request: web.Request) -> web.Response:
     """After the receiver is fixed: every dead delivery back to pending, and pending ones that
     wait out a backoff retried at once (`retried_now`)."""
     svc, ep = await _load(request)
-    n = await asyncio.to_thread(svc.webhooks.store.redeliver, ep.id, None)
-    m = await asyncio.to_thread(svc.webhooks.store.retry_now, ep.id)
+    n = await svc.webhooks.store.redeliver(ep.id, None)
+    m = await svc.webhooks.store.retry_now(ep.id)
     svc.webhooks.retry_now(ep.id)
     await svc.webhooks.reload()
     log.info("webhook_redeliver_dead", webhook_id=ep.id, count=n, retried_now=m)

@@ -1,9 +1,9 @@
-"""`callbridge keys create|list|revoke|credit|unlimited`: manage API keys in the local database.
+"""`callbridge keys create|list|revoke|credit|unlimited`: manage API keys in the service's database.
 
-The commands open `<data_dir>/callbridge.db` directly (the same file a running `serve` uses;
-SQLite WAL and IMMEDIATE transactions make that safe), so they work with the service up or down
-and need no admin credential beyond access to the data directory. Revoking takes effect on the
-next handshake; sessions already open run to their end.
+The commands open the key store that `storage.url` names (by default `<data_dir>/callbridge.db`,
+the same file a running `serve` uses; SQLite WAL and IMMEDIATE transactions make that safe), so
+they work with the service up or down and need no admin credential beyond access to the data.
+Revoking takes effect on the next handshake; sessions already open run to their end.
 
 The config flags (`--data-dir`, `--config`, ...) are accepted both before and after the
 subcommand: `callbridge keys --data-dir D list` and `callbridge keys list --data-dir D`.
@@ -12,20 +12,21 @@ subcommand: `callbridge keys --data-dir D list` and `callbridge keys list --data
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import TypeVar
 
-from bridge.auth import ApiKey, KeyNotFound, KeyStore
 from bridge.commands.output import table
 from bridge.config import ConfigError, add_config_flags, config_from_args
 from bridge.commands.usage import Parser as _Parser, UsageError
+from bridge.stores import ApiKey, KeyNotFound, KeyStore, StoreNotFound, StoreUnavailable, open_stores, store_url
 
 __all__ = ["DISPATCH", "add_keys_parser"]
 
 PROG = "callbridge"
+T = TypeVar("T")
 
 
 def _usage(message: str) -> Exception:
@@ -75,22 +76,31 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("key_id", metavar="KEY_ID")
 
 
-def _store(ns: argparse.Namespace, *, create: bool = False) -> KeyStore:
-    """The key store of the configured data dir. Only `create` may start a new database: for the
-    other commands a missing one almost always means a wrong --data-dir."""
-    from bridge.service import DB_NAME
-
+def _run(ns: argparse.Namespace, action: Callable[[KeyStore], Awaitable[T]], *, create: bool = False) -> T:
+    """Run `action` on the key store that `storage.url` names (the data dir's database by
+    default), closing it after. Only `create` may start a new database: for the other commands
+    a missing one almost always means a wrong --data-dir."""
     try:
-        config = config_from_args(ns)
+        url = store_url(config_from_args(ns))
     except ConfigError as e:
         raise _usage(str(e)) from None
-    db = Path(config.server.data_dir) / DB_NAME
-    if not create and not db.is_file():
-        raise _usage(f"no database at {db}: check --data-dir (`{PROG} serve` or `{PROG} keys create` makes one)")
-    try:
-        return KeyStore(str(db))
-    except sqlite3.DatabaseError as e:
-        raise _usage(f"cannot open {db}: {e}") from None
+
+    async def run() -> T:
+        try:
+            stores = await open_stores(url, create=create)
+        except ConfigError as e:
+            raise _usage(str(e)) from None
+        except StoreNotFound as e:
+            raise _usage(f"no database at {e.where}: check --data-dir "
+                         f"(`{PROG} serve` or `{PROG} keys create` makes one)") from None
+        except StoreUnavailable as e:
+            raise _usage(str(e)) from None
+        try:
+            return await action(stores.keys)
+        finally:
+            await stores.close()
+
+    return asyncio.run(run())
 
 
 def _when(ts: float | None) -> str:
@@ -102,11 +112,7 @@ def _balance(key: ApiKey) -> str:
 
 
 def cmd_keys_create(ns: argparse.Namespace) -> int:
-    store = _store(ns, create=True)
-    try:
-        key, secret = store.create_key(name=ns.name, credits=ns.credits)
-    finally:
-        store.close()
+    key, secret = _run(ns, lambda keys: keys.create_key(name=ns.name, credits=ns.credits), create=True)
     print(f"id:      {key.id}")
     print(f"secret:  {secret}")
     print(f"credits: {_balance(key)}")
@@ -115,11 +121,7 @@ def cmd_keys_create(ns: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(ns: argparse.Namespace) -> int:
-    store = _store(ns)
-    try:
-        keys = store.list_keys()
-    finally:
-        store.close()
+    keys = _run(ns, lambda store: store.list_keys())
     if ns.json:
         print(json.dumps([{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at,
                            "revoked_at": k.revoked_at, "balance": k.balance, "reserved": k.reserved}
@@ -135,14 +137,15 @@ def cmd_keys_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(ns: argparse.Namespace) -> int:
-    store = _store(ns)
-    try:
-        if store.revoke(ns.key_id):
-            print(f"revoked {ns.key_id}: new sessions with it (or its temporary tokens) are refused")
-            return 0
-        key = store.get_key(ns.key_id)
-    finally:
-        store.close()
+    async def revoke(store: KeyStore) -> tuple[bool, ApiKey | None]:
+        if await store.revoke(ns.key_id):
+            return True, None
+        return False, await store.get_key(ns.key_id)
+
+    revoked, key = _run(ns, revoke)
+    if revoked:
+        print(f"revoked {ns.key_id}: new sessions with it (or its temporary tokens) are refused")
+        return 0
     if key is None:
         raise _usage(f"no API key {ns.key_id!r} (see `{PROG} keys list`)")
     print(f"{ns.key_id} was already revoked at {_when(key.revoked_at)}")
@@ -150,29 +153,29 @@ def cmd_keys_revoke(ns: argparse.Namespace) -> int:
 
 
 def cmd_keys_credit(ns: argparse.Namespace) -> int:
-    store = _store(ns)
-    try:
-        balance = store.add_credits(ns.key_id, ns.amount)
-        key = store.get_key(ns.key_id)
-    except KeyNotFound:
-        raise _usage(f"no API key {ns.key_id!r} (see `{PROG} keys list`)") from None
-    except ValueError as e:
-        raise _usage(str(e)) from None
-    finally:
-        store.close()
+    async def credit(store: KeyStore) -> tuple[int, ApiKey | None]:
+        try:
+            balance = await store.add_credits(ns.key_id, ns.amount)
+        except KeyNotFound:
+            raise _usage(f"no API key {ns.key_id!r} (see `{PROG} keys list`)") from None
+        except ValueError as e:
+            raise _usage(str(e)) from None
+        return balance, await store.get_key(ns.key_id)
+
+    balance, key = _run(ns, credit)
     reserved = key.reserved if key else 0
     print(f"{ns.key_id}: balance {balance} credits" + (f" ({reserved} reserved by live sessions)" if reserved else ""))
     return 0
 
 
 def cmd_keys_unlimited(ns: argparse.Namespace) -> int:
-    store = _store(ns)
-    try:
-        store.set_unlimited(ns.key_id)
-    except KeyNotFound:
-        raise _usage(f"no API key {ns.key_id!r} (see `{PROG} keys list`)") from None
-    finally:
-        store.close()
+    async def unlimited(store: KeyStore) -> None:
+        try:
+            await store.set_unlimited(ns.key_id)
+        except KeyNotFound:
+            raise _usage(f"no API key {ns.key_id!r} (see `{PROG} keys list`)") from None
+
+    _run(ns, unlimited)
     print(f"{ns.key_id}: unlimited credits")
     return 0
 

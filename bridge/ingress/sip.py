@@ -311,10 +311,10 @@ class SipIngress:
         elif kind == "log":
             log.info("sip_worker_log", worker=w.id, **{k: v for k, v in h.items() if k != "type"})
 
-    def _owner(self) -> str:
+    async def _owner(self) -> str:
         if self.cfg.owner_key:
             return self.cfg.owner_key
-        keys = [k for k in self.svc.keys.list_keys() if not k.revoked]
+        keys = [k for k in await self.svc.keys.list_keys() if not k.revoked]
         return keys[0].id if keys else "sip"
 
     async def _start_call(self, w: _Worker, h: dict[str, Any]) -> None:
@@ -323,7 +323,7 @@ class SipIngress:
         sip_meta = dict(h.get("sip") or {})
         svc = self.svc
         streamer = StreamerConfig(**svc.config.recognizer.streamer_kwargs())
-        job = Job(id=new_job_id(), owner=self._owner(), source=JobSource.SIP,
+        job = Job(id=new_job_id(), owner=await self._owner(), source=JobSource.SIP,
                   config={"codec": h.get("codec"), "target": h.get("target"), "worker": w.id,
                           "endpointing_ms": streamer.endpointing_ms, "language": streamer.language},
                   speakers=legs, metadata={"sip": sip_meta})

@@ -535,7 +535,7 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
     try:
         reserve = math.ceil(credits_for(start.max_duration_seconds, start.channels, svc.config.credits.per_minute))
         try:
-            await asyncio.to_thread(svc.keys.reserve, owner, job_id, reserve)
+            await svc.keys.reserve(owner, job_id, reserve)
         except InsufficientCredits as e:
             raise SessionError(
                 ErrorCode.INSUFFICIENT_CREDITS,
@@ -557,7 +557,7 @@ async def admit_call(svc: "Service", owner: str, start: StartConfig, *, source: 
         svc.calls.release(owner)
         if sub is not None:
             sub.close()
-        await asyncio.to_thread(svc.keys.settle, job_id, 0)
+        await svc.keys.settle(job_id, 0)
         if full:
             raise failure_error(e) from None
         raise
@@ -614,7 +614,7 @@ def completed_frame(call: Call, *, server_shutdown: bool = False) -> dict[str, A
 
 async def settle_call(svc: "Service", call: Call) -> None:
     """Charge what the finished session used (releasing the rest of its reservation) and count its audio."""
-    await asyncio.to_thread(svc.keys.settle, call.id, math.ceil(call.credits_used))
+    await svc.keys.settle(call.id, math.ceil(call.credits_used))
     svc.metrics.audio_seconds.labels(call.job.source.value).inc(call.streamed_seconds * call.channels)
 
 
@@ -649,7 +649,7 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
         if session.call is None and principal.token_hash is not None:
             # a temporary token is claimed at the upgrade; no session opened (refused start, or the
             # client left first), so it is given back for a retry
-            await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
+            await svc.keys.release_temp_token(principal.token_hash)
     return ws
 
 

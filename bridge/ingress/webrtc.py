@@ -558,7 +558,7 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
             return web.json_response(await ingress.offer(principal, sdp, start))
         except BaseException:
             if principal.token_hash is not None:  # SDP refused, rate limit, credits...: no call, token kept
-                await asyncio.to_thread(svc.keys.release_temp_token, principal.token_hash)
+                await svc.keys.release_temp_token(principal.token_hash)
             raise
     except SessionError as e:
         svc.metrics.errors.labels(e.code.value).inc()

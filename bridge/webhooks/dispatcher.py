@@ -45,15 +45,14 @@ from yarl import URL
 from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus
 from bridge.logs import get_logger
+from bridge.stores import JobStore, NewDelivery, WebhookStore
 from bridge.webhooks.breaker import BreakerState, CircuitBreaker
 from bridge.webhooks.model import ANY_OWNER, Delivery, DeliveryStatus, Endpoint
 from bridge.webhooks.signing import sign
-from bridge.webhooks.store import NewDelivery, WebhookStore
 from bridge.webhooks.targets import GuardedResolver, TargetBlocked, TargetPolicy
 
 if TYPE_CHECKING:
     from bridge.config import WebhooksConfig
-    from bridge.jobs.store import JobStore
 
 __all__ = ["USER_AGENT", "WebhookDispatcher", "config_endpoints"]
 
@@ -113,10 +112,10 @@ class WebhookDispatcher:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, recovered_jobs: Sequence[str] = ()) -> None:
-        await asyncio.to_thread(self.store.sync_config_endpoints, config_endpoints(self.config))
+        await self.store.sync_config_endpoints(config_endpoints(self.config))
         await self.reload()
         if recovered_jobs:
-            await asyncio.to_thread(self._recover, list(recovered_jobs))
+            await self._recover(list(recovered_jobs))
         self.bus.add_tap(self._tap)
         self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
         if self.config.enabled:
@@ -131,7 +130,7 @@ class WebhookDispatcher:
 
     async def reload(self) -> None:
         """Take endpoint changes (API or config) into the tap's in-memory copy."""
-        eps = await asyncio.to_thread(self.store.list_endpoints)
+        eps = await self.store.list_endpoints()
         self._endpoints = {e.id: e for e in eps}
         self._due.set()
 
@@ -217,7 +216,7 @@ class WebhookDispatcher:
                 batch = self._pending[:]  # the tap only appends: these stay the first len(batch)
                 self._writing = True
                 try:
-                    await asyncio.to_thread(self.store.enqueue, batch)
+                    await self.store.enqueue(batch)
                 except Exception as e:  # noqa: BLE001 - keep the rows and try again shortly
                     log.error("webhook_outbox_write_failed", error=repr(e), unwritten=len(self._pending))
                     if self._closing:
@@ -231,21 +230,21 @@ class WebhookDispatcher:
             if self._closing:
                 return
 
-    def _recover(self, job_ids: list[str]) -> None:
+    async def _recover(self, job_ids: list[str]) -> None:
         """Jobs a crash left live: queue their saved finals an endpoint has not got, and their end."""
         rows: list[NewDelivery] = []
         now = time.time()
         for job_id in job_ids:
-            job = self.jobs.get_job(job_id)
+            job = await self.jobs.get_job(job_id)
             if job is None:
                 continue
-            segments = self.jobs.segments(job_id)
+            segments = await self.jobs.segments(job_id)
             for ep in self._endpoints.values():
                 wants_final = ep.wants("final", job.owner, job.source.value)
                 wants_end = ep.wants("call_ended", job.owner, job.source.value)
                 if not (wants_final or wants_end):
                     continue
-                chain = self.store.job_chain(job_id, ep.id)
+                chain = await self.store.job_chain(job_id, ep.id)
                 seq = max((d.seq for d in chain), default=0)
                 have = set()
                 for d in chain:
@@ -265,7 +264,7 @@ class WebhookDispatcher:
                          "recovered": True}
                     rows.append((ep.id, job_id, "evt_" + secrets.token_hex(12), seq, "call_ended", _body(d), now))
         if rows:
-            self.store.enqueue(rows)
+            await self.store.enqueue(rows)
             log.warning("webhooks_recovered", jobs=len(job_ids), deliveries=len(rows))
 
     # -- out of the outbox -----------------------------------------------------------------------
@@ -276,8 +275,7 @@ class WebhookDispatcher:
             wait_s = IDLE_POLL_S
             if free > 0:
                 try:
-                    heads, self.pending_chains = await asyncio.to_thread(
-                        self.store.chain_heads, 2 * self.config.endpoint_concurrency)
+                    heads, self.pending_chains = await self.store.chain_heads(2 * self.config.endpoint_concurrency)
                 except Exception as e:  # noqa: BLE001
                     log.error("webhook_outbox_read_failed", error=repr(e))
                     heads = []
@@ -285,7 +283,7 @@ class WebhookDispatcher:
                 wait_s = min(wait_s, self._start_due(heads, free, time.time()))
             if time.time() - self._last_prune > PRUNE_EVERY_S:
                 self._last_prune = time.time()
-                n = await asyncio.to_thread(self.store.prune, time.time() - self.config.retention_s)
+                n = await self.store.prune(time.time() - self.config.retention_s)
                 if n:
                     log.info("webhook_deliveries_pruned", count=n)
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races
@@ -440,7 +438,7 @@ class WebhookDispatcher:
             ep = self._endpoints.get(ep.id) or ep
             if not ep.enabled or self._breaker(ep.id).state is not BreakerState.CLOSED:
                 return
-            d = await asyncio.to_thread(self.store.chain_head, d.endpoint_id, d.job_id)
+            d = await self.store.chain_head(d.endpoint_id, d.job_id)
 
     async def _attempt(self, ep: Endpoint, d: Delivery) -> bool:
         """One attempt, recorded; True when delivered."""
@@ -461,8 +459,8 @@ class WebhookDispatcher:
             log.warning("webhook_breaker_" + breaker.state.value, job_id=d.job_id, webhook_id=ep.id, owner=ep.owner,
                         consecutive_failures=breaker.consecutive_failures, error=error,
                         retry_in_s=round(breaker.retry_at - now, 1) if breaker.state is BreakerState.OPEN else None)
-        await asyncio.to_thread(self.store.record_attempt, d.id, status=status, http_status=http_status,
-                                error=error, next_attempt_at=next_at, at=now)
+        await self.store.record_attempt(d.id, status=status, http_status=http_status, error=error,
+                                        next_attempt_at=next_at, at=now)
         if self.metrics is not None:
             self.metrics.webhook_attempts.labels(result).inc()
         fields = dict(job_id=d.job_id, webhook_id=ep.id, delivery_id=d.id, event_type=d.type, seq=d.seq,

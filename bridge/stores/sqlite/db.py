@@ -1,4 +1,5 @@
-"""The embedded SQLite database (`<data_dir>/callbridge.db`) shared by the job and key stores.
+"""The embedded SQLite database file shared by the job, key and webhook stores (by default
+`<data_dir>/callbridge.db`; bridge/stores/sqlite/__init__.py).
 
 One connection per store, in autocommit mode with explicit `BEGIN IMMEDIATE` transactions: WAL
 lets readers run beside the writer, and IMMEDIATE takes the write lock up front so two processes

@@ -1,8 +1,7 @@
-"""Job and segment persistence.
+"""Jobs and segments in SQLite: the blocking implementation behind bridge.stores.JobStore.
 
-`JobStore` is the interface the server codes against (a PostgreSQL store can implement it later);
-`SqliteJobStore` is the embedded default. Methods are blocking: async callers use
-`asyncio.to_thread`, so one connection is shared behind a lock.
+Methods block; the service reaches them through ThreadedJobStore (bridge/stores/sqlite/threaded.py),
+so one connection is shared behind a lock.
 """
 
 from __future__ import annotations
@@ -12,12 +11,13 @@ import json
 import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from bridge.db import Tx, connect
+from bridge.stores.sqlite.db import Tx, connect
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+
+__all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
 
 SCHEMA_VERSION = 1
 
@@ -65,50 +65,6 @@ _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}
 
 
-class JobStore(ABC):
-    """Storage of jobs and their segments; see SqliteJobStore for semantics."""
-
-    @abstractmethod
-    def create_job(self, job: Job) -> Job: ...
-
-    @abstractmethod
-    def get_job(self, job_id: str, owner: str | None = None) -> Job | None: ...
-
-    @abstractmethod
-    def list_jobs(self, owner: str | None = None, status: JobStatus | str | None = None,
-                  source: JobSource | str | None = None, since: float | None = None,
-                  limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]: ...
-
-    @abstractmethod
-    def add_segment(self, job_id: str, final: dict[str, Any]) -> Segment: ...
-
-    @abstractmethod
-    def segments(self, job_id: str) -> list[Segment]: ...
-
-    @abstractmethod
-    def finish_job(self, job_id: str, status: JobStatus | str, duration_s: float,
-                   error: dict[str, Any] | None = None, ended_at: float | None = None) -> None: ...
-
-    @abstractmethod
-    def update_job(self, job_id: str, **fields: Any) -> None: ...
-
-    @abstractmethod
-    def edit_segment(self, job_id: str, segment_id: int, text: str | None = None,
-                     speaker: str | None = None) -> Segment: ...
-
-    @abstractmethod
-    def rename_speaker(self, job_id: str, old: str, new: str) -> int: ...
-
-    @abstractmethod
-    def delete_job(self, job_id: str) -> Job | None: ...
-
-    @abstractmethod
-    def fail_live_jobs(self, reason: str) -> list[str]: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
 def _encode_cursor(created_at: float, job_id: str) -> str:
     raw = json.dumps([created_at, job_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -139,7 +95,7 @@ def _row_seg(r: sqlite3.Row) -> Segment:
                    edited_at=r["edited_at"])
 
 
-class SqliteJobStore(JobStore):
+class SqliteJobStore:
     """SQLite in WAL mode: every write commits at once so a crash (even kill -9) loses nothing
     already acknowledged; synchronous=NORMAL trades only the last commits on power loss."""
 

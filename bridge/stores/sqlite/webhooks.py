@@ -1,12 +1,6 @@
-"""Webhook endpoints and the delivery outbox, in the job database.
-
-`WebhookStore` is the interface (a PostgreSQL store can implement it later); `SqliteWebhookStore`
-is the embedded default, with its own connection to `callbridge.db`. Methods are blocking:
-async callers use `asyncio.to_thread`.
-
-The outbox is one row per (event, endpoint). Rows of one job and endpoint form a chain that is
-delivered strictly in id order: only the oldest pending row of a chain (its head) is ever
-attempted, so a receiver sees a job's events in the order they happened, retries included.
+"""Webhook endpoints and the delivery outbox in SQLite: the blocking implementation behind
+bridge.stores.WebhookStore (whose docstring says what a chain is), with its own connection to
+the same database file. The service reaches it through ThreadedWebhookStore.
 """
 
 from __future__ import annotations
@@ -15,15 +9,15 @@ import json
 import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bridge.db import Tx, connect
+from bridge.stores.sqlite.db import Tx, connect
+from bridge.stores.webhooks import NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
-__all__ = ["NewDelivery", "SqliteWebhookStore", "WebhookStore"]
+__all__ = ["SqliteWebhookStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_endpoints (
@@ -62,71 +56,6 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries (en
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, endpoint_id, id);
 """
 
-# (endpoint_id, job_id, event_id, seq, type, body, created_at)
-NewDelivery = tuple[str, str, str, int, str, str, float]
-
-
-class WebhookStore(ABC):
-    @abstractmethod
-    def create_endpoint(self, ep: Endpoint) -> Endpoint: ...
-
-    @abstractmethod
-    def get_endpoint(self, endpoint_id: str, owner: str | None = None) -> Endpoint | None: ...
-
-    @abstractmethod
-    def list_endpoints(self, owner: str | None = None) -> list[Endpoint]: ...
-
-    @abstractmethod
-    def count_endpoints(self, owner: str) -> int: ...
-
-    @abstractmethod
-    def update_endpoint(self, endpoint_id: str, **fields: Any) -> Endpoint | None: ...
-
-    @abstractmethod
-    def delete_endpoint(self, endpoint_id: str) -> bool: ...
-
-    @abstractmethod
-    def sync_config_endpoints(self, endpoints: list[Endpoint]) -> None: ...
-
-    @abstractmethod
-    def enqueue(self, rows: Iterable[NewDelivery]) -> int: ...
-
-    @abstractmethod
-    def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]: ...
-
-    @abstractmethod
-    def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None: ...
-
-    @abstractmethod
-    def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
-                       error: str | None, next_attempt_at: float, at: float) -> None: ...
-
-    @abstractmethod
-    def list_deliveries(self, endpoint_id: str, status: str | None = None, job_id: str | None = None,
-                        limit: int = 50, before: int | None = None) -> list[Delivery]: ...
-
-    @abstractmethod
-    def get_delivery(self, endpoint_id: str, delivery_id: int) -> Delivery | None: ...
-
-    @abstractmethod
-    def redeliver(self, endpoint_id: str, delivery_ids: list[int] | None = None) -> int: ...
-
-    @abstractmethod
-    def retry_now(self, endpoint_id: str) -> int: ...
-
-    @abstractmethod
-    def job_chain(self, job_id: str, endpoint_id: str) -> list[Delivery]: ...
-
-    @abstractmethod
-    def prune(self, older_than: float) -> int: ...
-
-    @abstractmethod
-    def counts(self) -> dict[str, int]: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
 def _row_endpoint(r: sqlite3.Row) -> Endpoint:
     return Endpoint(id=r["id"], owner=r["owner"], url=r["url"], secret=r["secret"],
                     events=tuple(json.loads(r["events"])), sources=tuple(json.loads(r["sources"])),
@@ -142,7 +71,7 @@ def _row_delivery(r: sqlite3.Row) -> Delivery:
                     last_error=r["last_error"], delivered_at=r["delivered_at"])
 
 
-class SqliteWebhookStore(WebhookStore):
+class SqliteWebhookStore:
     def __init__(self, path: str | Path) -> None:
         self._lock = threading.Lock()
         self._db = connect(str(path))
