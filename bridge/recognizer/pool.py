@@ -1,10 +1,11 @@
-"""The process-wide scheduler: a few whisper.cpp contexts shared by every leg.
+"""The process-wide scheduler: a few engine instances (whisper.cpp contexts) shared by every leg.
 
 A whisper context costs ~100 MB (tiny) and a decode saturates its threads, so legs do not get
 their own: they queue here. Finals go before partials (a final is what users keep; a partial is
 superseded within a second anyway); each leg has at most one partial waiting, a newer one
 replaces it, and partials that waited too long are dropped. Finals are never dropped.
-Decodes run in worker threads (whisper_full releases the GIL), off the event loop.
+Decodes run in worker threads (whisper_full releases the GIL), off the event loop. The pool
+knows engines only through `engines.Engine`; which one it loads is a registry name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import structlog
 
-from .engine import DecodeOptions, Hypothesis, WhisperEngine
+from .engines import DEFAULT_ENGINE, SAMPLE_RATE, DecodeOptions, Engine, Hypothesis, HypothesisFilter, load_engine
 
 log = structlog.get_logger(__name__)
 
@@ -95,7 +96,8 @@ class _Job:
 
 
 class RecognizerPool:
-    """Shared decode pool. `size` contexts, each decoding with `threads` threads."""
+    """Shared decode pool. `size` engine instances of the registered engine `engine`, each
+    decoding with `threads` threads (`engine_factory`, if given, builds them instead)."""
 
     def __init__(
         self,
@@ -103,13 +105,15 @@ class RecognizerPool:
         size: int | None = None,
         threads: int = 1,
         partial_max_wait_s: float = 1.0,
-        engine_factory: Callable[[], WhisperEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
+        engine: str = DEFAULT_ENGINE,
     ) -> None:
         self.model_path = str(model_path)
         self.size = size or os.cpu_count() or 1
         self.threads = threads
         self.partial_max_wait_s = partial_max_wait_s
-        self._factory = engine_factory or (lambda: WhisperEngine(self.model_path, n_threads=self.threads))
+        self.engine = engine
+        self._factory = engine_factory or (lambda: load_engine(engine, self.model_path, threads=self.threads))
         self._heap: list[_Job] = []
         self._pending_partial: dict[Hashable, _Job] = {}
         self._cv = threading.Condition()
@@ -122,7 +126,7 @@ class RecognizerPool:
         self.completed = {p: 0 for p in Priority}
         self.superseded = 0
         self.retried = 0
-        self.engines: list[WhisperEngine] = []
+        self.engines: list[Engine] = []
         # (done, wait + decode, decode) of recent finals; bounded so a busy pool cannot grow it
         self._recent_finals: deque[tuple[float, float, float]] = deque(maxlen=4096)
         self._started_at = time.monotonic()
@@ -132,15 +136,30 @@ class RecognizerPool:
         if self._threads:
             return
         self.engines = [self._factory() for _ in range(self.size)]
+        rates = {e.sample_rate for e in self.engines}
+        if rates != {SAMPLE_RATE}:
+            raise ValueError(f"engine {self.engine!r} decodes at {sorted(rates)} Hz; legs feed {SAMPLE_RATE} Hz")
         for i, eng in enumerate(self.engines):
             t = threading.Thread(target=self._worker, args=(eng,), name=f"whisper-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("recognizer_pool_started", size=self.size, threads=self.threads, model=self.model_path)
+        log.info("recognizer_pool_started", engine=self.engine, size=self.size, threads=self.threads, model=self.model_path)
 
     @property
     def multilingual(self) -> bool:
         return bool(self.engines and self.engines[0].multilingual)
+
+    @property
+    def languages(self) -> frozenset[str]:
+        """The language codes the engine knows (empty before `start`)."""
+        return self.engines[0].languages if self.engines else frozenset()
+
+    @property
+    def hypothesis_filter(self) -> HypothesisFilter:
+        """The engine's test for invented text, which the legs apply to what they decode."""
+        if not self.engines:
+            raise RuntimeError("recognizer pool not started")
+        return self.engines[0].hypothesis_filter
 
     def close(self) -> None:
         with self._cv:
@@ -246,7 +265,7 @@ class RecognizerPool:
                     return None
                 self._cv.wait()
 
-    def _worker(self, engine: WhisperEngine) -> None:
+    def _worker(self, engine: Engine) -> None:
         while True:
             job = self._next_job()
             if job is None:
