@@ -201,12 +201,17 @@ class WhisperEngine:
             audio = audio[: int(MAX_AUDIO_S * SAMPLE_RATE)]
         audio = np.ascontiguousarray(audio)
         audio_s = len(audio) / SAMPLE_RATE
+        lang = opts.language or "en"
+        if not self.multilingual:
+            lang = "en"
+        if not audio.size:
+            # whisper_full on no samples returns 0 and leaves the previous decode's segments in
+            # the context: the last caller's text came back (tests/test_engine_contract.py).
+            return WhisperHypothesis(text="", words=[], language=None if lang == "auto" else lang, audio_s=0.0,
+                                     decode_s=0.0, avg_logprob=0.0, compression_ratio=0.0, n_tokens=0)
         with self._lock:
             p = self._params
             p.audio_ctx = self.audio_ctx_for(len(audio), opts)
-            lang = opts.language or "en"
-            if not self.multilingual:
-                lang = "en"
             p.language = lang
             p.detect_language = False
             p.initial_prompt = opts.prompt or ""
