@@ -14,9 +14,9 @@ import asyncio
 import os
 
 from bridge.models.store import resolve
-from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+from bridge.recognizer.engines import DecodeOptions
+from bridge.recognizer.engines.whisper_cpp import WhisperEngine
 from bridge.recognizer.pool import RecognizerPool
-from bridge.recognizer.streamer import StreamerConfig
 
 from . import corpus
 from .calls import standard_calls, to_mulaw_roundtrip
@@ -63,9 +63,9 @@ def main(argv=None) -> None:
                         stream_pairs.append((call.text, run.text))
                         pieces += sum(1 for f in run.finals if not f.speech_final)
                 seg_pairs = []
-                final_opts = DecodeOptions(ctx_margin=StreamerConfig().final_ctx_margin)
+                final_opts = DecodeOptions()  # a final, as the streamer asks for one
                 for a, call in zip(audio, calls):
-                    off_pairs.append((call.text, offline.decode(a, DecodeOptions(full_ctx=True)).text))
+                    off_pairs.append((call.text, offline.decode(a, DecodeOptions(offline=True)).text))
                     # each sentence decoded alone at its true span, as a final is: what segmenting costs
                     segs = [a[max(0, int((s0 - 0.3) * SR)) : int((s1 + 0.3) * SR)] for s0, s1 in call.spans]
                     seg_pairs.append((call.text, " ".join(offline.decode(x, final_opts).text for x in segs)))

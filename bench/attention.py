@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 from bridge.models.store import resolve
-from bridge.recognizer.engine import SAMPLE_RATE, DecodeOptions, WhisperEngine
+from bridge.recognizer.engines import SAMPLE_RATE, DecodeOptions
+from bridge.recognizer.engines.whisper_cpp import WhisperDecodeOptions, WhisperEngine
 
 from . import corpus
 from .calls import to_mulaw_roundtrip
@@ -37,7 +38,7 @@ def main(argv=None) -> None:
     clips = [(u.text, band, conv(u.pcm)) for u in corpus.utterances(args.clips)
              for band, conv in (("16k", lambda a: a), ("8k", to_mulaw_roundtrip))]
     other, _ = corpus.monologue(12.0, seed=7)
-    full = DecodeOptions(language="en", full_ctx=True)
+    full = DecodeOptions(language="en", offline=True)
     # (name, engine, encoder positions past the audio, capped at 1500); the last two rows ask
     # whether finals still need the wider margin once attention is exact, and what more would buy
     settings = [("flash attention on, +256", WhisperEngine(model, flash_attn=True), 256),
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     for text, band, pcm in clips:
         for name, eng, margin in settings:
             r = res[name]
-            final = DecodeOptions(language="en", ctx_margin=margin)
+            final = WhisperDecodeOptions(language="en", ctx_margin=margin)
             t0 = time.perf_counter()
             hyp = eng.decode(pcm, final)
             dt = time.perf_counter() - t0

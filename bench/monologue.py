@@ -17,7 +17,8 @@ import asyncio
 import numpy as np
 
 from bridge.models.store import resolve
-from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+from bridge.recognizer.engines import DecodeOptions
+from bridge.recognizer.engines.whisper_cpp import WhisperEngine
 from bridge.recognizer.pool import RecognizerPool
 
 from . import corpus
@@ -41,7 +42,7 @@ async def measure(model: str, seeds: list[int], runs: int, pace: float) -> list[
     try:
         for seed in seeds:
             audio, ref = monologue_audio(seed)
-            w_off = corpus.wer(ref, offline.decode(audio, DecodeOptions(full_ctx=True)).text)
+            w_off = corpus.wer(ref, offline.decode(audio, DecodeOptions(offline=True)).text)
             diffs, pieces = [], []
             for _ in range(runs):
                 run = new_leg(pool)

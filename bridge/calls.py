@@ -23,7 +23,8 @@ from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Usage
 from bridge.jobs.model import Job, JobStatus
 from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
-from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig, StreamingRecognizer
+from bridge.recognizer.leg import LegRecognizer, new_leg_recognizer
+from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig
 from bridge.storage import StorageFull, StorageGuard, is_storage_full
 from bridge.stores import JobStore
 
@@ -52,7 +53,7 @@ def ended_event(job: Job, per_minute: float) -> CallEnded:
 class Leg:
     channel: int
     speaker: str
-    recognizer: StreamingRecognizer
+    recognizer: LegRecognizer
 
 
 class Call:
@@ -121,14 +122,13 @@ class Call:
             path.unlink(missing_ok=True)
             raise
         for ch, speaker in enumerate(self.job.speakers):
-            rec = StreamingRecognizer(
+            rec = new_leg_recognizer(
                 self.pool, self._events.put_nowait, channel=ch, speaker=speaker,
                 config=replace(self.streamer_config),
                 logger=self.log.bind(channel=ch, speaker=speaker))
             self.legs.append(Leg(ch, speaker, rec))
         for leg in self.legs:
-            leg.recognizer.start()
-            leg.recognizer._task.add_done_callback(self._leg_done)  # type: ignore[union-attr]
+            leg.recognizer.start().add_done_callback(self._leg_done)
         self._pump = loop.create_task(self._pump_events(), name=f"events-{self.job.id}")
         self._ticker = loop.create_task(self._tick_usage(), name=f"usage-{self.job.id}")
         self._publish(CallStarted(self.job.source.value, tuple(self.job.speakers), self.job.config,

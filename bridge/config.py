@@ -34,6 +34,7 @@ ENV_PREFIX = "CALLBRIDGE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
 
 VAD_KINDS = ("silero", "webrtc", "energy")  # bridge.recognizer.vad.VAD_KINDS (not imported: numpy)
+ENGINES = ("whisper.cpp",)  # bridge.recognizer.engines.ENGINES (not imported: numpy)
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 STORE_SCHEMES = ("sqlite",)  # bridge.stores.registry.BACKENDS (not imported: config is the base layer)
@@ -75,6 +76,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("tiny.en", "model name or path", nonempty=True)
+    engine: str = _f("whisper.cpp", "speech recognition engine that loads the model", choices=ENGINES)
     pool_size: int = _f(0, "recognizer contexts; 0 = number of CPU cores", min=0)
     threads_per_context: int = _f(1, "CPU threads each context decodes with", min=1)
 

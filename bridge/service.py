@@ -96,7 +96,7 @@ class Service:
 
             self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
             self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,
-                                       threads=self.config.model.threads_per_context)
+                                       threads=self.config.model.threads_per_context, engine=self.config.model.engine)
             await asyncio.to_thread(self.pool.start)
         else:
             self.model_path = getattr(self.pool, "model_path", None)

@@ -51,14 +51,14 @@ def test_detection_does_not_depend_on_the_previous_decode(base_path):
     """whisper.cpp detects the language with the encoder size of the context's previous decode;
     after a short partial this Spanish utterance was detected as Latin, with garbled text.
     The engine sets the size first (WhisperEngine._set_audio_ctx), so the answer is the same."""
-    from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+    from bridge.recognizer.engines.whisper_cpp import WhisperDecodeOptions, WhisperEngine
 
     eng = WhisperEngine(base_path, n_threads=2)
     speech = corpus.synthesize("Buenos días, quisiera cambiar la dirección de envío de mi pedido.", voice="es", rate=150)
     audio = np.concatenate([np.zeros(3776, np.int16), speech])[:77_000]  # as a streamed final cut it
-    final = DecodeOptions(language="auto", ctx_margin=256)
+    final = WhisperDecodeOptions(language="auto", ctx_margin=256)
     first = eng.decode(audio, final)
     assert first.language == "es" and "quisiera" in corpus.normalize_text(first.text), first.text
-    eng.decode(audio[:12_800], DecodeOptions(language="auto", ctx_margin=64, partial=True))
+    eng.decode(audio[:12_800], WhisperDecodeOptions(language="auto", ctx_margin=64, partial=True))
     again = eng.decode(audio, final)
     assert (again.language, again.text, again.avg_logprob) == (first.language, first.text, first.avg_logprob)

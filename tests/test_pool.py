@@ -9,7 +9,7 @@ import pytest
 
 from bench import corpus
 from bench.drive import wait_for
-from bridge.recognizer.engine import DecodeOptions
+from bridge.recognizer.engines import DecodeOptions
 from bridge.recognizer.pool import Priority, RecognizerPool, Superseded
 
 
@@ -30,7 +30,7 @@ async def test_finals_overtake_queued_partials(single):
         done.append(name)
 
     # a full 30 s window keeps the only context busy while the others queue (0.3 s or more)
-    first = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    first = asyncio.create_task(single.decode(speech, DecodeOptions(offline=True), Priority.FINAL))
     first.add_done_callback(lambda _: done.append("busy"))
     assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     tasks = [asyncio.create_task(job(f"p{i}", Priority.PARTIAL, key=i)) for i in range(3)]
@@ -49,7 +49,7 @@ async def test_finals_overtake_queued_partials(single):
 
 async def test_newer_partial_of_a_leg_supersedes_the_queued_one(single):
     speech = corpus.synthesize("My card was charged twice for the same purchase last week.")
-    busy = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(offline=True), Priority.FINAL))
     assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     old = asyncio.create_task(single.decode(speech[:16000], DecodeOptions(partial=True), Priority.PARTIAL, key="leg"))
     assert await wait_for(lambda: single.queue_depth()["partial"] == 1, timeout=10), single.queue_depth()
@@ -74,7 +74,7 @@ async def test_a_cancelled_partial_does_not_stay_pending(single):
     the queued job holds the leg's audio, and the key (the leg's id) would keep it forever."""
     speech = corpus.synthesize("Please hold while I look up your account information.")
     # a full 30 s window keeps the only context busy while the partial queues (0.3 s or more)
-    busy = asyncio.create_task(single.decode(speech, DecodeOptions(full_ctx=True), Priority.FINAL))
+    busy = asyncio.create_task(single.decode(speech, DecodeOptions(offline=True), Priority.FINAL))
     assert await wait_for(lambda: single.busy == 1, timeout=10), "the busy decode never started"
     partial = asyncio.create_task(single.decode(speech, DecodeOptions(partial=True), Priority.PARTIAL, key="gone"))
     assert await wait_for(lambda: "gone" in single._pending_partial, timeout=10), single.queue_depth()

@@ -12,7 +12,7 @@ from bench.drive import new_leg, play, wait_for
 from bench.monologue import monologue_audio
 from bridge.events.types import Final, Partial
 from bridge.recognizer.agreement import norm, norm_text
-from bridge.recognizer.engine import DecodeOptions
+from bridge.recognizer.engines import DecodeOptions
 from bridge.recognizer.streamer import StreamerConfig
 
 SR = 16000
@@ -147,9 +147,9 @@ async def test_long_monologue_is_committed_in_pieces_without_duplicates(pool, mo
     # on this audio measured -1.4 to +4.3 points (0 in 6 of 9 runs, +2.2 and +4.3 when it was
     # cut into 4 pieces instead of 2-3). The bound is the claim plus that spread, rounded up to
     # whole words: +5 points (7 words); the test allowed +8 before.
-    from bridge.recognizer.engine import WhisperEngine
+    from bridge.recognizer.engines.whisper_cpp import WhisperEngine
 
-    offline = WhisperEngine(model_path, n_threads=2).decode(audio, DecodeOptions(full_ctx=True)).text
+    offline = WhisperEngine(model_path, n_threads=2).decode(audio, DecodeOptions(offline=True)).text
     w_stream, w_off = corpus.wer(ref, run.text), corpus.wer(ref, offline)
     n_ref, n_hyp = len(corpus.normalize_text(ref).split()), len(corpus.normalize_text(run.text).split())
     assert abs(n_hyp - n_ref) <= 0.1 * n_ref, (n_ref, n_hyp, run.text)
@@ -160,11 +160,11 @@ def test_decode_does_not_depend_on_the_previous_decode(model_path):
     """The same audio gives the same text and scores whatever the context decoded before. With
     whisper.cpp's flash attention it did not (stale encoder positions past a reduced audio_ctx:
     bench/attention.py); a streamer's finals then varied with which partials ran before them."""
-    from bridge.recognizer.engine import WhisperEngine
+    from bridge.recognizer.engines.whisper_cpp import WhisperDecodeOptions, WhisperEngine
 
     eng = WhisperEngine(model_path)
     clip = to_mulaw_roundtrip(speech(CLEAN[2]))
-    final = DecodeOptions(ctx_margin=256)
+    final = WhisperDecodeOptions(ctx_margin=256)
 
     def decode() -> tuple[str, float, list[tuple[str, float, float]]]:
         h = eng.decode(clip, final)
@@ -172,9 +172,9 @@ def test_decode_does_not_depend_on_the_previous_decode(model_path):
 
     first = decode()
     assert corpus.wer(CLEAN[2], first[0]) <= 0.5, first[0]
-    histories = [(corpus.monologue(12.0, seed=7)[0], DecodeOptions(full_ctx=True)),
-                 (speech("Yes."), DecodeOptions(ctx_margin=16)),
-                 (speech(PHONE[0]), DecodeOptions(ctx_margin=64, partial=True))]
+    histories = [(corpus.monologue(12.0, seed=7)[0], DecodeOptions(offline=True)),
+                 (speech("Yes."), WhisperDecodeOptions(ctx_margin=16)),
+                 (speech(PHONE[0]), WhisperDecodeOptions(ctx_margin=64, partial=True))]
     for audio, opts in histories:
         eng.decode(audio, opts)
         assert decode() == first

@@ -157,9 +157,9 @@ async def test_bridge_mode_both_legs_and_each_party_hears_the_other(tmp_path, po
 
 
 def _offline_opts():
-    from bridge.recognizer.engine import DecodeOptions
+    from bridge.recognizer.engines import DecodeOptions
 
-    return DecodeOptions(full_ctx=True)
+    return DecodeOptions(offline=True)
 
 
 def _invite(port: int, local_port: int, *, sdp: str | None, call_id: str | None = None, bad: bool = False) -> bytes:

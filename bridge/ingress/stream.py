@@ -132,12 +132,6 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _whisper_languages() -> frozenset[str]:
-    import _pywhispercpp as pw
-
-    return frozenset(pw.whisper_lang_str(i) for i in range(pw.whisper_lang_max_id() + 1))
-
-
 # --------------------------------------------------------------------------- start frame
 
 _START_FIELDS = {"type", "language", "sample_rate", "channels", "encoding", "interim_results", "diarize",
@@ -175,7 +169,7 @@ class StartConfig:
 
     @classmethod
     def parse(cls, msg: Any, *, default_endpointing_ms: int, max_duration_s: float,
-              multilingual: bool) -> "StartConfig":
+              multilingual: bool, languages: frozenset[str]) -> "StartConfig":
         """Validate a decoded `start` frame; raises SessionError(INVALID_CONFIG) naming the field."""
 
         def bad(message: str) -> SessionError:
@@ -195,7 +189,7 @@ class StartConfig:
             return v
 
         language = typed("language", (str,), "en", 'a language code or "auto"').strip().lower()
-        if language != "auto" and language not in _whisper_languages():
+        if language != "auto" and language not in languages:
             raise bad(f'language {shown(language)} is not a whisper language code (e.g. "en", "de") or "auto"')
         if not multilingual and language not in ("en", "auto"):
             raise bad(f'language {shown(language)} needs a multilingual model; this server runs an English-only '
@@ -345,7 +339,8 @@ class StreamSession:
             raise SessionError(ErrorCode.INVALID_CONFIG, "the connection closed before a start frame")
         return StartConfig.parse(
             _parse_text(msg.data), default_endpointing_ms=self.svc.config.recognizer.endpointing_ms,
-            max_duration_s=self.limits.max_duration_s, multilingual=bool(getattr(self.svc.pool, "multilingual", False)))
+            max_duration_s=self.limits.max_duration_s, multilingual=bool(getattr(self.svc.pool, "multilingual", False)),
+            languages=self.svc.pool.languages)
 
     async def _admit(self, start: StartConfig) -> None:
         self.front = AudioFrontEnd(start.audio_format)

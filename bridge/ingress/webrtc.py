@@ -125,7 +125,8 @@ def parse_offer(body: Any, svc: "Service") -> tuple[str, StartConfig]:
     speakers = meta.get("speakers") if isinstance(meta, dict) else None
     start = StartConfig.parse(
         {"type": "start", **config}, default_endpointing_ms=svc.config.recognizer.endpointing_ms,
-        max_duration_s=svc.config.limits.max_duration_s, multilingual=bool(getattr(svc.pool, "multilingual", False)))
+        max_duration_s=svc.config.limits.max_duration_s, multilingual=bool(getattr(svc.pool, "multilingual", False)),
+        languages=svc.pool.languages)
     if speakers is None:  # one leg, the browser's microphone
         from dataclasses import replace
 

@@ -1,10 +1,11 @@
-"""The process-wide scheduler: a few whisper.cpp contexts shared by every leg.
+"""The process-wide scheduler: a few engine instances (whisper.cpp contexts) shared by every leg.
 
 A whisper context costs ~100 MB (tiny) and a decode saturates its threads, so legs do not get
 their own: they queue here. Finals go before partials (a final is what users keep; a partial is
 superseded within a second anyway); each leg has at most one partial waiting, a newer one
 replaces it, and partials that waited too long are dropped. Finals are never dropped.
-Decodes run in worker threads (whisper_full releases the GIL), off the event loop.
+Decodes run in worker threads (whisper_full releases the GIL), off the event loop. The pool
+knows engines only through `engines.Engine`; which one it loads is a registry name.
 
 The pool also knows how fast it decodes: at start each context decodes a calibration clip, and
 from then on finals measure it (decode seconds per second of audio over the recent window).
@@ -30,7 +31,7 @@ from typing import Any, Callable, Hashable
 import numpy as np
 import structlog
 
-from .engine import DecodeOptions, Hypothesis, WhisperEngine
+from .engines import DEFAULT_ENGINE, SAMPLE_RATE, DecodeOptions, Engine, Hypothesis, HypothesisFilter, load_engine
 
 log = structlog.get_logger(__name__)
 
@@ -75,11 +76,11 @@ class Histogram:
                 "p50": self.quantile(0.5), "p95": self.quantile(0.95)}
 
 
-# The calibration clip: a final-sized decode (the streamer's final encoder margin, 4 s of audio,
-# about one sentence) over quiet noise, which whisper turns into no text, so the figure is the
-# encoder's cost and nothing depends on what a test voice says.
+# The calibration clip: a final decode (the engine's accurate path) of 4 s of audio, about one
+# sentence, over quiet noise, which whisper turns into no text, so the figure is the encoder's
+# cost and nothing depends on what a test voice says.
 CALIBRATION_AUDIO_S = 4.0
-CALIBRATION_OPTIONS = DecodeOptions(ctx_margin=256)  # StreamerConfig.final_ctx_margin
+CALIBRATION_OPTIONS = DecodeOptions(partial=False)
 # Finals' own speed replaces the calibration once the window holds this much decoded audio.
 SPEED_EVIDENCE_AUDIO_S = 10.0
 
@@ -115,7 +116,8 @@ class _Job:
 
 
 class RecognizerPool:
-    """Shared decode pool. `size` contexts, each decoding with `threads` threads."""
+    """Shared decode pool. `size` engine instances of the registered engine `engine`, each
+    decoding with `threads` threads (`engine_factory`, if given, builds them instead)."""
 
     def __init__(
         self,
@@ -123,13 +125,15 @@ class RecognizerPool:
         size: int | None = None,
         threads: int = 1,
         partial_max_wait_s: float = 1.0,
-        engine_factory: Callable[[], WhisperEngine] | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
+        engine: str = DEFAULT_ENGINE,
     ) -> None:
         self.model_path = str(model_path)
         self.size = size or os.cpu_count() or 1
         self.threads = threads
         self.partial_max_wait_s = partial_max_wait_s
-        self._factory = engine_factory or (lambda: WhisperEngine(self.model_path, n_threads=self.threads))
+        self.engine = engine
+        self._factory = engine_factory or (lambda: load_engine(engine, self.model_path, threads=self.threads))
         self._heap: list[_Job] = []
         self._pending_partial: dict[Hashable, _Job] = {}
         self._cv = threading.Condition()
@@ -142,7 +146,7 @@ class RecognizerPool:
         self.completed = {p: 0 for p in Priority}
         self.superseded = 0
         self.retried = 0
-        self.engines: list[WhisperEngine] = []
+        self.engines: list[Engine] = []
         # (done, wait + decode, decode, audio) of recent finals; bounded so a busy pool cannot grow it
         self._recent_finals: deque[tuple[float, float, float, float]] = deque(maxlen=4096)
         self.calibrated_speed: float | None = None  # decode s per audio s of the calibration clip
@@ -154,19 +158,22 @@ class RecognizerPool:
         if self._threads:
             return
         self.engines = [self._factory() for _ in range(self.size)]
+        rates = {e.sample_rate for e in self.engines}
+        if rates != {SAMPLE_RATE}:
+            raise ValueError(f"engine {self.engine!r} decodes at {sorted(rates)} Hz; legs feed {SAMPLE_RATE} Hz")
         self._calibrate()
         for i, eng in enumerate(self.engines):
             t = threading.Thread(target=self._worker, args=(eng,), name=f"whisper-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("recognizer_pool_started", size=self.size, threads=self.threads, model=self.model_path)
+        log.info("recognizer_pool_started", engine=self.engine, size=self.size, threads=self.threads, model=self.model_path)
 
     def _calibrate(self) -> None:
         """Time the calibration clip on every context at once (as they run under load), before
         the workers start: the speed admission assumes until finals measure it."""
         clip, took = calibration_clip(), [0.0] * len(self.engines)
 
-        def run(i: int, eng: WhisperEngine) -> None:
+        def run(i: int, eng: Engine) -> None:
             t0 = time.monotonic()
             eng.decode(clip, CALIBRATION_OPTIONS)
             took[i] = time.monotonic() - t0
@@ -185,6 +192,18 @@ class RecognizerPool:
     def multilingual(self) -> bool:
         return bool(self.engines and self.engines[0].multilingual)
 
+    @property
+    def languages(self) -> frozenset[str]:
+        """The language codes the engine knows (empty before `start`)."""
+        return self.engines[0].languages if self.engines else frozenset()
+
+    @property
+    def hypothesis_filter(self) -> HypothesisFilter:
+        """The engine's test for invented text, which the legs apply to what they decode."""
+        if not self.engines:
+            raise RuntimeError("recognizer pool not started")
+        return self.engines[0].hypothesis_filter
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -192,7 +211,7 @@ class RecognizerPool:
                 if job.cancelled:  # nobody awaits it (and its loop may be gone)
                     continue
                 job.cancelled = True
-                job.loop.call_soon_threadsafe(_fail, job.future, RuntimeError("recognizer pool closed"))
+                _deliver(job, _fail, RuntimeError("recognizer pool closed"))
             self._heap.clear()
             self._cv.notify_all()
         for t in self._threads:
@@ -288,7 +307,7 @@ class RecognizerPool:
                     waited = time.monotonic() - job.enqueued
                     if job.priority == Priority.PARTIAL and waited > self.partial_max_wait_s:
                         self.superseded += 1
-                        job.loop.call_soon_threadsafe(_fail, job.future, Superseded("partial went stale in queue"))
+                        _deliver(job, _fail, Superseded("partial went stale in queue"))
                         continue
                     self.busy += 1
                     self.wait_hist[Priority(job.priority)].observe(waited)
@@ -297,7 +316,7 @@ class RecognizerPool:
                     return None
                 self._cv.wait()
 
-    def _worker(self, engine: WhisperEngine) -> None:
+    def _worker(self, engine: Engine) -> None:
         while True:
             job = self._next_job()
             if job is None:
@@ -305,7 +324,7 @@ class RecognizerPool:
             try:
                 hyp = engine.decode(job.audio, job.opts)
             except BaseException as e:  # noqa: BLE001 - delivered to the awaiting leg
-                job.loop.call_soon_threadsafe(_fail, job.future, e)
+                _deliver(job, _fail, e)
             else:
                 pr = Priority(job.priority)
                 self.decode_hist[pr].observe(hyp.decode_s)
@@ -315,7 +334,7 @@ class RecognizerPool:
                     with self._cv:
                         self._recent_finals.append((now, now - job.enqueued, hyp.decode_s, hyp.audio_s))
                 self.retried += int(hyp.retried)
-                job.loop.call_soon_threadsafe(_resolve, job.future, hyp)
+                _deliver(job, _resolve, hyp)
             finally:
                 with self._cv:
                     self.busy -= 1
@@ -332,6 +351,15 @@ class RecognizerPool:
             "decode_seconds": {p.name.lower(): h.snapshot() for p, h in self.decode_hist.items()},
             "queue_wait_seconds": {p.name.lower(): h.snapshot() for p, h in self.wait_hist.items()},
         }
+
+
+def _deliver(job: _Job, how: Callable[[asyncio.Future, Any], None], value: Any) -> None:
+    """Hand a result to the job's loop; a loop already closed (its caller is gone, e.g. at
+    shutdown) must not take the worker thread down with it."""
+    try:
+        job.loop.call_soon_threadsafe(how, job.future, value)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

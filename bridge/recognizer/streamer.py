@@ -1,5 +1,7 @@
 """Per-leg streaming recognizer: VAD endpointing, partials, finals, long-utterance commits.
 
+The leg recognizer every engine gets today (`leg.LegRecognizer`): it turns any clip decoder
+(`engines.Engine`, through the pool) into a streaming one by re-decoding the open utterance.
 One instance per leg (direction of a call, channel of a stream). `feed()` is cheap and runs on
 the event loop (VAD and bookkeeping only); decodes go through the shared RecognizerPool from
 one task per leg, so finals come out in order and no partial can follow its final.
@@ -21,25 +23,12 @@ import structlog
 
 from ..events.types import Final, Partial, Word
 from .agreement import agreed_prefix, drop_seam_repeats, norm, norm_text, words_text
-from .engine import SAMPLE_RATE, DecodeOptions, Hypothesis
+from .engines import SAMPLE_RATE, DecodeOptions, Hypothesis
 from .pool import Priority, RecognizerPool, Superseded
 
 log = structlog.get_logger(__name__)
 
 ENDPOINTING_RANGE = (0, 20000)
-
-# Phrases whisper invents on noise and silence (trained on subtitles). Dropped only when the
-# decode is unsure and stands on more speech than such a phrase takes (STOCK_PHRASE_MAX_S):
-# callers do say "thank you", and a real "Bye." or "Okay." is short (0.3-0.6 s) and decoded
-# with a mean token probability of only 0.4-0.6 by tiny.en (tests/test_recognizer.py).
-HALLUCINATIONS = {
-    "thank you", "thanks for watching", "thank you for watching", "thank you very much", "you",
-    "bye", "okay", "so", "uh", "um", "hmm", "oh", "the end", "please subscribe",
-    "subtitles by the amaraorg community", "thanks for listening", "i", "a", "and",
-}
-# A stock phrase decoded from this much VAD speech or more did not come from the speech: whisper
-# heard something it could not transcribe and filled in a subtitle phrase.
-STOCK_PHRASE_MAX_S = 1.5
 
 
 @dataclass
@@ -61,11 +50,6 @@ class StreamerConfig:
     min_gap_ms: int = 90  # a pause inside an utterance where a long one may be cut
     vad_kind: str = "default"
     vad_threshold: float = 0.5
-    min_avg_logprob: float = -1.0  # for short speech, where invented text is likely
-    min_avg_logprob_long: float = -1.5  # for >= 1.5 s of VAD speech: unsure text beats none
-    max_compression_ratio: float = 2.4
-    partial_ctx_margin: int = 64  # encoder positions past the audio: speed for partials,
-    final_ctx_margin: int = 256  # accuracy for finals (36 clips: 17.7 % WER at 64, 10.8 % at 256, 9.4 % at 1500)
 
     def validate(self) -> None:
         lo, hi = ENDPOINTING_RANGE
@@ -176,9 +160,11 @@ class StreamingRecognizer:
                       "speculative_hits": 0, "pieces": 0, "forced_cuts": 0, "window_endpoints": 0}
 
     # -- control -------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> asyncio.Task:
+        """Start the leg's decoding task (once); it ends after `finish`, or with the leg's failure."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"leg-{self.channel}")
+        return self._task
 
     def configure(self, endpointing_ms: int | None = None, **_: Any) -> None:
         """Change endpointing while the leg runs; applies to the open utterance at once."""
@@ -329,8 +315,7 @@ class StreamingRecognizer:
             prompt = ", ".join(self.config.word_boost) + "."
         if prompt_words:
             prompt = (prompt + " " + words_text(prompt_words[-40:])).strip()
-        margin = self.config.partial_ctx_margin if partial else self.config.final_ctx_margin
-        return DecodeOptions(language=lang, prompt=prompt, partial=partial, ctx_margin=margin)
+        return DecodeOptions(language=lang, prompt=prompt, partial=partial)
 
     def _want_speculative(self) -> bool:
         u = self._utt
@@ -479,8 +464,8 @@ class StreamingRecognizer:
         words = drop_seam_repeats(u.committed, words, u.start_sample / SAMPLE_RATE)
         if self._rejected(hyp, u.speech_samples):
             self.stats["dropped_hallucinations"] += 1
-            self.log.info("final_rejected", text=hyp.text, avg_logprob=round(hyp.avg_logprob, 2),
-                          compression=round(hyp.compression_ratio, 2), speech_ms=u.speech_samples * 1000 // SAMPLE_RATE)
+            self.log.info("final_rejected", text=hyp.text, **hyp.signals(),
+                          speech_ms=u.speech_samples * 1000 // SAMPLE_RATE)
             words = []
         if words:
             self._emit_final(words, job.speech_final, hyp)
@@ -503,17 +488,7 @@ class StreamingRecognizer:
         return [Word(w.word, w.start + off, w.end + off, w.confidence) for w in words if norm(w.word) or w.word.strip()]
 
     def _rejected(self, hyp: Hypothesis, speech_samples: int) -> bool:
-        """Whisper's own tests for a failed decode, plus its known phrases on near-silence."""
-        text = norm_text(hyp.text)
-        if not text:
+        """No text, or text the engine's own filter says it invented (whisper: on noise)."""
+        if not norm_text(hyp.text):
             return True
-        if hyp.looped or hyp.compression_ratio > self.config.max_compression_ratio:
-            return True
-        floor = self.config.min_avg_logprob if speech_samples < 1.5 * SAMPLE_RATE else self.config.min_avg_logprob_long
-        if hyp.avg_logprob < floor:
-            return True
-        # Short speech is judged by the log-probability floor above, like any other short reply;
-        # the old "or shorter than 0.5 s" and "unsure" alone dropped every real "Bye." and "Okay.".
-        if text in HALLUCINATIONS and hyp.confidence < 0.7 and speech_samples >= STOCK_PHRASE_MAX_S * SAMPLE_RATE:
-            return True
-        return False
+        return self.pool.hypothesis_filter.rejects(hyp, speech_samples / SAMPLE_RATE)
