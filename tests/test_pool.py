@@ -84,3 +84,24 @@ async def test_a_cancelled_partial_does_not_stay_pending(single):
         await partial
     await busy
     assert "gone" not in single._pending_partial
+
+
+async def test_a_worker_outlives_a_caller_whose_loop_closed_mid_decode(single):
+    """A decode still running when its caller's event loop is closed (a client torn down at
+    shutdown, a test's loop) must not end the worker thread: the next caller is still served."""
+    speech = corpus.synthesize("Please hold while I look up your account information.")
+
+    def abandoned_caller() -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(single.decode(speech, DecodeOptions(offline=True), Priority.FINAL))
+        loop.run_until_complete(asyncio.sleep(0))  # queued ...
+        while single.busy == 0:  # ... and running
+            loop.run_until_complete(asyncio.sleep(0.01))
+        task.cancel()
+        loop.close()  # the worker's result now has no loop to go to
+
+    await asyncio.to_thread(abandoned_caller)
+    assert await wait_for(lambda: single.busy == 0, timeout=30), "the abandoned decode never finished"
+    assert all(t.is_alive() for t in single._threads), "a worker thread died delivering to a closed loop"
+    hyp = await asyncio.wait_for(single.decode(speech, DecodeOptions(), Priority.FINAL), 60)
+    assert "account" in hyp.text.lower(), hyp.text
