@@ -22,9 +22,12 @@ from bridge.calls import CallRegistry
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
 from bridge.logs import get_logger
+from bridge.ingress.base import Ingress
+from bridge.ingress.registry import INGRESSES
+from bridge.jobs.model import JobSource
 from bridge.metrics import Metrics
+from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
-from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -50,11 +53,11 @@ class Service:
         self.model_path: str | None = None
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
-        self.sip: Any = None
-        self.sip_unavailable: str | None = None  # why SIP is off although sip.enabled (no pjsua2)
-        self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
+        self.ingresses: list[Ingress] = []  # running, in bridge/ingress/registry.py's order
+        self.unavailable: dict[JobSource, str] = {}  # enabled but cannot run here (SIP without pjsua2)
         self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
         self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
+        self.sessions: SessionGate | None = None  # once started: admission and settlement of every session
         self.ready = False
         self.started_at = time.time()
         self.idle_trims = 0  # times the allocator gave free pages back after the last call ended
@@ -64,6 +67,25 @@ class Service:
     @property
     def draining(self) -> bool:
         return self.calls.draining
+
+    def ingress(self, source: JobSource) -> Ingress | None:
+        """The running ingress of `source`, or None (disabled, unavailable, or not started)."""
+        return next((i for i in self.ingresses if i.source is source), None)
+
+    @property
+    def sip(self) -> Any:
+        """The SIP gateway (bridge.ingress.sip.SipIngress) when it runs."""
+        return self.ingress(JobSource.SIP)
+
+    @property
+    def webrtc(self) -> Any:
+        """The WebRTC ingress (bridge.ingress.webrtc.WebRtcIngress) when it runs."""
+        return self.ingress(JobSource.WEBRTC)
+
+    @property
+    def sip_unavailable(self) -> str | None:
+        """Why SIP is off although sip.enabled (no pjsua2)."""
+        return self.unavailable.get(JobSource.SIP)
 
     async def start(self) -> None:
         from bridge.auth import Authenticator, KeyStore, bootstrap_key
@@ -103,29 +125,36 @@ class Service:
         else:
             self.model_path = getattr(self.pool, "model_path", None)
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
-        self.sip_unavailable = pjsua2_missing() if self.config.sip.enabled else None
-        if self.sip_unavailable:  # e.g. Python 3.12+: the service runs, without SIP
-            log.warning("sip_disabled", reason=self.sip_unavailable,
-                        hint=f"{PJSUA2_HINT}, or set CALLBRIDGE_SIP_ENABLED=false")
-        elif self.config.sip.enabled:
-            from bridge.ingress.sip import SipIngress
-
-            self.sip = SipIngress(self)
-            try:
-                await self.sip.start()
-            except BaseException:
-                await self.sip.stop()
-                raise
-        if self.config.webrtc.enabled:
-            from bridge.ingress.webrtc import WebRtcIngress
-
-            self.webrtc = WebRtcIngress(self)
+        self.sessions = SessionGate(self.config, calls=self.calls, capacity=self.admission, keys=self.keys,
+                                    store=self.store, bus=self.bus, pool=self.pool, storage=self.storage,
+                                    metrics=self.metrics, recordings_dir=self.recordings_dir)
+        await self._start_ingresses()
         self.storage.refill()
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
         refusal = self.storage.refusal()
         if refusal is not None:
             log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())
+
+    async def _start_ingresses(self) -> None:
+        """Every ingress the config enables, in the registry's order. One that cannot run on this
+        machine (SIP without pjsua2, e.g. on Python 3.12+) is left off with a warning; one that
+        fails to start stops the service's start."""
+        for kind in INGRESSES:
+            if not kind.enabled(self.config):
+                continue
+            missing = kind.unavailable()
+            if missing is not None:
+                self.unavailable[kind.source] = missing[0]
+                log.warning(f"{kind.source.value}_disabled", reason=missing[0], hint=missing[1])
+                continue
+            ingress = kind(self)
+            try:
+                await ingress.start()
+            except BaseException:
+                await ingress.stop()
+                raise
+            self.ingresses.append(ingress)
 
     def _trim_when_idle(self) -> None:
         """The last live call ended: give the allocator's free pages back once the service stays idle
@@ -157,8 +186,8 @@ class Service:
     async def drain(self) -> list[str]:
         timeout = self.config.limits.drain_timeout_s
         log.info("draining", live_calls=len(self.calls.calls), timeout_s=timeout)
-        if self.sip is not None:
-            await self.sip.drain(timeout)
+        for ingress in self.ingresses:
+            await ingress.drain(timeout)
         left = await self.calls.drain(timeout)
         for job_id in left:
             call = self.calls.calls.get(job_id)
@@ -171,10 +200,8 @@ class Service:
         if self.calls.calls:
             await self.drain()
         self.ready = False
-        if self.webrtc is not None:  # peer connections left after the drain are closed here
-            await self.webrtc.close()
-        if self.sip is not None:
-            await self.sip.stop()
+        for ingress in self.ingresses:  # what the drain left (peer connections, SIP workers)
+            await ingress.stop()
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
             self.webhooks.store.close()
@@ -192,13 +219,14 @@ class Service:
     def build_app(self) -> web.Application:
         from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
         from bridge.api.http import json_errors
-        from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[json_errors])
         app[SERVICE] = self
-        for module in (health, openapi, stream, jobs, tokens, events, webhooks, webrtc, web_page):
+        for module in (health, openapi, jobs, tokens, events, webhooks, web_page):
             module.add_routes(app)
+        for kind in INGRESSES:  # every registered ingress's routes: a disabled one answers so itself
+            app.router.add_routes(kind.routes())
         return app
 
 

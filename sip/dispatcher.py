@@ -21,8 +21,8 @@ mode, the target's status) and is passed on instead of dialling the target again
   to the caller over the transport the request came in on (a TCP caller keeps its connection).
 - `_dialogs`, Call-ID -> worker, for in-dialog requests that reach the dispatcher.
 
-The service's admission check (disk reserve, decode capacity) runs once per INVITE transaction
-and returns a hold on the legs it admitted; the INVITE keeps it until the service reports its call
+The service's admission check (disk reserve, the owner's session limit and credits, decode
+capacity) runs once per INVITE transaction and returns a hold on what it admitted; the INVITE keeps it until the service reports its call
 registered (`release_invite`, on the worker's call_started) or the INVITE ends otherwise (a
 non-2xx final response, the entry expiring or evicted, shutdown), so INVITEs arriving together
 cannot all pass the check before any of their calls counts as live.
@@ -90,12 +90,15 @@ class Hold(Protocol):
 
 
 class InviteRefused(Exception):
-    """Raised by the admission check: answer the INVITE 503 with this reason and Retry-After."""
+    """Raised by the admission check: answer the INVITE `status` (503 Service Unavailable unless
+    given) with a Warning saying `why`, and Retry-After when `retry_after_s` is set."""
 
-    def __init__(self, why: str, retry_after_s: int) -> None:
+    def __init__(self, why: str, retry_after_s: int | None, *, status: int = 503, reason: str | None = None) -> None:
         super().__init__(why)
         self.why = why
         self.retry_after_s = retry_after_s
+        self.status = status
+        self.reason = reason  # the reason phrase, when the status has none in sip.message.REASONS
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ class Dispatcher:
                  retry_after_full: int = 5, retry_after_draining: int = 30,
                  max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
                  tcp_limits: TcpLimits | None = None,
-                 admission: Callable[[int], Hold | None] | None = None) -> None:
+                 admission: Callable[[int, SipMessage], Hold | None] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
         ids = [w.id for w in workers]
@@ -288,8 +291,8 @@ class Dispatcher:
         self.tcp_idle_timeout = tcp_idle_timeout
         self.tcp_limits = tcp_limits or TcpLimits()
         self.draining = False
-        # the service's admission check (disk reserve, decode capacity): slots needed -> a hold on
-        # the admitted legs (or None), or InviteRefused to answer 503
+        # the service's admission check (disk reserve, session limit, decode capacity, credits):
+        # (slots needed, the INVITE) -> a hold on what it admitted (or None), or InviteRefused
         self.admission = admission
 
         self._udp: asyncio.DatagramTransport | None = None
@@ -714,9 +717,10 @@ class Dispatcher:
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
         try:
-            hold = self.admission(needed) if self.admission is not None else None
+            hold = self.admission(needed, msg) if self.admission is not None else None
         except InviteRefused as e:
-            return 503, None, [("Retry-After", str(e.retry_after_s)), _warning(399, e.why)], e.why
+            retry = [("Retry-After", str(e.retry_after_s))] if e.retry_after_s is not None else []
+            return e.status, e.reason, [*retry, _warning(399, e.why)], e.why
         worker = self._pick(needed, ())
         if worker is None:
             if hold is not None:
