@@ -134,3 +134,24 @@ async def test_sip_call_credits_reserved_during_the_call_and_settled_to_its_audi
         assert audio is not None and abs(audio - job.duration_s) < 0.5, (audio, job.duration_s)
     finally:
         await srv.stop()
+
+
+async def test_sip_call_straight_to_a_worker_is_admitted_when_it_starts(tmp_path, pool):
+    """With a proxy such as Kamailio sending INVITEs straight to the worker ports (docs/sip.md), the
+    dispatcher never screens them: the call is admitted when the worker reports it started, and one
+    its owner cannot pay for is hung up at once, leaving no job."""
+    owner = _metered_key(tmp_path / "data", credits=100)
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "sip.owner_key": owner,
+                                                          "limits.max_duration_s": "60"})
+    svc = srv.service
+    try:
+        wav = speech_wav(tmp_path / "caller.wav", CALLER, tail=6.0)
+        rc, info, err = await peer("call", f"sip:support@127.0.0.1:{svc.sip.workers[0].port}", "--play", str(wav))
+        assert rc == 0 and info["sip_code"] == 200, err[-500:]  # the worker answered before anyone asked
+        assert info["hangup_by"] == "remote" and info["sent_seconds"] < 5.0, info  # ...and the service hung up
+        assert svc.store.list_jobs()[0] == []
+        assert svc.calls.active(owner) == 0 and svc.keys.open_reservations() == {}
+        assert _refused_metric(svc, "INSUFFICIENT_CREDITS") == 1
+    finally:
+        await srv.stop()
