@@ -4,12 +4,18 @@
 is cheap; `start()` opens the stores, recovers jobs a crash left live, loads the model, and
 only then does /healthz answer 200. `drain()` is SIGTERM: no new sessions, live ones end as if
 the client had sent `end` (finalized, saved, `completed`), then `stop()` releases everything.
+
+The app from `build_app()` owns that lifecycle (aiohttp's cleanup_ctx): the runner's `setup()`
+starts the service and its `cleanup()` stops it, so `serve`, the tests and the benchmarks run it
+the same way: setup, listen, (drain while still listening), cleanup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +24,13 @@ from aiohttp import web
 from bridge import allocator
 from bridge.admission import Admission
 from bridge.audio.wav import repair_wav
-from bridge.calls import CallRegistry
+from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
-from bridge.logs import get_logger
 from bridge.ingress.base import Ingress
 from bridge.ingress.registry import INGRESSES
 from bridge.jobs.model import JobSource
+from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
@@ -174,13 +180,9 @@ class Service:
     def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length
         of its recording, see recover_recordings) x channels."""
-        import math
-
         job = self.store.get_job(job_id)
         if job is None:
             return 0
-        from bridge.calls import job_credits
-
         return math.ceil(job_credits(job, self.config.credits.per_minute))
 
     async def drain(self) -> list[str]:
@@ -216,6 +218,20 @@ class Service:
         log.info("service_stopped")
 
     # -- the aiohttp application ------------------------------------------------------------
+    async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        """Started with the app's runner, stopped with it. A start that fails stops what it had
+        opened (SIP workers, stores) before its error goes up, so the caller has nothing to undo."""
+        try:
+            await self.start()
+        except BaseException:
+            try:
+                await self.stop()
+            except Exception:  # noqa: BLE001 - the start's error is the one to report
+                log.exception("stop_after_failed_start_failed")
+            raise
+        yield
+        await self.stop()
+
     def build_app(self) -> web.Application:
         from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
         from bridge.api.http import json_errors
@@ -223,6 +239,7 @@ class Service:
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[json_errors])
         app[SERVICE] = self
+        app.cleanup_ctx.append(self._lifetime)
         for module in (health, openapi, jobs, tokens, events, webhooks, web_page):
             module.add_routes(app)
         for kind in INGRESSES:  # every registered ingress's routes: a disabled one answers so itself
