@@ -22,10 +22,11 @@ mode, the target's status) and is passed on instead of dialling the target again
 - `_dialogs`, Call-ID -> worker, for in-dialog requests that reach the dispatcher.
 
 The service's admission check (disk reserve, the owner's session limit and credits, decode
-capacity) runs once per INVITE transaction and returns a hold on what it admitted; the INVITE keeps it until the service reports its call
-registered (`release_invite`, on the worker's call_started) or the INVITE ends otherwise (a
-non-2xx final response, the entry expiring or evicted, shutdown), so INVITEs arriving together
-cannot all pass the check before any of their calls counts as live.
+capacity) runs once per INVITE transaction and returns a hold on what it admitted; the INVITE
+keeps it until the service reports its call registered (`release_invite`, on the worker's
+call_started) or the INVITE ends otherwise (a non-2xx final response, the entry expiring or
+evicted, shutdown), so INVITEs arriving together cannot all pass the check before any of their
+calls counts as live.
 
 Entries expire (64*T1 = 32 s after a final response; established calls after `dialog_ttl`) and
 every table is capped, so memory stays bounded under any traffic. Pending INVITEs count against
