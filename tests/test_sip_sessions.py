@@ -155,3 +155,36 @@ async def test_sip_call_straight_to_a_worker_is_admitted_when_it_starts(tmp_path
         assert _refused_metric(svc, "INSUFFICIENT_CREDITS") == 1
     finally:
         await srv.stop()
+
+
+async def test_an_invite_that_fails_before_its_call_starts_gives_back_its_slot_and_credits(tmp_path, pool):
+    """In bridge mode the INVITE holds its owner's slot and the credits of both legs while the target
+    rings; a busy target ends the INVITE, and all of it goes back without a job or a charge."""
+    from tests.test_sip_dispatcher import SDP, Peer, request
+
+    owner = _metered_key(tmp_path / "data", credits=1000)
+    loop = asyncio.get_running_loop()
+    t_agent, agent = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    srv = await start_server(tmp_path / "data", pool, **{"sip.enabled": "true", "server.sip_port": "0",
+                                                          "sip.workers": "1", "sip.owner_key": owner,
+                                                          "limits.max_duration_s": "60",
+                                                          "sip.routes": f"*=sip:agent@127.0.0.1:{agent.port}"})
+    svc = srv.service
+    t_caller, caller = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    try:
+        caller.send(request("INVITE", caller.port, call_id="busy-1", body=SDP), ("127.0.0.1", svc.sip.port))
+        assert (await caller.recv(timeout=10)).status == 100
+        dialled = await agent.expect("INVITE", timeout=10)  # the target rings: the INVITE holds its admission
+        assert list(svc.keys.open_reservations().values()) == [2 * PER_MINUTE]  # 60 s x 2 legs
+        assert svc.calls.active(owner) == 1
+        agent.answer(dialled, 486)
+        while (m := await caller.recv(timeout=10)).is_response and (m.status or 0) < 300:
+            pass
+        assert m.is_response and m.status == 486, m.status  # the caller hears the target's answer
+        assert await wait_for(lambda: svc.keys.open_reservations() == {}), svc.keys.open_reservations()
+        assert svc.calls.active(owner) == 0 and svc.keys.get_key(owner).balance == 1000
+        assert svc.store.list_jobs()[0] == []
+    finally:
+        t_caller.close()
+        await srv.stop()
+        t_agent.close()
