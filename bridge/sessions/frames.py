@@ -66,8 +66,9 @@ class ControlChannel:
         except JsonInputError as e:
             raise SessionError(ErrorCode.INVALID_CONFIG, f"{self.message} refused: {e}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            article = "an" if self.message[0] in "aeiou" else "a"
             raise SessionError(ErrorCode.INVALID_CONFIG,
-                               f'a {self.message} must be a JSON object with a string "type"')
+                               f'{article} {self.message} must be a JSON object with a string "type"')
         return msg
 
     def apply(self, call: Call, ctl: dict[str, Any]) -> bool:
