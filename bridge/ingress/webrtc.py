@@ -36,7 +36,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from bridge.api.http import JsonInputError, json_error, parse_json, require_principal, service_of
+from bridge.api.http import json_error, require_principal, service_of
 from bridge.audio.resample import StreamResampler
 from bridge.auth import Principal
 from bridge.calls import Call
@@ -44,10 +44,11 @@ from bridge.client.webrtc import allow_loopback_candidates
 from bridge.config import Config
 from bridge.ingress.base import Unavailable
 from bridge.jobs.model import JobSource
-from bridge.sessions import (HTTP_STATUS, ControlChannel, ErrorCode, SessionError, StartConfig, completed_frame,
-                             failure_error, ready_frame, shown, streamer_config, wire_frame)
+from bridge.json_input import JsonInputError, parse_json
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import SAMPLE_RATE
+from bridge.sessions import (HTTP_STATUS, ControlChannel, ErrorCode, SessionError, StartConfig, completed_frame,
+                             failure_error, ready_frame, shown, streamer_config, wire_frame)
 
 if TYPE_CHECKING:
     from bridge.config import WebRtcConfig

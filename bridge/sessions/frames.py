@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.api.http import JsonInputError, parse_json
 from bridge.calls import Call
 from bridge.events.types import EventType
+from bridge.json_input import JsonInputError, parse_json
 from bridge.recognizer.streamer import ENDPOINTING_RANGE
 from bridge.sessions.errors import ErrorCode, SessionError, shown
 from bridge.sessions.start import StartConfig
