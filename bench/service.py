@@ -27,13 +27,11 @@ async def running_service(data_dir: Path, **overrides: str) -> AsyncIterator[tup
     config = load_config({"data_dir": str(data_dir), "server.api_keys": BENCH_KEY,
                           "limits.max_sessions_per_key": "100", "logging.level": "warning", **overrides}, env={})
     svc = Service(config)
-    await svc.start()
     runner = web.AppRunner(svc.build_app())
+    await runner.setup()  # starts the service; cleanup() stops it
     try:
-        await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         yield svc, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     finally:
         await runner.cleanup()
-        await svc.stop()

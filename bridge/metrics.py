@@ -33,6 +33,9 @@ class Metrics:
                                         " (delivered, failed = will retry, dead)", ["result"], registry=self.registry)
         self.capacity_refused = Counter("callbridge_capacity_refused", "New sessions refused for lack of decode "
                                         "capacity, by ingress", ["source"], registry=self.registry)
+        self.sessions_refused = Counter("callbridge_sessions_refused", "New sessions refused at admission (shutdown, "
+                                        "disk, session limit, capacity, credits), by ingress and code",
+                                        ["source", "code"], registry=self.registry)
         self.registry.register(_LiveCollector(service))
 
     def render(self) -> bytes:

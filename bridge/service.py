@@ -4,12 +4,18 @@
 is cheap; `start()` opens the stores, recovers jobs a crash left live, loads the model, and
 only then does /healthz answer 200. `drain()` is SIGTERM: no new sessions, live ones end as if
 the client had sent `end` (finalized, saved, `completed`), then `stop()` releases everything.
+
+The app from `build_app()` owns that lifecycle (aiohttp's cleanup_ctx): the runner's `setup()`
+starts the service and its `cleanup()` stops it, so `serve`, the tests and the benchmarks run it
+the same way: setup, listen, (drain while still listening), cleanup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +24,17 @@ from aiohttp import web
 from bridge import allocator
 from bridge.admission import Admission
 from bridge.audio.wav import repair_wav
-from bridge.calls import CallRegistry
+from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
+from bridge.ingress.base import Ingress
+from bridge.ingress.registry import INGRESSES
+from bridge.jobs.model import JobSource
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
+from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
 from bridge.stores import DB_NAME, JobStore, Stores, open_stores, store_url
-from sip import PJSUA2_HINT, pjsua2_missing
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -51,11 +60,11 @@ class Service:
         self.model_path: str | None = None
         self.generated_key: str | None = None
         self.recovered_jobs: list[str] = []
-        self.sip: Any = None
-        self.sip_unavailable: str | None = None  # why SIP is off although sip.enabled (no pjsua2)
-        self.webrtc: Any = None  # bridge.ingress.webrtc.WebRtcIngress when webrtc.enabled
+        self.ingresses: list[Ingress] = []  # running, in bridge/ingress/registry.py's order
+        self.unavailable: dict[JobSource, str] = {}  # enabled but cannot run here (SIP without pjsua2)
         self.webhooks: Any = None  # bridge.webhooks.dispatcher.WebhookDispatcher
         self.admission: Admission | None = None  # once the pool exists: capacity to admit new legs
+        self.sessions: SessionGate | None = None  # once started: admission and settlement of every session
         self.ready = False
         self.started_at = time.time()
         self.idle_trims = 0  # times the allocator gave free pages back after the last call ended
@@ -65,6 +74,25 @@ class Service:
     @property
     def draining(self) -> bool:
         return self.calls.draining
+
+    def ingress(self, source: JobSource) -> Ingress | None:
+        """The running ingress of `source`, or None (disabled, unavailable, or not started)."""
+        return next((i for i in self.ingresses if i.source is source), None)
+
+    @property
+    def sip(self) -> Any:
+        """The SIP gateway (bridge.ingress.sip.SipIngress) when it runs."""
+        return self.ingress(JobSource.SIP)
+
+    @property
+    def webrtc(self) -> Any:
+        """The WebRTC ingress (bridge.ingress.webrtc.WebRtcIngress) when it runs."""
+        return self.ingress(JobSource.WEBRTC)
+
+    @property
+    def sip_unavailable(self) -> str | None:
+        """Why SIP is off although sip.enabled (no pjsua2)."""
+        return self.unavailable.get(JobSource.SIP)
 
     async def start(self) -> None:
         from bridge.auth import Authenticator, bootstrap_key
@@ -101,29 +129,36 @@ class Service:
         else:
             self.model_path = getattr(self.pool, "model_path", None)
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
-        self.sip_unavailable = pjsua2_missing() if self.config.sip.enabled else None
-        if self.sip_unavailable:  # e.g. Python 3.12+: the service runs, without SIP
-            log.warning("sip_disabled", reason=self.sip_unavailable,
-                        hint=f"{PJSUA2_HINT}, or set CALLBRIDGE_SIP_ENABLED=false")
-        elif self.config.sip.enabled:
-            from bridge.ingress.sip import SipIngress
-
-            self.sip = SipIngress(self)
-            try:
-                await self.sip.start()
-            except BaseException:
-                await self.sip.stop()
-                raise
-        if self.config.webrtc.enabled:
-            from bridge.ingress.webrtc import WebRtcIngress
-
-            self.webrtc = WebRtcIngress(self)
+        self.sessions = SessionGate(self.config, calls=self.calls, capacity=self.admission, keys=self.keys,
+                                    store=self.store, bus=self.bus, pool=self.pool, storage=self.storage,
+                                    metrics=self.metrics, recordings_dir=self.recordings_dir)
+        await self._start_ingresses()
         self.storage.refill()
         self.ready = True
         log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
         refusal = self.storage.refusal()
         if refusal is not None:
             log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())
+
+    async def _start_ingresses(self) -> None:
+        """Every ingress the config enables, in the registry's order. One that cannot run on this
+        machine (SIP without pjsua2, e.g. on Python 3.12+) is left off with a warning; one that
+        fails to start stops the service's start."""
+        for kind in INGRESSES:
+            if not kind.enabled(self.config):
+                continue
+            missing = kind.unavailable()
+            if missing is not None:
+                self.unavailable[kind.source] = missing[0]
+                log.warning(f"{kind.source.value}_disabled", reason=missing[0], hint=missing[1])
+                continue
+            ingress = kind(self)
+            try:
+                await ingress.start()
+            except BaseException:
+                await ingress.stop()
+                raise
+            self.ingresses.append(ingress)
 
     def _trim_when_idle(self) -> None:
         """The last live call ended: give the allocator's free pages back once the service stays idle
@@ -143,20 +178,16 @@ class Service:
     async def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length
         of its recording, see recover_recordings) x channels."""
-        import math
-
         job = await self.store.get_job(job_id)
         if job is None:
             return 0
-        from bridge.calls import job_credits
-
         return math.ceil(job_credits(job, self.config.credits.per_minute))
 
     async def drain(self) -> list[str]:
         timeout = self.config.limits.drain_timeout_s
         log.info("draining", live_calls=len(self.calls.calls), timeout_s=timeout)
-        if self.sip is not None:
-            await self.sip.drain(timeout)
+        for ingress in self.ingresses:
+            await ingress.drain(timeout)
         left = await self.calls.drain(timeout)
         for job_id in left:
             call = self.calls.calls.get(job_id)
@@ -169,10 +200,8 @@ class Service:
         if self.calls.calls:
             await self.drain()
         self.ready = False
-        if self.webrtc is not None:  # peer connections left after the drain are closed here
-            await self.webrtc.close()
-        if self.sip is not None:
-            await self.sip.stop()
+        for ingress in self.ingresses:  # what the drain left (peer connections, SIP workers)
+            await ingress.stop()
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
         if self._trimmer is not None:
@@ -184,16 +213,32 @@ class Service:
         log.info("service_stopped")
 
     # -- the aiohttp application ------------------------------------------------------------
+    async def _lifetime(self, app: web.Application) -> AsyncIterator[None]:
+        """Started with the app's runner, stopped with it. A start that fails stops what it had
+        opened (SIP workers, stores) before its error goes up, so the caller has nothing to undo."""
+        try:
+            await self.start()
+        except BaseException:
+            try:
+                await self.stop()
+            except Exception:  # noqa: BLE001 - the start's error is the one to report
+                log.exception("stop_after_failed_start_failed")
+            raise
+        yield
+        await self.stop()
+
     def build_app(self) -> web.Application:
         from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
         from bridge.api.http import json_errors
-        from bridge.ingress import stream, webrtc
 
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[json_errors])
         app[SERVICE] = self
-        for module in (health, openapi, stream, jobs, tokens, events, webhooks, webrtc, web_page):
+        app.cleanup_ctx.append(self._lifetime)
+        for module in (health, openapi, jobs, tokens, events, webhooks, web_page):
             module.add_routes(app)
+        for kind in INGRESSES:  # every registered ingress's routes: a disabled one answers so itself
+            app.router.add_routes(kind.routes())
         return app
 
 

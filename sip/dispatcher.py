@@ -14,11 +14,14 @@ What stays here is the front door: checking each request, refusing what no worke
 (malformed, no SDP offer or no common codec, draining, full), the service's admission check, and
 the controls the service calls (`set_load`, `set_alive`, `release_invite`, `stats`).
 
-The service's admission check (disk reserve, decode capacity) runs once per INVITE transaction
-and returns a hold on the legs it admitted; the INVITE keeps it until the service reports its call
-registered (`release_invite`, on the worker's call_started) or the INVITE ends otherwise (a
-non-2xx final response, the entry expiring or evicted, shutdown), so INVITEs arriving together
-cannot all pass the check before any of their calls counts as live.
+The service's admission check (disk reserve, the owner's session limit and credits, decode
+capacity) runs once per INVITE transaction and returns a hold on what it admitted; the INVITE
+keeps it until the service reports its call registered (`release_invite`, on the worker's
+call_started) or the INVITE ends otherwise (a non-2xx final response, the entry expiring or
+evicted, shutdown), so INVITEs arriving together cannot all pass the check before any of their
+calls counts as live. The check is awaited (it reserves the owner's credits in the store): the
+INVITE is answered 100 Trying and recorded first, so retransmissions are absorbed and a CANCEL
+arriving meanwhile ends it with 487 once the check is back (its hold given back).
 
 Nothing a peer sends may take the service down: a bad packet is counted, logged (rate-limited)
 and, where it parses far enough to be answered, answered with 400; the next packet is handled
@@ -32,7 +35,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sip.log import WarningLimiter, component_logger
@@ -60,12 +63,15 @@ _NOT_AUDIO = frozenset({"telephone-event", "cn"})
 
 
 class InviteRefused(Exception):
-    """Raised by the admission check: answer the INVITE 503 with this reason and Retry-After."""
+    """Raised by the admission check: answer the INVITE `status` (503 Service Unavailable unless
+    given) with a Warning saying `why`, and Retry-After when `retry_after_s` is set."""
 
-    def __init__(self, why: str, retry_after_s: int) -> None:
+    def __init__(self, why: str, retry_after_s: int | None, *, status: int = 503, reason: str | None = None) -> None:
         super().__init__(why)
         self.why = why
         self.retry_after_s = retry_after_s
+        self.status = status
+        self.reason = reason  # the reason phrase, when the status has none in sip.message.REASONS
 
 
 def _quote(text: str) -> str:
@@ -93,7 +99,7 @@ class Dispatcher:
                  retry_after_full: int = 5, retry_after_draining: int = 30,
                  max_entries: int = 50_000, tcp_idle_timeout: float = 900.0,
                  tcp_limits: TcpLimits | None = None,
-                 admission: Callable[[int], Hold | None] | None = None) -> None:
+                 admission: Callable[[int, SipMessage], Awaitable[Hold | None]] | None = None) -> None:
         if not codecs:
             raise ValueError("Dispatcher needs at least one accepted codec")
         self.pool = WorkerPool(workers)
@@ -107,8 +113,8 @@ class Dispatcher:
         self.retry_after_full = retry_after_full
         self.retry_after_draining = retry_after_draining
         self.draining = False
-        # the service's admission check (disk reserve, decode capacity): slots needed -> a hold on
-        # the admitted legs (or None), or InviteRefused to answer 503
+        # the service's admission check (disk reserve, session limit, decode capacity, credits):
+        # (slots needed, the INVITE) -> a hold on what it admitted (or None), or InviteRefused
         self.admission = admission
         self._n: Counter[str] = Counter()
         self.transport = SipTransport(host, port, on_message=self._on_message, on_bad=self._bad, counts=self._n,
@@ -119,6 +125,7 @@ class Dispatcher:
                            t1=t1, worker_timeout=worker_timeout, dialog_ttl=dialog_ttl,
                            retry_after_full=retry_after_full)
         self._sweeper: asyncio.Task | None = None
+        self._admitting: set[asyncio.Task] = set()  # INVITEs whose admission check is being awaited
 
     @property
     def port(self) -> int:
@@ -146,6 +153,9 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._sweeper, 2.0)
             self._sweeper = None
+        for t in list(self._admitting):
+            t.cancel()
+        await asyncio.gather(*self._admitting, return_exceptions=True)
         self.table.cancel_timers()
         await self.transport.stop()
         self.table.clear()
@@ -317,26 +327,66 @@ class Dispatcher:
             return
         self._n["invites"] += 1
         screened = self._screen(msg)
-        if len(screened) == 4:
-            status, reason, headers, why = screened  # type: ignore[misc]
+        if not isinstance(screened, int):
+            status, reason, headers, why = screened
             self._log.info("sip_invite_rejected", call_id=msg.call_id, status=status, why=why,
                            source=f"{origin.addr[0]}:{origin.addr[1]}")
             inv = InviteTransaction(key, msg, origin, 0, time.monotonic() + LINGER_S)
             self.table.put(self.table.invites, key, inv)
             self.proxy.final_local(inv, status, reason, headers)
             return
-        needed, worker, hold = screened  # type: ignore[misc]
-        inv = InviteTransaction(key, msg, origin, needed, time.monotonic() + PENDING_TTL_S, hold=hold)
+        inv = InviteTransaction(key, msg, origin, screened, time.monotonic() + PENDING_TTL_S)
         self.table.put(self.table.invites, key, inv)
         trying = make_response(msg, 100).to_bytes()
         inv.last_response, inv.last_via = trying, via
         self.transport.send_response(origin, trying, via)
+        task = asyncio.create_task(self._admit(inv))
+        self._admitting.add(task)
+        task.add_done_callback(self._admitting.discard)
+
+    async def _admit(self, inv: InviteTransaction) -> None:
+        """The service's admission check, then a worker; or the refusal, as the INVITE's final answer."""
+        msg, needed = inv.request, inv.needed
+        try:
+            hold = await self.admission(needed, msg) if self.admission is not None else None
+        except InviteRefused as e:
+            retry = [("Retry-After", str(e.retry_after_s))] if e.retry_after_s is not None else []
+            self._refuse(inv, e.status, e.reason, [*retry, _warning(399, e.why)], e.why)
+            return
+        except Exception as e:  # noqa: BLE001 - the caller still gets an answer
+            self._log.error("sip_admission_failed", call_id=msg.call_id, error=repr(e))
+            self._refuse(inv, 500, None, [_warning(399, "The service could not admit the call")], repr(e))
+            return
+        if self.table.invites.get(inv.key) is not inv or inv.final is not None:  # forgotten meanwhile
+            if hold is not None:
+                hold.release()
+            return
+        if inv.cancelled:  # CANCEL came while the check ran (it was answered 200 then)
+            if hold is not None:
+                hold.release()
+            self._refuse(inv, 487, None, [], "cancelled during admission")
+            return
+        worker = self.pool.pick(needed)
+        if worker is None:
+            if hold is not None:
+                hold.release()
+            why = self.pool.full_reason(needed)
+            self._refuse(inv, 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why)
+            return
+        inv.hold = hold
         self.proxy.forward_invite(inv, worker)
 
-    def _screen(self, msg: SipMessage) -> (tuple[int, str | None, list[tuple[str, str]], str]
-                                           | tuple[int, Worker, Hold | None]):
-        """Either (status, reason, extra headers, why) to refuse the INVITE with, or
-        (slots needed, worker to send it to, admission's hold on its legs)."""
+    def _refuse(self, inv: InviteTransaction, status: int, reason: str | None, headers: list[tuple[str, str]],
+                why: str) -> None:
+        if self.table.invites.get(inv.key) is not inv or inv.final is not None:
+            return
+        self._log.info("sip_invite_rejected", call_id=inv.request.call_id, status=status, why=why,
+                       source=f"{inv.origin.addr[0]}:{inv.origin.addr[1]}")
+        self.proxy.final_local(inv, status, reason, headers)
+
+    def _screen(self, msg: SipMessage) -> tuple[int, str | None, list[tuple[str, str]], str] | int:
+        """Either (status, reason, extra headers, why) to refuse the INVITE with, or the slots it
+        needs (then the admission check and a worker decide)."""
         if msg.max_forwards == 0:
             return 483, None, [], "Max-Forwards reached 0"
         scheme = (msg.uri or "").split(":", 1)[0].lower()
@@ -369,14 +419,7 @@ class Dispatcher:
             needed = call_slots(self.router.bridge_target(msg))
         except RouteError as e:
             return 400, "Bad Bridge Target", [_warning(399, str(e))], f"route error: {e}"
-        try:
-            hold = self.admission(needed) if self.admission is not None else None
-        except InviteRefused as e:
-            return 503, None, [("Retry-After", str(e.retry_after_s)), _warning(399, e.why)], e.why
-        worker = self.pool.pick(needed)
-        if worker is None:
-            if hold is not None:
-                hold.release()
+        if self.pool.pick(needed) is None:  # no worker could take it: no need to ask the service
             why = self.pool.full_reason(needed)
             return 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why
-        return needed, worker, hold
+        return needed

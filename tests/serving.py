@@ -32,8 +32,7 @@ class RunningServer:
 
     async def stop(self) -> None:
         await self.service.drain()
-        await self.runner.cleanup()
-        await self.service.stop()
+        await self.runner.cleanup()  # stops the service (its app's cleanup_ctx)
 
 
 async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningServer:
@@ -46,9 +45,8 @@ async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningSe
     ov.update({k: str(v) for k, v in overrides.items()})
     config = load_config(ov, env={})
     service = Service(config, pool=pool)
-    await service.start()
     runner = web.AppRunner(service.build_app(), shutdown_timeout=5)
-    await runner.setup()
+    await runner.setup()  # starts the service
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge.jobs.model import JobSource
+
 __all__ = ["PATH", "add_routes", "document"]
 
 PATH = "/openapi.json"
@@ -68,7 +70,7 @@ _CURSOR = _param("cursor", "query", "the `next` value of the previous page")
 _JOB_ID = _id("job_id", "job id (`job_...`)")
 _WEBHOOK_ID = _id("webhook_id", "webhook endpoint id")
 _DELIVERY_ID = _id("delivery_id", "delivery id (an integer)")
-_SOURCE = {"type": "string", "enum": ["stream", "sip", "webrtc"]}
+_SOURCE = {"type": "string", "enum": [s.value for s in JobSource]}
 
 
 def _websocket(summary: str, description: str, params: list[dict[str, Any]], tag: str,

@@ -21,6 +21,7 @@ from bridge.client.rest import TRANSCRIPT_FORMATS, JobsClient
 from bridge.commands.output import json_text
 from bridge.commands.remote import (DEFAULT_URL, KEY_FILE, PROG, _usage_error, remote_flags, resolve_api_key,
                                     resolve_url, run_remote)
+from bridge.jobs.model import JobSource
 
 __all__ = ["DEFAULT_URL", "DISPATCH", "KEY_FILE", "add_jobs_parser", "resolve_api_key", "resolve_url"]
 
@@ -203,7 +204,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
 
     q = jsub.add_parser("list", help="jobs, newest first", parents=[common])
     q.add_argument("--status", choices=["live", "completed", "failed"])
-    q.add_argument("--source", choices=["stream", "sip", "webrtc"])
+    q.add_argument("--source", choices=[s.value for s in JobSource])
     q.add_argument("--since", help="only jobs created at or after: ISO 8601 (2024-05-01T12:00:00Z) or unix seconds")
     q.add_argument("--limit", type=_positive_int, help="jobs per page, 1-100 (server default 20)")
     q.add_argument("--cursor", help="continue from the `next` cursor of a previous page")

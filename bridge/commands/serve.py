@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -41,11 +40,12 @@ async def run_service(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # the app owns the service's lifecycle: setup() starts it, cleanup() stops it (bridge/service.py)
+    runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
     try:
-        await svc.start()
+        await runner.setup()
     except RuntimeError as e:  # e.g. SIP workers that cannot start: say why in one line
         print(f"callbridge: error: {e}", file=sys.stderr)
-        await svc.stop()
         return 1
     except Exception as e:
         if not svc.storage.caused(e):
@@ -53,18 +53,13 @@ async def run_service(config: Config) -> int:
         # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
         print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
               f"({_free(svc)} free); free space there and start again", file=sys.stderr)
-        with contextlib.suppress(Exception):
-            await svc.stop()
         return 1
-    runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
-    await runner.setup()
     host, port = config.server.host, config.server.http_port
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as e:
         print(f"callbridge: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         await runner.cleanup()
-        await svc.stop()
         return 1
     if svc.generated_key:
         # printed once, on the start that created it; later starts find it in data_dir/api_key
@@ -79,9 +74,8 @@ async def run_service(config: Config) -> int:
               f"{config.sip.calls_per_worker} calls", flush=True)
     log.info("listening", host=host, http_port=port)
     await stop.wait()
-    left = await svc.drain()
+    left = await svc.drain()  # while still listening: new sessions get a clear refusal
     await runner.cleanup()
-    await svc.stop()
     log.info("exited", unfinished_calls=len(left))
     return 0
 

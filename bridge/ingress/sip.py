@@ -24,32 +24,50 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from aiohttp import web
 
-from bridge.admission import CapacityRefused, Reservation
 from bridge.calls import Call
+from bridge.config import Config
 from bridge.events.types import Dtmf
-from bridge.ingress.stream import ErrorCode, failure_error
-from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
+from bridge.ingress.base import Unavailable
+from bridge.jobs.model import JobSource
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import StreamerConfig
+from bridge.sessions import ErrorCode, SessionError, Ticket, failure_error
+from sip import PJSUA2_HINT, pjsua2_missing
 from sip.dispatcher import Dispatcher, InviteRefused, TcpLimits, Worker
 from sip.leftovers import ProcessId, WorkerPidFile, make_sock_dir, remove_dead_sock_dirs, stop_stale_workers
+from sip.message import SipMessage
 from sip.ports import free_sip_port
 from sip.protocol import MessageError, encode, read_message
+from sip.routing import Router, parse_routes
 
 if TYPE_CHECKING:
     from bridge.service import Service
 
-__all__ = ["SipIngress"]
+__all__ = ["SipIngress", "invite_refusal"]
 
 log = get_logger("bridge.ingress.sip")
 ROOT = Path(__file__).resolve().parents[2]
 RTP_BLOCK = 100  # RTP ports per worker
 HELLO_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
+CREDITS_HINT = "add credits to the key, or lower limits.max_duration_s (what each SIP call reserves)"
+
+
+def invite_refusal(err: SessionError, retry_after_full: int) -> InviteRefused:
+    """The SIP final response to an INVITE the session layer refused (docs/sip.md, "Admission"):
+    402 Payment Required for the owner's credits, 486 Busy Here for its session limit (this owner is
+    busy; retrying elsewhere does not help), 503 Service Unavailable with Retry-After when the server
+    is (disk, decode capacity, shutdown). Each with a Warning carrying the message."""
+    if err.code is ErrorCode.INSUFFICIENT_CREDITS:
+        return InviteRefused(err.message, None, status=402, reason="Payment Required")
+    if err.code is ErrorCode.RATE_LIMITED and not err.server_busy:
+        return InviteRefused(err.message, None, status=486)
+    return InviteRefused(err.message, err.retry_after_s if err.retry_after_s is not None else retry_after_full)
 
 
 @dataclass
@@ -81,10 +99,38 @@ class _SipCall:
     call: Call
     timers: list[asyncio.Task] = field(default_factory=list)
     ended_by: str | None = None
-    error: dict[str, Any] | None = None  # {"code", "message"} when the call failed under us
+    error: SessionError | None = None  # when the call failed under us
+
+
+class _InviteHold:
+    """What the dispatcher keeps for an admitted INVITE: the session's Ticket, findable by the
+    INVITE's Call-ID until the worker's call_started claims it."""
+
+    def __init__(self, pending: dict[str, list["_InviteHold"]], call_id: str, ticket: Ticket) -> None:
+        self.pending = pending
+        self.call_id = call_id
+        self.ticket = ticket
+        pending.setdefault(call_id, []).append(self)
+
+    def forget(self) -> None:
+        holds = self.pending.get(self.call_id, [])
+        if self in holds:
+            holds.remove(self)
+        if not holds:
+            self.pending.pop(self.call_id, None)
+
+    def release(self) -> None:
+        """The INVITE is done with it: registered as a call (capacity released), or failed (all undone)."""
+        self.forget()
+        self.ticket.release()
 
 
 class SipIngress:
+    """The SIP gateway as an ingress (bridge/ingress/base.py): no HTTP routes; its calls are
+    admitted by the session layer when the dispatcher screens their INVITE (`_admit_invite`)."""
+
+    source: ClassVar[JobSource] = JobSource.SIP
+
     def __init__(self, service: "Service") -> None:
         self.svc = service
         self.cfg = service.config.sip
@@ -99,11 +145,24 @@ class SipIngress:
         self.worker_host = "127.0.0.1"
         self.listening = False
         self._closing = False
+        self._admitted: dict[str, list[_InviteHold]] = {}  # Call-ID -> admitted INVITEs awaiting their call
+
+    @staticmethod
+    def enabled(config: Config) -> bool:
+        return config.sip.enabled
+
+    @staticmethod
+    def unavailable() -> Unavailable | None:
+        """pjsua2 is a Python 3.11 wheel: elsewhere the service runs without SIP."""
+        why = pjsua2_missing()
+        return (why, f"{PJSUA2_HINT}, or set CALLBRIDGE_SIP_ENABLED=false") if why else None
+
+    @staticmethod
+    def routes() -> list[web.RouteDef]:
+        return []
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        from sip.routing import Router
-
         router = Router.from_config(self.cfg)  # a bad route fails the start, naming the entry
         self._pid_file = WorkerPidFile(self.svc.data_dir)
         await stop_stale_workers(self._pid_file, log)  # a killed service's workers hold our ports
@@ -138,27 +197,41 @@ class SipIngress:
         log.info("sip_listening", host=self.host, port=self.port, workers=len(self.workers),
                  capacity=len(self.workers) * self.cfg.calls_per_worker)
 
-    def _admit_invite(self, slots: int) -> Reservation:
-        """Asked by the dispatcher before an INVITE goes to a worker. Refuses it (InviteRefused: 503)
-        while the data directory is under its free-space reserve (bridge/storage.py) or when the
-        decode pool has no room for its legs (bridge/admission.py); else reserves those legs. The
-        INVITE holds them until `_start_call` registers its call (a SIP leg counts as live only
-        from the worker's call_started) or the INVITE fails, so INVITEs arriving together cannot
-        all pass on the same count."""
-        disk_full = self.svc.storage.refusal()
-        if disk_full is not None:
-            self.svc.metrics.errors.labels(ErrorCode.STORAGE_FULL.value).inc()  # as stream and WebRTC count theirs
-            raise InviteRefused(disk_full, self.dispatcher.retry_after_full)
-        assert self.svc.admission is not None, "the service is not started"
+    async def _admit_invite(self, slots: int, invite: SipMessage) -> _InviteHold:
+        """Asked by the dispatcher before an INVITE goes to a worker: the session layer admits the
+        call for its owner (`_owner`) like any session (disk reserve, the owner's session limit,
+        decode capacity for its transcribed legs, credits for `limits.max_duration_s` x those legs),
+        or refuses it with the SIP answer `invite_refusal` picks. The hold keeps all of it until
+        `_start_call` claims it for the worker's call (then only the capacity hold is released: its
+        legs count as live) or the INVITE fails (then everything is given back), so INVITEs
+        arriving together cannot all pass on the same counts."""
+        legs = slots if self.cfg.transcribe_agent else 1
         try:
-            return self.svc.admission.reserve(slots if self.cfg.transcribe_agent else 1)
-        except CapacityRefused as e:
-            self.svc.metrics.capacity_refused.labels(JobSource.SIP.value).inc()
-            raise InviteRefused(e.reason, e.retry_after_s) from None
+            ticket = await self.svc.sessions.admit(await self._owner(), legs, self.svc.config.limits.max_duration_s,
+                                                   JobSource.SIP, hint=CREDITS_HINT)
+        except SessionError as e:
+            self.svc.metrics.errors.labels(e.code.value).inc()  # as stream and WebRTC count theirs
+            log.info("sip_invite_refused", code=e.code.value, message=e.message, sip_call_id=invite.call_id)
+            raise invite_refusal(e, self.dispatcher.retry_after_full) from None
+        return _InviteHold(self._admitted, invite.call_id or "", ticket)
+
+    async def _claim(self, call_id: str | None, legs: int) -> Ticket | None:
+        """The admitted INVITE's ticket for a call the worker started, if the dispatcher admitted one.
+        None for a call that reached the worker directly (a proxy such as Kamailio in front):
+        that call is admitted now, without a capacity check (it is answered already)."""
+        for hold in list(self._admitted.get(call_id or "", ())):
+            if not hold.ticket.cancelled and not hold.ticket.opened:
+                hold.forget()
+                return hold.ticket
+        try:
+            return await self.svc.sessions.admit(await self._owner(), legs, self.svc.config.limits.max_duration_s,
+                                                 JobSource.SIP, hint=CREDITS_HINT, capacity=False)
+        except SessionError as e:
+            self.svc.metrics.errors.labels(e.code.value).inc()
+            log.info("sip_call_refused", code=e.code.value, message=e.message, sip_call_id=call_id)
+            return None
 
     def _worker_config(self, w: _Worker) -> dict[str, Any]:
-        from sip.routing import parse_routes
-
         return {"rtp_port_start": w.rtp_port_start, "codecs": list(self.cfg.codecs),
                 "routes": parse_routes(self.cfg.routes), "target_header": self.cfg.target_header,
                 "allow_target_header": self.cfg.allow_target_header, "transcribe_agent": self.cfg.transcribe_agent,
@@ -203,8 +276,8 @@ class SipIngress:
         if self.dispatcher is not None:
             self.dispatcher.set_alive(w.id, False)
         for sc in list(w.calls.values()):
-            await self._end(sc, JobStatus.FAILED, "worker_exited",
-                            {"code": "INTERNAL", "message": f"SIP worker {w.id} exited (code {rc}) during the call"})
+            await self._end(sc, "worker_exited",
+                            SessionError(ErrorCode.INTERNAL, f"SIP worker {w.id} exited (code {rc}) during the call"))
         delay = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
         w.restarts += 1
         await asyncio.sleep(delay)
@@ -235,7 +308,7 @@ class SipIngress:
                     w.proc.kill()
                     await w.proc.wait()
             for sc in list(w.calls.values()):
-                await self._end(sc, JobStatus.COMPLETED, sc.ended_by or "shutdown", None)
+                await self._end(sc, sc.ended_by or "shutdown", None)
             for t in (w.stderr_task, w.watch_task):
                 if t is not None:
                     t.cancel()
@@ -296,8 +369,7 @@ class SipIngress:
             sc = w.calls.get(h.get("call", ""))
             if sc is not None:
                 reason = sc.ended_by or h.get("reason", "hangup")
-                status = JobStatus.FAILED if sc.error else JobStatus.COMPLETED
-                await self._end(sc, status, reason, sc.error, sip_code=h.get("sip_code"))
+                await self._end(sc, reason, sc.error, sip_code=h.get("sip_code"))
         elif kind == "dtmf":
             sc = w.calls.get(h.get("call", ""))
             if sc is not None:
@@ -322,28 +394,27 @@ class SipIngress:
         legs = [str(x) for x in (h.get("legs") or ["caller"])]
         sip_meta = dict(h.get("sip") or {})
         svc = self.svc
+        ticket = await self._claim(sip_meta.get("call_id"), len(legs))
+        if ticket is None:  # refused (answered directly by the worker): no job
+            await w.send({"type": "hangup", "call": ref, "reason": "refused"})
+            return
         streamer = StreamerConfig(**svc.config.recognizer.streamer_kwargs())
-        job = Job(id=new_job_id(), owner=await self._owner(), source=JobSource.SIP,
-                  config={"codec": h.get("codec"), "target": h.get("target"), "worker": w.id,
-                          "endpointing_ms": streamer.endpointing_ms, "language": streamer.language},
-                  speakers=legs, metadata={"sip": sip_meta})
-        call = Call(job, store=svc.store, bus=svc.bus, pool=svc.pool, streamer_config=streamer,
-                    recordings_dir=svc.recordings_dir, credits_per_minute=svc.config.credits.per_minute,
-                    usage_interval_s=svc.config.credits.usage_interval_s, storage=svc.storage)
+        call = svc.sessions.new_call(
+            ticket, config={"codec": h.get("codec"), "target": h.get("target"), "worker": w.id,
+                            "endpointing_ms": streamer.endpointing_ms, "language": streamer.language},
+            speakers=legs, metadata={"sip": sip_meta}, streamer=streamer)
         sc = _SipCall(ref, w, call)
         w.calls[ref] = sc  # before open(): audio may follow call_started at once
-        with bind_job(job.id):
+        with bind_job(call.id):
             try:
-                await call.open()
+                await svc.sessions.open(ticket, call, subscribe=False)
             except Exception:
                 w.calls.pop(ref, None)
                 self.dispatcher.release_invite(sip_meta.get("call_id"))
                 log.exception("sip_call_open_failed", worker=w.id, call=ref)
                 await w.send({"type": "hangup", "call": ref, "reason": "request"})
                 return
-            svc.calls.add(call, job.owner)
             self.dispatcher.release_invite(sip_meta.get("call_id"))  # its legs count as live from now
-            svc.metrics.sessions.labels(JobSource.SIP.value).inc()
             call.log.info("sip_call_started", worker=w.id, call=ref, legs=legs, sip_call_id=sip_meta.get("call_id"),
                           from_=sip_meta.get("from"), target=h.get("target"))
             sc.timers.append(asyncio.create_task(self._max_duration(sc)))
@@ -365,14 +436,13 @@ class SipIngress:
         """The call failed under us (the disk filled): hang up; the job ends failed with its error."""
         assert sc.call.failure is not None
         exc = await sc.call.failure
-        sc.error = failure_error(exc).frame()
-        sc.error.pop("type")
-        sc.ended_by = sc.ended_by or sc.error["code"].lower()
-        sc.call.log.info("sip_call_failed", code=sc.error["code"])
+        sc.error = failure_error(exc)
+        sc.ended_by = sc.ended_by or sc.error.code.value.lower()
+        sc.call.log.info("sip_call_failed", code=sc.error.code.value)
         await sc.worker.send({"type": "hangup", "call": sc.ref, "reason": "request"})
 
-    async def _end(self, sc: _SipCall, status: JobStatus, reason: str, error: dict[str, Any] | None,
-                   sip_code: int | None = None) -> None:
+    async def _end(self, sc: _SipCall, reason: str, error: SessionError | None, sip_code: int | None = None) -> None:
+        """The call is over: the job saved (failed if `error`), its credits settled to the audio received."""
         if sc.worker.calls.pop(sc.ref, None) is None:
             return
         for t in sc.timers:
@@ -384,11 +454,10 @@ class SipIngress:
                     await call.annotate(ended_by=reason, **({"sip_code": sip_code} if sip_code else {}))
                 except Exception as e:  # noqa: BLE001
                     call.log.error("sip_call_annotate_failed", reason=reason, error=repr(e))
-                await call.finish(status, error)
+                await self.svc.sessions.conclude(call, error)
             finally:
-                self.svc.calls.remove(call)
-                self.svc.metrics.audio_seconds.labels(JobSource.SIP.value).inc(call.streamed_seconds * call.channels)
-        call.log.info("sip_call_ended", reason=reason, status=status.value, t=round(time.time(), 3))
+                self.svc.sessions.leave(call)
+        call.log.info("sip_call_ended", reason=reason, status=call.job.status.value, t=round(time.time(), 3))
 
     def stats(self) -> dict[str, Any]:
         return {"port": self.port, "listening": self.listening,

@@ -11,8 +11,8 @@ The "events" channel carries the ingest socket's frames for this job (`ready`, `
 `configure` and `keep_alive`. A call ends on `bye`, on the peer connection closing or failing,
 when media stops for `webrtc.media_timeout_s`, when it never connects within
 `webrtc.connect_timeout_s`, at the maximum duration, or on drain; every ending saves the job with
-what was received. Admission, credits, frames and settlement are the stream socket's
-(bridge/ingress/stream.py), so the two ingresses cannot drift apart.
+what was received. Admission, credits, frames, controls and settlement are the session layer's
+(bridge/sessions/), as for the stream socket, so the two ingresses cannot drift apart.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import json
 import time
+from dataclasses import replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import av
 import numpy as np
@@ -35,33 +36,25 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from bridge.api.http import JsonInputError, json_error, parse_json, require_principal
+from bridge.api.http import json_error, require_principal, service_of
 from bridge.audio.resample import StreamResampler
 from bridge.auth import Principal
 from bridge.calls import Call
 from bridge.ice import allow_loopback_candidates
-from bridge.ingress.stream import (
-    job_ending,
-    shown,
-    ErrorCode,
-    SessionError,
-    StartConfig,
-    admit_call,
-    apply_control,
-    completed_frame,
-    failure_error,
-    settle_call,
-    wire_frame,
-)
+from bridge.config import Config
+from bridge.ingress.base import Unavailable
 from bridge.jobs.model import JobSource
+from bridge.json_input import JsonInputError, parse_json
 from bridge.logs import bind_job, get_logger
 from bridge.recognizer.streamer import SAMPLE_RATE
+from bridge.sessions import (HTTP_STATUS, ControlChannel, ErrorCode, SessionError, StartConfig, completed_frame,
+                             failure_error, ready_frame, shown, streamer_config, wire_frame)
 
 if TYPE_CHECKING:
     from bridge.config import WebRtcConfig
     from bridge.service import Service
 
-__all__ = ["OFFER_PATH", "WebRtcIngress", "WebRtcSession", "add_routes"]
+__all__ = ["OFFER_PATH", "WebRtcIngress", "WebRtcSession"]
 
 log = get_logger("bridge.ingress.webrtc")
 OFFER_PATH = "/v1/webrtc/offer"
@@ -70,8 +63,8 @@ SPEAKER = "caller"
 MAX_SDP_BYTES = 64 * 1024
 # start fields that describe a raw PCM wire; WebRTC audio is always Opus at 48 kHz
 _WIRE_FIELDS = ("sample_rate", "channels", "encoding")
-_HTTP_STATUS = {ErrorCode.INVALID_CONFIG: 400, ErrorCode.INSUFFICIENT_CREDITS: 402, ErrorCode.RATE_LIMITED: 429,
-                ErrorCode.UPSTREAM_ERROR: 503, ErrorCode.INTERNAL: 500, ErrorCode.STORAGE_FULL: 507}
+# the browser's controls on the events channel: the stream's, with `bye` (or `end`) ending the call
+CONTROLS = ControlChannel(message="events channel message", kind="message", ends=("bye", "end"))
 FLUSH_TIMEOUT_S = 2.0  # how long the last data channel messages get to be acknowledged before the close
 # After `bye`, audio sent before it may still be on its way: aiortc's audio jitter buffer holds the
 # last 4 packets (80 ms) until later ones push them out, and RTP and the data channel race. The
@@ -128,8 +121,6 @@ def parse_offer(body: Any, svc: "Service") -> tuple[str, StartConfig]:
         max_duration_s=svc.config.limits.max_duration_s, multilingual=bool(getattr(svc.pool, "multilingual", False)),
         languages=svc.pool.languages)
     if speakers is None:  # one leg, the browser's microphone
-        from dataclasses import replace
-
         start = replace(start, speakers=(SPEAKER,))
     return sdp, start
 
@@ -283,11 +274,7 @@ class WebRtcSession:
         call = self.call
         if call is None or self._concluding or self._ready_sent.is_set():
             return
-        ready = {"type": "ready", "job_id": call.id, "session_id": call.session_id,
-                 "max_duration_seconds": self.start.max_duration_seconds, "config": effective_config(self.start)}
-        if self.start.warnings:
-            ready["warnings"] = list(self.start.warnings)
-        self._send(ready)
+        self._send(ready_frame(call, self.start, effective_config(self.start)))
         self._ready_sent.set()  # the forwarder starts after this, so `ready` is always first
         call.log.info("webrtc_events_open")
 
@@ -295,23 +282,8 @@ class WebRtcSession:
         if self.call is None:
             return
         try:
-            msg = parse_json(data)
-        except JsonInputError as e:
-            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"events channel message refused: {e}"))
-            return
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            self._end(SessionError(ErrorCode.INVALID_CONFIG, 'a message must be a JSON object with a string "type"'))
-            return
-        kind = msg["type"]
-        if kind in ("bye", "end"):
-            self._end(Ending.BYE)
-            return
-        if kind not in ("keep_alive", "force_endpoint", "configure"):
-            self._end(SessionError(ErrorCode.INVALID_CONFIG, f"unknown message type {shown(kind)}; expected bye, "
-                                                             "force_endpoint, configure or keep_alive"))
-            return
-        try:
-            apply_control(self.call, msg)
+            if CONTROLS.apply(self.call, CONTROLS.parse(data)):
+                self._end(Ending.BYE)
         except SessionError as e:
             self._end(e)
 
@@ -413,8 +385,7 @@ class WebRtcSession:
                 t.cancel()
             with contextlib.suppress(Exception):
                 await self.pc.close()
-            self.svc.calls.remove(call)
-            self.svc.calls.release(self.principal.owner)
+            self.svc.sessions.leave(call)
 
     def _pump_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -426,14 +397,12 @@ class WebRtcSession:
         """Flush the audio, save the job, let every final out, then the last message and the close."""
         self._concluding = True
         err = outcome if isinstance(outcome, SessionError) else None
-        status, error = job_ending(err)
         with contextlib.suppress(Exception):  # the resampler holds a few ms of received audio
             call.feed_leg(0, self.audio.flush())
         ended_by = err.code.value if err else outcome.value
         with contextlib.suppress(Exception):
             await call.annotate(ended_by=ended_by)
-        await call.finish(status, error)
-        await settle_call(self.svc, call)
+        err = await self.svc.sessions.conclude(call, err)
         self.sub.close()
         if self._ready_sent.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
@@ -444,7 +413,7 @@ class WebRtcSession:
         else:
             self._send(completed_frame(call, server_shutdown=outcome is Ending.DRAIN))
         await self._flush_channel()
-        call.log.info("webrtc_call_ended", ended_by=ended_by, status=status.value, frames=self.frames,
+        call.log.info("webrtc_call_ended", ended_by=ended_by, status=call.job.status.value, frames=self.frames,
                       streamed_seconds=round(call.streamed_seconds, 3))
 
     async def close(self) -> None:
@@ -456,7 +425,10 @@ class WebRtcSession:
 
 
 class WebRtcIngress:
-    """Every live peer connection of the service, keyed by job id; `close()` ends them all."""
+    """Every live peer connection of the service, keyed by job id; `close()` ends them all.
+    An ingress (bridge/ingress/base.py): its calls end at a drain through `Call.stop_requested`."""
+
+    source: ClassVar[JobSource] = JobSource.WEBRTC
 
     def __init__(self, service: "Service") -> None:
         self.svc = service
@@ -468,6 +440,30 @@ class WebRtcIngress:
             # without it a browser on this machine (or in a namespace with only lo) cannot
             # connect. This wraps aioice.ice.get_host_addresses for the whole process.
             allow_loopback_candidates()
+
+    @staticmethod
+    def enabled(config: Config) -> bool:
+        return config.webrtc.enabled
+
+    @staticmethod
+    def unavailable() -> Unavailable | None:
+        return None
+
+    @staticmethod
+    def routes() -> list[web.RouteDef]:
+        return [web.post(OFFER_PATH, offer_handler)]
+
+    async def start(self) -> None:
+        pass
+
+    async def drain(self, timeout_s: float) -> None:
+        pass
+
+    async def stop(self) -> None:
+        await self.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": len(self.sessions)}
 
     def rtc_configuration(self) -> RTCConfiguration:
         """Only the configured STUN/TURN servers: with none, aiortc must not fall back to its
@@ -488,8 +484,12 @@ class WebRtcIngress:
         session = WebRtcSession(self, principal, start)
         try:
             await session.accept(sdp)
-            call, sub = await admit_call(self.svc, principal.owner, start, source=JobSource.WEBRTC,
-                                         config=effective_config(start))
+            gate = self.svc.sessions
+            ticket = await gate.admit(principal.owner, start.channels, start.max_duration_seconds, JobSource.WEBRTC)
+            call = gate.new_call(ticket, config=effective_config(start), speakers=list(start.speakers),
+                                 metadata=start.metadata,
+                                 streamer=streamer_config(self.svc.config.recognizer.streamer_kwargs(), start))
+            sub = await gate.open(ticket, call)
         except BaseException:
             await session.close()
             raise
@@ -532,13 +532,11 @@ class WebRtcIngress:
 
 
 async def offer_handler(request: web.Request) -> web.StreamResponse:
-    from bridge.service import SERVICE
-
-    svc: Service = request.app[SERVICE]
-    ingress: WebRtcIngress | None = getattr(svc, "webrtc", None)
+    svc = service_of(request)
+    ingress = svc.ingress(JobSource.WEBRTC)
     if not svc.config.webrtc.enabled:
         return json_error(404, "NOT_FOUND", "WebRTC is disabled on this server (webrtc.enabled = false)")
-    if not svc.ready or svc.draining or ingress is None or ingress.closing:
+    if not svc.ready or svc.draining or not isinstance(ingress, WebRtcIngress) or ingress.closing:
         return json_error(503, "UNAVAILABLE", "the server is starting or shutting down", retry_after_s=5)
     # checked first without spending a single-use token: a malformed offer does not burn it
     principal = await require_principal(request, allow_temp=True, spend_temp=False)
@@ -564,12 +562,8 @@ async def offer_handler(request: web.Request) -> web.StreamResponse:
     except SessionError as e:
         svc.metrics.errors.labels(e.code.value).inc()
         log.info("webrtc_offer_refused", owner=principal.owner, code=e.code.value, message=e.message)
-        resp = json_error(e.http_status or _HTTP_STATUS.get(e.code, 400), e.code.value, e.message,
+        resp = json_error(e.http_status or HTTP_STATUS.get(e.code, 400), e.code.value, e.message,
                           **({"retry_after_s": e.retry_after_s} if e.retry_after_s is not None else {}))
         if e.retry_after_s is not None:
             resp.headers["Retry-After"] = str(e.retry_after_s)
         return resp
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post(OFFER_PATH, offer_handler)

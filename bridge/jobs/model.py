@@ -33,6 +33,9 @@ class JobStatus(str, Enum):
 
 
 class JobSource(str, Enum):
+    """Where a job came in: the one list of sources. Each has its ingress (bridge/ingress/registry.py);
+    the jobs filter, the webhooks' `sources`, the CLI and the OpenAPI schema take their choices from here."""
+
     STREAM = "stream"
     SIP = "sip"
     WEBRTC = "webrtc"

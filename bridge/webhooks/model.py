@@ -13,6 +13,8 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridge.jobs.model import JobSource
+
 __all__ = [
     "ALL_EVENT_TYPES",
     "DEFAULT_EVENTS",
@@ -28,7 +30,7 @@ __all__ = [
 # Partials and usage are opt-in: a busy call sends several partials a second to every endpoint.
 ALL_EVENT_TYPES = ("call_started", "partial", "final", "usage", "dtmf", "call_ended")
 DEFAULT_EVENTS = ("call_started", "final", "dtmf", "call_ended")
-SOURCES = ("stream", "sip", "webrtc")
+SOURCES = tuple(s.value for s in JobSource)  # the job sources (one list: bridge/jobs/model.py)
 MIN_SECRET, MAX_SECRET = 16, 256
 MAX_URL = 2048
 ANY_OWNER = "*"  # operator endpoints from config without an owner receive every job's events

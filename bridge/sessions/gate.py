@@ -1,0 +1,239 @@
+"""Admission and settlement of every session, whatever its ingress (stream, WebRTC, SIP).
+
+A session is admitted in steps, each undone if a later one refuses, so a refused session leaves no
+job, no slot and no reservation: the server is open (not draining, disk above its reserve), the
+owner is under its session limit (`limits.max_sessions_per_key`), the decode pool has room for
+its legs (bridge/admission.py), and the owner's key can hold the credits of the session's maximum
+duration x its channels. What passed is a `Ticket`; opening it creates the job and its Call.
+At the end the job is saved with the status its ending gives it (`job_ending`) and the credits
+of the audio actually received are charged, the rest of the reservation released.
+
+The checks up to the capacity hold run in one step without yielding, so sessions (or SIP INVITEs)
+arriving together cannot pass on the same counts; only the credit reservation, in the key store,
+is awaited, and it holds the credits atomically itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+from bridge.admission import Admission, CapacityRefused, Reservation
+from bridge.calls import Call, CallRegistry, credits_for
+from bridge.config import Config
+from bridge.events.bus import EventBus, Subscription
+from bridge.jobs.model import Job, JobSource, new_job_id
+from bridge.logs import get_logger
+from bridge.metrics import Metrics
+from bridge.recognizer.streamer import StreamerConfig
+from bridge.sessions.errors import ErrorCode, SessionError, failure_error, job_ending
+from bridge.storage import StorageGuard, is_storage_full
+from bridge.stores import InsufficientCredits, JobStore, KeyStore
+
+__all__ = ["SessionGate", "Ticket"]
+
+log = get_logger("bridge.sessions")
+
+
+class Ticket:
+    """A session admitted and not yet ended: its owner's slot, the capacity held for its legs
+    until its call is registered, and its credit reservation (keyed by the job id it will have).
+
+    It is also the hold the SIP dispatcher keeps per admitted INVITE (sip.dispatcher.Hold):
+    `release()` when the INVITE no longer needs it."""
+
+    def __init__(self, gate: "SessionGate", owner: str, source: JobSource, channels: int,
+                 capacity: Reservation | None) -> None:
+        self.gate = gate
+        self.owner = owner
+        self.source = source
+        self.channels = channels
+        self.job_id = new_job_id()
+        self.credits_held = 0
+        self.opened = False
+        self.cancelled = False
+        self._capacity = capacity
+
+    def release(self) -> None:
+        """The capacity hold is no longer needed: the call is registered (its legs count as live)
+        or it will never be. A ticket that was never opened is cancelled with it."""
+        if self._capacity is not None:
+            self._capacity.release()
+        if not self.opened:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Undo the admission of a session that will not open: slot and capacity now, the credit
+        reservation in a task (the SIP dispatcher calls this from synchronous code)."""
+        if self._drop():
+            self.gate.background(self.gate.keys.settle(self.job_id, 0), "reservation_not_released")
+
+    async def cancel_async(self) -> None:
+        """`cancel`, waiting for the credits to be released."""
+        if self._drop():
+            await self.gate.keys.settle(self.job_id, 0)
+
+    def _drop(self) -> bool:
+        if self.opened or self.cancelled:
+            return False
+        self.cancelled = True
+        if self._capacity is not None:
+            self._capacity.release()
+        self.gate.calls.release(self.owner)
+        return True
+
+
+class SessionGate:
+    """Admits, opens, concludes and settles sessions for every ingress (see the module doc)."""
+
+    def __init__(self, config: Config, *, calls: CallRegistry, capacity: Admission, keys: KeyStore,
+                 store: JobStore, bus: EventBus, pool: Any, storage: StorageGuard, metrics: Metrics,
+                 recordings_dir: Path) -> None:
+        self.config = config
+        self.calls = calls
+        self.capacity = capacity
+        self.keys = keys
+        self.store = store
+        self.bus = bus
+        self.pool = pool
+        self.storage = storage
+        self.metrics = metrics
+        self.recordings_dir = recordings_dir
+        self._tasks: set[asyncio.Task] = set()
+
+    def background(self, work: Any, failure_event: str) -> None:
+        """Run store work nobody waits for (a cancelled ticket's release), logging a failure; an
+        unreleased reservation is settled from the recording at the next start anyway."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as e:  # noqa: BLE001
+                log.error(failure_event, error=repr(e))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- admission -----------------------------------------------------------------------------
+    def _refused(self, source: JobSource, err: SessionError) -> SessionError:
+        self.metrics.sessions_refused.labels(source.value, err.code.value).inc()
+        return err
+
+    def _hold(self, owner: str, channels: int, source: JobSource, *, capacity: bool) -> Ticket:
+        """Open server, the owner's session slot, capacity for `channels` legs (unless `capacity`
+        is False: a call already answered elsewhere)."""
+        if self.calls.draining:
+            raise self._refused(source, SessionError(ErrorCode.UPSTREAM_ERROR,
+                                                     "the server is shutting down; retry on another node"))
+        refusal = self.storage.refusal()
+        if refusal is not None:
+            raise self._refused(source, SessionError(ErrorCode.STORAGE_FULL, refusal))
+        limit = self.config.limits.max_sessions_per_key
+        if not self.calls.admit(owner, limit):
+            raise self._refused(source, SessionError(
+                ErrorCode.RATE_LIMITED, f"{self.calls.active(owner)} sessions already live for this key (limit {limit})"))
+        held = None
+        if capacity:
+            try:
+                held = self.capacity.reserve(channels)
+            except CapacityRefused as e:
+                self.calls.release(owner)
+                self.metrics.capacity_refused.labels(source.value).inc()
+                raise self._refused(source, SessionError.over_capacity(e)) from None
+        return Ticket(self, owner, source, channels, held)
+
+    def _credits(self, max_duration_s: float, channels: int) -> int:
+        return math.ceil(credits_for(max_duration_s, channels, self.config.credits.per_minute))
+
+    def _short(self, ticket: Ticket, e: InsufficientCredits, max_duration_s: float, hint: str) -> SessionError:
+        return self._refused(ticket.source, SessionError(
+            ErrorCode.INSUFFICIENT_CREDITS,
+            f"balance {e.balance} credits is short of the {e.needed} reserved for a session of up to "
+            f"{max_duration_s:g} s x {ticket.channels} channel(s) at {self.config.credits.per_minute} credits/min; "
+            f"{hint}"))
+
+    async def admit(self, owner: str, channels: int, max_duration_s: float, source: JobSource, *,
+                    hint: str = "lower max_duration_seconds or add credits", capacity: bool = True) -> Ticket:
+        """Admit a session of up to `max_duration_s` x `channels`; raises SessionError (UPSTREAM_ERROR
+        while draining, STORAGE_FULL, RATE_LIMITED for the owner's session limit or the server's
+        decode capacity, INSUFFICIENT_CREDITS with `hint` saying what to do). `capacity` False:
+        a call already answered elsewhere (no capacity check)."""
+        ticket = self._hold(owner, channels, source, capacity=capacity)
+        try:
+            credits = self._credits(max_duration_s, channels)
+            await self.keys.reserve(owner, ticket.job_id, credits)
+            ticket.credits_held = credits
+        except BaseException as e:
+            await ticket.cancel_async()
+            if isinstance(e, InsufficientCredits):
+                raise self._short(ticket, e, max_duration_s, hint) from None
+            raise
+        return ticket
+
+    # -- the call ------------------------------------------------------------------------------
+    def new_call(self, ticket: Ticket, *, config: dict[str, Any], speakers: list[str], metadata: dict[str, Any],
+                 streamer: StreamerConfig) -> Call:
+        """The Call of an admitted session (not open yet): its job as the ingress describes it."""
+        job = Job(id=ticket.job_id, owner=ticket.owner, source=ticket.source, config=config, speakers=list(speakers),
+                  metadata=metadata)
+        return Call(job, store=self.store, bus=self.bus, pool=self.pool, streamer_config=streamer,
+                    recordings_dir=self.recordings_dir, credits_per_minute=self.config.credits.per_minute,
+                    usage_interval_s=self.config.credits.usage_interval_s, storage=self.storage)
+
+    async def open(self, ticket: Ticket, call: Call, *, subscribe: bool = True) -> Subscription | None:
+        """Create the job and start the call; it counts as live from here. Returns a bus subscription
+        to its events when `subscribe` (the ingress forwards them to its client). If opening fails the
+        ticket is cancelled (no slot, no reservation) and the error raised (STORAGE_FULL as a SessionError)."""
+        sub = None
+        try:
+            if subscribe:
+                sub = self.bus.subscribe(call.id)
+            await call.open()
+        except BaseException as e:
+            full = is_storage_full(e)  # the disk filled between the check and the first write
+            if full:
+                self.storage.exhaust(e)  # frees the emergency reserve: the settle below can commit
+            if sub is not None:
+                sub.close()
+            await ticket.cancel_async()
+            if full:
+                raise failure_error(e) from None
+            raise
+        self.calls.add(call, ticket.owner)
+        ticket.opened = True
+        ticket.release()  # its legs now count as live
+        self.metrics.sessions.labels(ticket.source.value).inc()
+        return sub
+
+    # -- the end -------------------------------------------------------------------------------
+    async def conclude(self, call: Call, err: SessionError | None) -> SessionError | None:
+        """Save the job as its ending (`err`, None for a clean end) says, then charge the audio it
+        received. Returns the error the client should be told, which may be one that happened
+        while saving (a full disk)."""
+        status, error = job_ending(err)
+        try:
+            await call.finish(status, error)
+        except Exception as e:  # noqa: BLE001 - the client still gets an error frame before the close
+            call.log.error("call_not_saved", error=repr(e))
+            err = failure_error(e) if is_storage_full(e) else SessionError(
+                ErrorCode.INTERNAL, f"the session could not be saved: {type(e).__name__}")
+        if err is None and call.storage_error is not None:  # the disk filled as the session ended
+            err = failure_error(call.storage_error)
+        try:
+            await self.settle(call)
+        except Exception as e:  # noqa: BLE001
+            call.log.error("usage_not_settled", error=repr(e))  # settled from the recording on restart
+        return err
+
+    async def settle(self, call: Call) -> None:
+        """Charge what the finished session used (releasing the rest of its reservation) and count its audio."""
+        await self.keys.settle(call.id, math.ceil(call.credits_used))
+        self.metrics.audio_seconds.labels(call.job.source.value).inc(call.streamed_seconds * call.channels)
+
+    def leave(self, call: Call) -> None:
+        """The session is over: it no longer counts as live, nor against its owner's limit."""
+        self.calls.remove(call)
+        self.calls.release(call.job.owner)
