@@ -55,6 +55,16 @@ class Peer(asyncio.DatagramProtocol):
         assert got == what, f"expected {what}, got {got} {m.reason if m.is_response else m.uri}"
         return m
 
+    async def expect_final(self, status: int, timeout: float = 10.0) -> SipMessage:
+        """The INVITE's final response, which must be `status`, past its provisional ones (100 Trying
+        comes first when the service's admission check is awaited)."""
+        while True:
+            m = await self.recv(timeout)
+            if not (m.is_response and (m.status or 0) < 200):
+                break
+        assert m.is_response and m.status == status, f"expected {status}, got {m.status or m.method} {m.reason}"
+        return m
+
     async def silent(self, within: float = 0.25) -> None:
         try:
             data, _ = await asyncio.wait_for(self.q.get(), within)
@@ -645,3 +655,34 @@ async def test_a_load_report_keeps_counting_invites_the_worker_has_not_answered(
     rig.workers[0].answer(fwd[1], 486, tag="b")  # and refused burst-b: nothing pending any more
     await rig.caller.expect(486)
     assert [(w["used"], w["pending"]) for w in rig.d.stats()["workers"]] == [(1, 0)]
+
+
+async def test_cancel_while_the_admission_check_is_awaited_ends_the_invite_487_and_gives_back_the_hold(make_rig) -> None:
+    """The service's check (credits in the key store) is awaited after 100 Trying: a CANCEL in that
+    time is answered 200, and once the check is back the INVITE ends 487 without reaching a worker,
+    its hold given back; retransmissions meanwhile are absorbed."""
+    checked, go = asyncio.Event(), asyncio.Event()
+    released: list[str] = []
+
+    class Held:
+        def release(self) -> None:
+            released.append("hold")
+
+    async def admission(needed: int, msg) -> Held:
+        checked.set()
+        await go.wait()
+        return Held()
+
+    rig = await make_rig(1, admission=admission)
+    data = rig.invite("slow-1", branch="z9hG4bKslow1")
+    await rig.caller.expect(100)
+    await asyncio.wait_for(checked.wait(), 5)
+    rig.caller.send(data, rig.addr)  # a retransmission while the check runs: the 100 again, nothing new
+    await rig.caller.expect(100)
+    rig.caller.send(request("CANCEL", rig.caller.port, call_id="slow-1", branch="z9hG4bKslow1"), rig.addr)
+    assert (await rig.caller.expect(200)).cseq[1] == "CANCEL"
+    go.set()
+    resp = await rig.caller.expect_final(487)
+    assert resp.call_id == "slow-1"
+    await rig.workers[0].silent(0.3)  # the worker never saw it
+    assert released == ["hold"]

@@ -9,9 +9,10 @@ import math
 import time
 
 from bench.drive import wait_for
-from bridge.auth import KeyStore, key_id_for
 from bridge.calls import job_credits
-from bridge.service import DB_NAME
+from bridge.stores import DB_NAME
+from bridge.stores.keys import key_id_for
+from bridge.stores.sqlite.keys import SqliteKeyStore
 from tests.serving import API_KEY, start_server
 from tests.test_capacity import _end, _open
 from tests.test_sip_service import CALLER, peer, speech_wav, wait_job_done
@@ -23,12 +24,18 @@ def _metered_key(data_dir, credits: int) -> str:
     """A key with a balance, created in the service's database before it starts (as `callbridge keys
     create --credits` does); SIP calls are attributed to it with sip.owner_key."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    keys = KeyStore(str(data_dir / DB_NAME))
+    keys = SqliteKeyStore(str(data_dir / DB_NAME))
     try:
         key, _secret = keys.create_key(name="pbx", credits=credits)
     finally:
         keys.close()
     return key.id
+
+
+def _no_reservations(svc):
+    async def none_open() -> bool:
+        return await svc.keys.open_reservations() == {}
+    return none_open
 
 
 def _refused_metric(svc, code: str) -> float:
@@ -39,7 +46,7 @@ def _refused_metric(svc, code: str) -> float:
 async def _live_sip_job(store, timeout: float = 30.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        live = [j for j in store.list_jobs()[0] if j.source.value == "sip" and j.status.value == "live"]
+        live = [j for j in (await store.list_jobs())[0] if j.source.value == "sip" and j.status.value == "live"]
         if live:
             return live[0]
         await asyncio.sleep(0.05)
@@ -61,14 +68,14 @@ async def test_sip_call_refused_402_when_its_owner_has_no_credits(tmp_path, pool
         rc, info, err = await peer("call", f"sip:support@127.0.0.1:{svc.sip.port}", "--play", str(wav))
         assert rc == 1 and info["sip_code"] == 402, (info, err[-500:])  # what the caller sees
         raw.send(request("INVITE", raw.port, call_id="broke-1", body=SDP), ("127.0.0.1", svc.sip.port))
-        resp = await raw.expect(402, timeout=10)
+        resp = await raw.expect_final(402)
         assert resp.reason == "Payment Required", resp.reason
         warning = resp.get("Warning") or ""
         assert "balance 100 credits is short of the 220 reserved" in warning, resp.headers
         assert resp.get("Retry-After") is None  # waiting does not bring credits
-        assert svc.store.list_jobs()[0] == []  # no job, no slot, no reservation left behind
-        assert svc.calls.active(owner) == 0 and svc.keys.open_reservations() == {}
-        assert svc.keys.get_key(owner).balance == 100
+        assert (await svc.store.list_jobs())[0] == []  # no job, no slot, no reservation left behind
+        assert svc.calls.active(owner) == 0 and await svc.keys.open_reservations() == {}
+        assert (await svc.keys.get_key(owner)).balance == 100
         assert _refused_metric(svc, "INSUFFICIENT_CREDITS") == 2
     finally:
         transport.close()
@@ -118,8 +125,9 @@ async def test_sip_call_credits_reserved_during_the_call_and_settled_to_its_audi
         call = asyncio.ensure_future(peer("call", f"sip:support@127.0.0.1:{svc.sip.port}", "--play", str(wav)))
         live = await _live_sip_job(svc.store)
         held = math.ceil(120 * 1 * PER_MINUTE / 60)  # the maximum duration x one leg, like a stream's
-        assert svc.keys.open_reservations() == {live.id: held}
-        assert (svc.keys.get_key(owner).balance, svc.keys.get_key(owner).reserved) == (1000, held)
+        assert await svc.keys.open_reservations() == {live.id: held}
+        k = await svc.keys.get_key(owner)
+        assert (k.balance, k.reserved) == (1000, held)
         rc, info, err = await call
         assert rc == 0 and info["sip_code"] == 200, err[-500:]
         job = (await wait_job_done(svc.store))[0]
@@ -127,8 +135,8 @@ async def test_sip_call_credits_reserved_during_the_call_and_settled_to_its_audi
         assert abs(job.duration_s - info["sent_seconds"]) < 1.0, (job.duration_s, info)
         used = math.ceil(job_credits(job, PER_MINUTE))
         assert used > 0
-        assert await wait_for(lambda: svc.keys.open_reservations() == {})
-        k = svc.keys.get_key(owner)
+        assert await wait_for(_no_reservations(svc))
+        k = await svc.keys.get_key(owner)
         assert (k.balance, k.reserved) == (1000 - used, 0)  # charged the audio, not the 440 held
         audio = svc.metrics.registry.get_sample_value("callbridge_audio_seconds_total", {"source": "sip"})
         assert audio is not None and abs(audio - job.duration_s) < 0.5, (audio, job.duration_s)
@@ -150,8 +158,8 @@ async def test_sip_call_straight_to_a_worker_is_admitted_when_it_starts(tmp_path
         rc, info, err = await peer("call", f"sip:support@127.0.0.1:{svc.sip.workers[0].port}", "--play", str(wav))
         assert rc == 0 and info["sip_code"] == 200, err[-500:]  # the worker answered before anyone asked
         assert info["hangup_by"] == "remote" and info["sent_seconds"] < 5.0, info  # ...and the service hung up
-        assert svc.store.list_jobs()[0] == []
-        assert svc.calls.active(owner) == 0 and svc.keys.open_reservations() == {}
+        assert (await svc.store.list_jobs())[0] == []
+        assert svc.calls.active(owner) == 0 and await svc.keys.open_reservations() == {}
         assert _refused_metric(svc, "INSUFFICIENT_CREDITS") == 1
     finally:
         await srv.stop()
@@ -175,15 +183,15 @@ async def test_an_invite_that_fails_before_its_call_starts_gives_back_its_slot_a
         caller.send(request("INVITE", caller.port, call_id="busy-1", body=SDP), ("127.0.0.1", svc.sip.port))
         assert (await caller.recv(timeout=10)).status == 100
         dialled = await agent.expect("INVITE", timeout=10)  # the target rings: the INVITE holds its admission
-        assert list(svc.keys.open_reservations().values()) == [2 * PER_MINUTE]  # 60 s x 2 legs
+        assert list((await svc.keys.open_reservations()).values()) == [2 * PER_MINUTE]  # 60 s x 2 legs
         assert svc.calls.active(owner) == 1
         agent.answer(dialled, 486)
         while (m := await caller.recv(timeout=10)).is_response and (m.status or 0) < 300:
             pass
         assert m.is_response and m.status == 486, m.status  # the caller hears the target's answer
-        assert await wait_for(lambda: svc.keys.open_reservations() == {}), svc.keys.open_reservations()
-        assert svc.calls.active(owner) == 0 and svc.keys.get_key(owner).balance == 1000
-        assert svc.store.list_jobs()[0] == []
+        assert await wait_for(_no_reservations(svc)), await svc.keys.open_reservations()
+        assert svc.calls.active(owner) == 0 and (await svc.keys.get_key(owner)).balance == 1000
+        assert (await svc.store.list_jobs())[0] == []
     finally:
         t_caller.close()
         await srv.stop()
