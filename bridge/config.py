@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bridge.keyformat import config_key_problem
+from bridge.webhooks.model import EndpointError, check_endpoint
 
 ENV_PREFIX = "CALLBRIDGE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "callbridge.toml"
@@ -411,8 +412,6 @@ def _kind_word(kind: type) -> str:
 def _endpoint_tables(value: Any, bad: Any) -> tuple[dict, ...]:
     """`webhooks.endpoints`: each a table with a unique `name`, `url` and `secret`; the rest is
     checked by the webhook module's own rules (bridge/webhooks/model.py), the same as the API's."""
-    from bridge.webhooks.model import EndpointError, check_endpoint
-
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):

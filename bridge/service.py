@@ -23,6 +23,9 @@ from aiohttp import web
 
 from bridge import allocator
 from bridge.admission import Admission
+from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
+from bridge.api.http import SERVICE, json_errors
+from bridge.auth import Authenticator, bootstrap_key
 from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
@@ -32,9 +35,12 @@ from bridge.ingress.registry import INGRESSES
 from bridge.jobs.model import JobSource
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
+from bridge.models.store import resolve
+from bridge.recognizer.pool import RecognizerPool
 from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
 from bridge.stores import DB_NAME, JobStore, Stores, open_stores, store_url
+from bridge.webhooks.dispatcher import WebhookDispatcher
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
 
@@ -95,8 +101,6 @@ class Service:
         return self.unavailable.get(JobSource.SIP)
 
     async def start(self) -> None:
-        from bridge.auth import Authenticator, bootstrap_key
-
         allocator.configure()  # before the first session's buffers (bridge/allocator.py)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -113,15 +117,10 @@ class Service:
         self.generated_key = await bootstrap_key(self.keys, str(self.data_dir))
         await self.keys.settle_orphans(self._orphan_usage)
         self.auth = Authenticator(self.keys, self.config.auth)
-        from bridge.webhooks.dispatcher import WebhookDispatcher
-
         self.webhooks = WebhookDispatcher(self.bus, self.stores.webhooks, self.store, self.config.webhooks,
                                           credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
         await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
         if self.pool is None:
-            from bridge.models.store import resolve
-            from bridge.recognizer.pool import RecognizerPool
-
             self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
             self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,
                                        threads=self.config.model.threads_per_context, engine=self.config.model.engine)
@@ -228,9 +227,6 @@ class Service:
         await self.stop()
 
     def build_app(self) -> web.Application:
-        from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
-        from bridge.api.http import json_errors
-
         app = web.Application(client_max_size=self.config.limits.max_frame_bytes + 65536,
                               middlewares=[json_errors])
         app[SERVICE] = self
@@ -261,4 +257,3 @@ async def recover_recordings(store: JobStore, job_ids: list[str]) -> None:
         log.info("recording_recovered", job_id=job_id, recorded_s=seconds)
 
 
-SERVICE = web.AppKey("service", Service)

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.api.http import bad_request, json_error, release_heartbeat, require_principal, service_of
+from bridge.api.http import SERVICE, bad_request, json_error, release_heartbeat, require_principal, service_of
 from bridge.calls import ended_event
 from bridge.events.bus import Envelope, EventBus, Subscription
 from bridge.events.types import EventType
@@ -268,8 +268,6 @@ async def all_events(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    from bridge.service import SERVICE
-
     _seq_index(app[SERVICE].bus)  # from the start, so every final's seq is known
     app.router.add_get(JOB_PATH, job_events)
     app.router.add_get(ALL_PATH, all_events)

@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from bridge.api.http import service_of
 from bridge.metrics import CONTENT_TYPE
 
 
@@ -16,9 +17,7 @@ async def healthz(request: web.Request) -> web.Response:
     e.g. DELETE to free space) means new sessions are refused because the data directory is
     (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
     legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
-    from bridge.service import SERVICE
-
-    svc = request.app[SERVICE]
+    svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
     if svc.draining:
@@ -35,9 +34,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from bridge.service import SERVICE
-
-    body = request.app[SERVICE].metrics.render()
+    body = service_of(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -70,10 +70,13 @@ def http_error(cls: type[web.HTTPException], code: str, message: str) -> web.HTT
     return cls(text=json.dumps({"error": {"code": code, "message": message}}), content_type="application/json")
 
 
+# Where the app keeps its running Service (set by Service.build_app). Defined here, below the
+# service, so the routes (this package and bridge/ingress/) find it without importing it.
+SERVICE: web.AppKey[Service] = web.AppKey("service")
+
+
 def service_of(request: web.Request) -> Service:
     """The running Service of the app that routed `request`."""
-    from bridge.service import SERVICE
-
     return request.app[SERVICE]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bridge.api.http import http_error, read_json, require_principal
+from bridge.api.http import http_error, read_json, require_principal, service_of
 from bridge.stores import TokenRefused
 
 __all__ = ["DEFAULT_EXPIRES_IN", "MAX_EXPIRES_IN", "MIN_EXPIRES_IN", "add_routes"]
@@ -24,15 +24,13 @@ MAX_EXPIRES_IN = 360000
 
 
 async def create_token(request: web.Request) -> web.Response:
-    from bridge.service import SERVICE
-
     principal = await require_principal(request)  # allow_temp=False: 401 for a temporary token
     if principal.key_id is None:
         raise http_error(web.HTTPForbidden, "FORBIDDEN", "temporary tokens are minted with an API key; "
                          "a JWT issuer can sign a short-lived JWT for the browser instead")
     expires_in = await _expires_in(request)
     try:
-        token, expires_at = await request.app[SERVICE].keys.mint_temp_token(principal.key_id, expires_in)
+        token, expires_at = await service_of(request).keys.mint_temp_token(principal.key_id, expires_in)
     except TokenRefused as e:  # the key was revoked between authentication and minting
         raise http_error(web.HTTPUnauthorized, e.code, e.message) from None
     # no-store: the body is a credential, no proxy or browser cache may keep it
