@@ -201,6 +201,8 @@ class Service:
         self.ready = False
         for ingress in self.ingresses:  # what the drain left (peer connections, SIP workers)
             await ingress.stop()
+        if self.sessions is not None:  # credit releases of INVITEs the SIP stop gave up
+            await self.sessions.aclose()
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
         if self._trimmer is not None:

@@ -345,7 +345,8 @@ class Dispatcher:
         task.add_done_callback(self._admitting.discard)
 
     async def _admit(self, inv: InviteTransaction) -> None:
-        """The service's admission check, then a worker; or the refusal, as the INVITE's final answer."""
+        """The service's admission check, then a worker; or the refusal, as the INVITE's final answer
+        (487 if the caller cancelled meanwhile, whatever the check said)."""
         msg, needed = inv.request, inv.needed
         try:
             hold = await self.admission(needed, msg) if self.admission is not None else None
@@ -354,32 +355,41 @@ class Dispatcher:
             self._refuse(inv, e.status, e.reason, [*retry, _warning(399, e.why)], e.why)
             return
         except Exception as e:  # noqa: BLE001 - the caller still gets an answer
+            self._n["internal_errors"] += 1
             self._log.error("sip_admission_failed", call_id=msg.call_id, error=repr(e))
             self._refuse(inv, 500, None, [_warning(399, "The service could not admit the call")], repr(e))
             return
-        if self.table.invites.get(inv.key) is not inv or inv.final is not None:  # forgotten meanwhile
-            if hold is not None:
+        try:
+            if self.table.invites.get(inv.key) is not inv or inv.final is not None:  # forgotten meanwhile
+                if hold is not None:
+                    hold.release()
+                return
+            worker = None if inv.cancelled else self.pool.pick(needed)
+            if worker is None:
+                if hold is not None:
+                    hold.release()
+                if inv.cancelled:  # CANCEL came while the check ran (it was answered 200 then)
+                    self._refuse(inv, 487, None, [], "cancelled during admission")
+                else:
+                    why = self.pool.full_reason(needed)
+                    self._refuse(inv, 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)],
+                                 why)
+                return
+            inv.hold = hold
+            self.proxy.forward_invite(inv, worker)
+        except Exception as e:  # noqa: BLE001 - as the transport's guard does for the rest of the INVITE path
+            self._n["internal_errors"] += 1
+            self._log.error("sip_internal_error", call_id=msg.call_id, error=repr(e))
+            if hold is not None and inv.hold is not hold:
                 hold.release()
-            return
-        if inv.cancelled:  # CANCEL came while the check ran (it was answered 200 then)
-            if hold is not None:
-                hold.release()
-            self._refuse(inv, 487, None, [], "cancelled during admission")
-            return
-        worker = self.pool.pick(needed)
-        if worker is None:
-            if hold is not None:
-                hold.release()
-            why = self.pool.full_reason(needed)
-            self._refuse(inv, 503, None, [("Retry-After", str(self.retry_after_full)), _warning(399, why)], why)
-            return
-        inv.hold = hold
-        self.proxy.forward_invite(inv, worker)
+            self._refuse(inv, 500, None, [], repr(e))
 
     def _refuse(self, inv: InviteTransaction, status: int, reason: str | None, headers: list[tuple[str, str]],
                 why: str) -> None:
         if self.table.invites.get(inv.key) is not inv or inv.final is not None:
             return
+        if inv.cancelled and status != 487:  # the caller gave up meanwhile: that is the answer it waits for
+            status, reason, headers, why = 487, None, [], f"cancelled during admission ({why})"
         self._log.info("sip_invite_rejected", call_id=inv.request.call_id, status=status, why=why,
                        source=f"{inv.origin.addr[0]}:{inv.origin.addr[1]}")
         self.proxy.final_local(inv, status, reason, headers)

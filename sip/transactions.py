@@ -41,7 +41,8 @@ PENDING_TTL_S = 300.0  # an INVITE without a final response is forgotten after t
 
 
 class Hold(Protocol):
-    """What the service's admission keeps for an admitted INVITE (bridge.admission.Reservation)."""
+    """What the service's admission check keeps for an admitted INVITE (the service's session ticket
+    and capacity hold); released when the INVITE fails or its call is registered."""
 
     def release(self) -> None: ...
 

@@ -1,9 +1,8 @@
 """Python client for a callbridge server: streaming sessions, WebRTC calls, the jobs and webhooks REST APIs.
 
 `WebRtcClient` is loaded on first use (PEP 562): importing `bridge.client.webrtc` here would load
-aiortc for every `callbridge stream`/`jobs` command, and would make
-`python -m bridge.client.webrtc` warn on every run (runpy finds the module already imported by
-its package before running it as __main__).
+aiortc for every `callbridge stream`/`jobs` command. Its command line is `callbridge webrtc`
+(bridge/commands/webrtc.py): the client package imports nothing of the commands.
 """
 
 from importlib import import_module

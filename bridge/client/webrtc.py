@@ -328,3 +328,11 @@ class WebRtcClient(SessionControls):
             await self.pc.close()
         self.track.stop()
         self._messages.put_nowait(None)
+
+
+if __name__ == "__main__":  # the command line moved: say where, instead of doing nothing
+    import sys
+
+    print("the WebRTC client's command line is `callbridge webrtc FILE.wav` (python -m bridge webrtc)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -58,7 +58,7 @@ RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10)
 CREDITS_HINT = "add credits to the key, or lower limits.max_duration_s (what each SIP call reserves)"
 
 
-def invite_refusal(err: SessionError, retry_after_full: int) -> InviteRefused:
+def invite_refusal(err: SessionError, retry_after_full: int, retry_after_draining: int) -> InviteRefused:
     """The SIP final response to an INVITE the session layer refused (docs/sip.md, "Admission"):
     402 Payment Required for the owner's credits, 486 Busy Here for its session limit (this owner is
     busy; retrying elsewhere does not help), 503 Service Unavailable with Retry-After when the server
@@ -67,6 +67,8 @@ def invite_refusal(err: SessionError, retry_after_full: int) -> InviteRefused:
         return InviteRefused(err.message, None, status=402, reason="Payment Required")
     if err.code is ErrorCode.RATE_LIMITED and not err.server_busy:
         return InviteRefused(err.message, None, status=486)
+    if err.code is ErrorCode.UPSTREAM_ERROR:  # shutting down: as the dispatcher answers once draining
+        return InviteRefused(err.message, retry_after_draining)
     return InviteRefused(err.message, err.retry_after_s if err.retry_after_s is not None else retry_after_full)
 
 
@@ -110,6 +112,7 @@ class _InviteHold:
         self.pending = pending
         self.call_id = call_id
         self.ticket = ticket
+        self.claimed = False  # the worker's call_started took the ticket: the session layer owns it now
         pending.setdefault(call_id, []).append(self)
 
     def forget(self) -> None:
@@ -120,9 +123,12 @@ class _InviteHold:
             self.pending.pop(self.call_id, None)
 
     def release(self) -> None:
-        """The INVITE is done with it: registered as a call (capacity released), or failed (all undone)."""
+        """The INVITE is done with it: failed (all undone) or, once claimed, nothing to do here: the
+        call being opened owns the ticket (`SessionGate.open` releases its capacity when registered;
+        releasing it here while the job is being created would cancel a call about to go live)."""
         self.forget()
-        self.ticket.release()
+        if not self.claimed:
+            self.ticket.release()
 
 
 class SipIngress:
@@ -212,7 +218,7 @@ class SipIngress:
         except SessionError as e:
             self.svc.metrics.errors.labels(e.code.value).inc()  # as stream and WebRTC count theirs
             log.info("sip_invite_refused", code=e.code.value, message=e.message, sip_call_id=invite.call_id)
-            raise invite_refusal(e, self.dispatcher.retry_after_full) from None
+            raise invite_refusal(e, self.dispatcher.retry_after_full, self.dispatcher.retry_after_draining) from None
         return _InviteHold(self._admitted, invite.call_id or "", ticket)
 
     async def _claim(self, call_id: str | None, legs: int) -> Ticket | None:
@@ -221,6 +227,7 @@ class SipIngress:
         that call is admitted now, without a capacity check (it is answered already)."""
         for hold in list(self._admitted.get(call_id or "", ())):
             if not hold.ticket.cancelled and not hold.ticket.opened:
+                hold.claimed = True
                 hold.forget()
                 return hold.ticket
         try:

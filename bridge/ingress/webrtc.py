@@ -64,7 +64,9 @@ MAX_SDP_BYTES = 64 * 1024
 # start fields that describe a raw PCM wire; WebRTC audio is always Opus at 48 kHz
 _WIRE_FIELDS = ("sample_rate", "channels", "encoding")
 # the browser's controls on the events channel: the stream's, with `bye` (or `end`) ending the call
-CONTROLS = ControlChannel(message="events channel message", kind="message", ends=("bye", "end"))
+CONTROLS = ControlChannel(message="events channel message", kind="message", ends=("bye", "end"),
+                          not_object='a message must be a JSON object with a string "type"',
+                          expected="bye, force_endpoint, configure or keep_alive", second_start=False)
 FLUSH_TIMEOUT_S = 2.0  # how long the last data channel messages get to be acknowledged before the close
 # After `bye`, audio sent before it may still be on its way: aiortc's audio jitter buffer holds the
 # last 4 packets (80 ms) until later ones push them out, and RTP and the data channel race. The

@@ -47,17 +47,18 @@ def completed_frame(call: Call, *, server_shutdown: bool = False) -> dict[str, A
     return frame
 
 
-_APPLIED = ("keep_alive", "force_endpoint", "configure")
-
-
 @dataclass(frozen=True)
 class ControlChannel:
-    """How one ingress's client controls arrive: what one message is called in errors (`message`,
-    `kind`) and which types end the session (`ends`). The controls themselves are the same."""
+    """How one ingress's client controls arrive: which types end the session (`ends`), and the
+    wording of its refusals, which each ingress's clients already know (docs/stream.md,
+    docs/webrtc.md). The controls themselves are the same."""
 
-    message: str = "text frame"
-    kind: str = "frame"
+    message: str = "text frame"  # what one message is called ("... refused: <why>")
+    kind: str = "frame"  # "unknown <kind> type ..."
     ends: tuple[str, ...] = ("end",)
+    not_object: str = 'a text frame must be a JSON object with a string "type"'
+    expected: str = "keep_alive, force_endpoint, configure or end"
+    second_start: bool = True  # a repeated `start` is named as such (the socket's first frame is one)
 
     def parse(self, data: str | bytes) -> dict[str, Any]:
         """A control message's JSON; SessionError(INVALID_CONFIG) unless an object with a string `type`."""
@@ -66,9 +67,7 @@ class ControlChannel:
         except JsonInputError as e:
             raise SessionError(ErrorCode.INVALID_CONFIG, f"{self.message} refused: {e}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            article = "an" if self.message[0] in "aeiou" else "a"
-            raise SessionError(ErrorCode.INVALID_CONFIG,
-                               f'{article} {self.message} must be a JSON object with a string "type"')
+            raise SessionError(ErrorCode.INVALID_CONFIG, self.not_object)
         return msg
 
     def apply(self, call: Call, ctl: dict[str, Any]) -> bool:
@@ -91,10 +90,9 @@ class ControlChannel:
             call.configure(v)
             call.log.info("configured", endpointing_ms=v)
             return False
-        if kind == "start":
+        if kind == "start" and self.second_start:
             raise SessionError(ErrorCode.INVALID_CONFIG, "start was already received; one start per session")
-        expected = ", ".join(_APPLIED + self.ends[:-1]) + " or " + self.ends[-1]
-        raise SessionError(ErrorCode.INVALID_CONFIG, f"unknown {self.kind} type {shown(kind)}; expected {expected}")
+        raise SessionError(ErrorCode.INVALID_CONFIG, f"unknown {self.kind} type {shown(kind)}; expected {self.expected}")
 
 
 STREAM_CONTROLS = ControlChannel()

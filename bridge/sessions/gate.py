@@ -41,8 +41,8 @@ class Ticket:
     """A session admitted and not yet ended: its owner's slot, the capacity held for its legs
     until its call is registered, and its credit reservation (keyed by the job id it will have).
 
-    It is also the hold the SIP dispatcher keeps per admitted INVITE (sip.dispatcher.Hold):
-    `release()` when the INVITE no longer needs it."""
+    For SIP, the hold the dispatcher keeps per admitted INVITE (bridge/ingress/sip.py's
+    `_InviteHold`, a sip.transactions.Hold) wraps it: `release()` when the INVITE fails."""
 
     def __init__(self, gate: "SessionGate", owner: str, source: JobSource, channels: int,
                  capacity: Reservation | None) -> None:
@@ -102,6 +102,10 @@ class SessionGate:
         self.metrics = metrics
         self.recordings_dir = recordings_dir
         self._tasks: set[asyncio.Task] = set()
+
+    async def aclose(self) -> None:
+        """Wait for the credit releases still running (before the stores close)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def background(self, work: Any, failure_event: str) -> None:
         """Run store work nobody waits for (a cancelled ticket's release), logging a failure; an
@@ -192,6 +196,10 @@ class SessionGate:
             if subscribe:
                 sub = self.bus.subscribe(call.id)
             await call.open()
+            if ticket.cancelled:  # given up while the job was being created (e.g. at shutdown): end it
+                withdrawn = SessionError(ErrorCode.UPSTREAM_ERROR, "the session was withdrawn while it opened")
+                await call.finish(*job_ending(withdrawn))
+                raise withdrawn
         except BaseException as e:
             full = is_storage_full(e)  # the disk filled between the check and the first write
             if full:
