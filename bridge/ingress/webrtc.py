@@ -405,6 +405,7 @@ class WebRtcSession:
             self._pump_stop = True
             pump.cancel()
             await asyncio.wait([pump], timeout=5)
+            await self._stop_media()
             await self._conclude(call, outcome, forwarder)
         finally:
             for t in (stop, pump, forwarder):
@@ -413,6 +414,18 @@ class WebRtcSession:
                 await self.pc.close()
             self.svc.calls.remove(call)
             self.svc.calls.release(self.principal.owner)
+
+    async def _stop_media(self) -> None:
+        """Stop receiving audio once nothing reads it. Until the peer connection closes, aiortc
+        decodes whatever the caller still sends into the track's unbounded queue, and concluding
+        (the last finals, settlement, the channel flush) takes seconds under load: those frames
+        piled up unread, 160-1440 (3-29 s of 48 kHz audio) per call in bench.memory, and stayed
+        resident with the session's reference cycles until a full garbage collection
+        (docs/benchmarks.md, "Memory"). Stopping the transceiver (idempotent; the close stops it
+        again) stops the decoder thread and drops the caller's RTP; the events channel stays open."""
+        if self.transceiver is not None:
+            with contextlib.suppress(Exception):
+                await self.transceiver.stop()
 
     def _pump_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
