@@ -140,15 +140,17 @@ class Service:
         if self.calls.calls:
             return  # busy again: the next idle moment trims
         # A finished WebRTC call is a web of reference cycles (aiortc's peer connection, transports,
-        # codecs, SSL and SRTP state: about 2 MB a call in bench.memory), freed only by a full collection, which Python
-        # starts after enough new allocations, so never while idle: the trim below could give back
-        # nothing they held (docs/benchmarks.md, "Memory"). On the loop: finalizers expect it.
+        # codecs, SSL and SRTP state: about 2 MB a call in bench.memory), freed only by a full
+        # collection, which Python starts after enough new allocations, so never while idle: the
+        # trim below could give back nothing they held (docs/benchmarks.md, "Memory"). On the
+        # loop, where finalizers expect to run.
         self.idle_collected = gc.collect()
+        reloaded = await asyncio.to_thread(self.pool.release_scratch)  # whisper's high-water buffers
         before = allocator.stats()
         released = await asyncio.to_thread(allocator.trim)
         self.idle_trims += 1
         log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"),
-                 collected=self.idle_collected)
+                 collected=self.idle_collected, contexts_reloaded=reloaded)
 
     def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length

@@ -17,6 +17,7 @@ import numpy as np
 from bench import corpus
 from bench.calls import speech_bounds
 from bench.drive import wait_for
+from bench.memory import rss_mb
 from bridge.recognizer.engine import DecodeOptions
 from bridge.client.stream import StreamClient
 from bridge.client.webrtc import WebRtcClient
@@ -147,4 +148,29 @@ async def test_a_slowly_concluding_webrtc_call_holds_no_unread_audio_and_idle_fr
         assert not any(isinstance(o, av.AudioFrame) for o in gc.get_objects())
     finally:
         gc.enable()
+        await srv.stop()
+
+
+async def test_idle_service_gives_back_what_a_full_window_decode_left_in_its_context(tmp_path, pool):
+    """whisper.cpp keeps resident what a context's largest decode touched (a decode over the full
+    30 s window: ~100 MB more than short ones with tiny.en; python -m bench.memory --context).
+    Once idle, the service reloads such contexts. Resident memory, unlike the rest of this file:
+    those are pages, not objects."""
+    srv = await start_server(tmp_path / "data", pool)
+    svc = srv.service
+    audio = pcm()
+    try:
+        trims = svc.idle_trims
+        await stream_session(srv.url, audio, drop=False)
+        assert await wait_for(lambda: svc.idle_trims > trims, timeout=30)
+        # every context decodes over the full window (whisper's retry when a short context loops)
+        window = [pool.decode(np.zeros(2 * SR, np.float32), DecodeOptions(full_ctx=True)) for _ in range(4 * pool.size)]
+        await asyncio.gather(*window)
+        trims, reloads, high = svc.idle_trims, pool.reloads, rss_mb()
+        await stream_session(srv.url, audio, drop=False)  # a call, after which the service is idle again
+        assert await wait_for(lambda: svc.idle_trims > trims, timeout=30)
+        assert rss_mb() < high - 50, (high, rss_mb())
+        assert pool.reloads > reloads
+        await stream_session(srv.url, audio, drop=False)  # the reloaded contexts decode
+    finally:
         await srv.stop()

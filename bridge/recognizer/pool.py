@@ -29,6 +29,14 @@ from .engine import DecodeOptions, Hypothesis, WhisperEngine
 
 log = structlog.get_logger(__name__)
 
+# A whisper.cpp context allocates its buffers for the full 30 s window when it loads, and keeps
+# resident what its largest decode touched (tiny.en: 89 MB after 2 s decodes, 108 MB after 10 s,
+# 189 MB after a full window; python -m bench.memory --context). Contexts whose largest decode
+# since they loaded went past this many encoder positions (10 s) are reloaded when the service
+# goes idle (release_scratch), so each retry over the full window does not keep ~100 MB forever.
+RELOAD_ABOVE_CTX = 564
+FULL_CTX = 1500  # encoder positions of whisper's 30 s window
+
 
 class Priority(IntEnum):
     FINAL = 0
@@ -123,6 +131,8 @@ class RecognizerPool:
         self.superseded = 0
         self.retried = 0
         self.engines: list[WhisperEngine] = []
+        self._peak_ctx: list[int] = []  # per context: its largest decode since it loaded
+        self.reloads = 0  # contexts reloaded by release_scratch
         # (done, wait + decode, decode) of recent finals; bounded so a busy pool cannot grow it
         self._recent_finals: deque[tuple[float, float, float]] = deque(maxlen=4096)
         self._started_at = time.monotonic()
@@ -132,8 +142,9 @@ class RecognizerPool:
         if self._threads:
             return
         self.engines = [self._factory() for _ in range(self.size)]
-        for i, eng in enumerate(self.engines):
-            t = threading.Thread(target=self._worker, args=(eng,), name=f"whisper-{i}", daemon=True)
+        self._peak_ctx = [0] * self.size
+        for i in range(self.size):
+            t = threading.Thread(target=self._worker, args=(i,), name=f"whisper-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info("recognizer_pool_started", size=self.size, threads=self.threads, model=self.model_path)
@@ -246,13 +257,39 @@ class RecognizerPool:
                     return None
                 self._cv.wait()
 
-    def _worker(self, engine: WhisperEngine) -> None:
+    def _decode(self, i: int, job: _Job) -> Hypothesis:
+        engine = self.engines[i]  # looked up per job: release_scratch may have replaced it
+        hyp = engine.decode(job.audio, job.opts)
+        ctx = FULL_CTX if hyp.retried or job.opts.full_ctx else engine.audio_ctx_for(len(job.audio), job.opts)
+        with self._cv:
+            if self.engines[i] is engine:
+                self._peak_ctx[i] = max(self._peak_ctx[i], ctx)
+        return hyp
+
+    def release_scratch(self) -> int:
+        """Reload every context whose largest decode went past RELOAD_ABOVE_CTX, giving back the
+        buffer pages it touched; returns how many. Blocking (a model load each): run it in a
+        thread when idle. A replaced context serves decodes until the new one is in place and is
+        freed after its last one."""
+        reloaded = 0
+        for i in range(len(self.engines)):
+            if self._closed or self._peak_ctx[i] <= RELOAD_ABOVE_CTX:
+                continue
+            fresh = self._factory()
+            with self._cv:
+                old, self.engines[i], self._peak_ctx[i] = self.engines[i], fresh, 0
+            del old
+            reloaded += 1
+        self.reloads += reloaded
+        return reloaded
+
+    def _worker(self, i: int) -> None:
         while True:
             job = self._next_job()
             if job is None:
                 return
             try:
-                hyp = engine.decode(job.audio, job.opts)
+                hyp = self._decode(i, job)
             except BaseException as e:  # noqa: BLE001 - delivered to the awaiting leg
                 job.loop.call_soon_threadsafe(_fail, job.future, e)
             else:
