@@ -127,7 +127,7 @@ async def test_a_slowly_concluding_webrtc_call_holds_no_unread_audio_and_idle_fr
         async with WebRtcClient(srv.url, api_key=API_KEY, audio=audio) as c:
             assert await wait_for(lambda: c.track.sent_seconds >= len(speech) / SR + 0.5, timeout=30)
             (session,) = svc.webrtc.sessions.values()
-            peer = weakref.ref(session.pc)  # the service's side of the call
+            peer, track = weakref.ref(session.pc), weakref.ref(session.track)  # the service's side of the call
             del session
             # two 30 s decodes per context queued ahead of the call's last final
             busy = [asyncio.ensure_future(pool.decode(np.zeros(30 * SR, np.float32), DecodeOptions(full_ctx=True)))
@@ -144,8 +144,8 @@ async def test_a_slowly_concluding_webrtc_call_holds_no_unread_audio_and_idle_fr
         # before, every 20 ms the caller sent while the call concluded stayed decoded in memory
         assert frames < 25, (frames, concluding_s)
         assert await wait_for(lambda: not svc.webrtc.sessions and svc.idle_trims > trims, timeout=30)
-        assert peer() is None, "the call's peer connection is still in memory"
-        assert not any(isinstance(o, av.AudioFrame) for o in gc.get_objects())
+        # (the client's side is in this process too, and may close after the service went idle)
+        assert peer() is None and track() is None, "the call's peer connection or track is still in memory"
     finally:
         gc.enable()
         await srv.stop()
