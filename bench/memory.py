@@ -199,22 +199,27 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def context_scratch(model: str) -> None:
-    """`--context`: what one whisper.cpp context keeps resident as its decodes grow. whisper.cpp
-    allocates a context's buffers for the full 30 s window when it loads, and pages are resident
-    once a decode has touched them: a context keeps what its largest decode (`audio_ctx`) needed."""
+    """`--context`: what one whisper.cpp context keeps resident as its decodes grow, and after the
+    idle service's reload (RecognizerPool.release_scratch). whisper.cpp allocates a context's
+    buffers for the full 30 s window when it loads, and pages are resident once a decode has
+    touched them: a context keeps what its largest decode (`audio_ctx`) needed."""
     from bridge import allocator
     from bridge.models.store import resolve
-    from bridge.recognizer.engine import DecodeOptions, WhisperEngine
+    from bridge.recognizer.engine import DecodeOptions
+    from bridge.recognizer.pool import RecognizerPool
 
     allocator.configure()
     s = corpus.synthesize(SENTENCE).astype(np.float32) / 32768  # one sentence, then silence: no loop retries
-    base = rss_mb()
-    eng = WhisperEngine(str(resolve(model)))
+    base, mapped0 = rss_mb(), allocator.stats().get("mmap_mb", 0.0)
+    pool = RecognizerPool(str(resolve(model)), size=1)
+    pool.start()
+    eng = pool.engines[0]
     rows = [["loaded", "-", "-", f"{rss_mb() - base:.0f}"]]
+    mapped = allocator.stats().get("mmap_mb", 0.0) - mapped0
 
     def decode(label: str, seconds: float, opts: DecodeOptions) -> None:
         a = np.concatenate([s, np.zeros(max(0, int(seconds * 16000) - len(s)), np.float32)])[: int(seconds * 16000)]
-        hyp = eng.decode(a, opts)
+        hyp = asyncio.run(pool.decode(a, opts))
         allocator.trim()
         ctx = eng.audio_ctx_for(len(a), opts) if not hyp.retried else 0
         rows.append([label, str(ctx or 1500), "yes" if hyp.retried else "no", f"{rss_mb() - base:.0f}"])
@@ -223,9 +228,18 @@ def context_scratch(model: str) -> None:
         decode(f"after a {secs} s decode", secs, DecodeOptions())
     decode("after a 2 s decode over the full window", 2, DecodeOptions(full_ctx=True))
     decode("after a 2 s decode again", 2, DecodeOptions())
+    t0 = time.perf_counter()
+    reloaded = pool.release_scratch()
+    took = time.perf_counter() - t0
+    del eng
+    allocator.trim()
+    rows.append([f"reloaded when idle ({reloaded} context, {took:.2f} s)", "-", "-", f"{rss_mb() - base:.0f}"])
+    pool.close()
     emit_table("memory_context", f"Memory: one whisper.cpp context ({model}), resident MB above the process before it "
                "loaded, after decodes of growing length (each measured after malloc_trim)",
-               ["point", "audio_ctx (encoder positions)", "redone over 30 s", "context RSS MB"], rows)
+               ["point", "audio_ctx (encoder positions)", "redone over 30 s", "context RSS MB"], rows,
+               notes=[f"malloc's mapped blocks the context allocated when it loaded (address space, resident "
+                      f"only once touched): {mapped:.0f} MB"])
 
 
 def _objs(c: Counter[str]) -> str:

@@ -140,10 +140,9 @@ class Service:
         if self.calls.calls:
             return  # busy again: the next idle moment trims
         # A finished WebRTC call is a web of reference cycles (aiortc's peer connection, transports,
-        # codecs, SSL and SRTP state: about 2 MB a call in bench.memory), freed only by a full
-        # collection, which Python starts after enough new allocations, so never while idle: the
-        # trim below could give back nothing they held (docs/benchmarks.md, "Memory"). On the
-        # loop, where finalizers expect to run.
+        # codecs, SSL and SRTP state), freed only by a full collection, which Python starts after
+        # enough new allocations, so never while idle: the trim below could give back nothing
+        # they held (docs/benchmarks.md, "Memory"). On the loop, where finalizers expect to run.
         self.idle_collected = gc.collect()
         reloaded = await asyncio.to_thread(self.pool.release_scratch)  # whisper's high-water buffers
         before = allocator.stats()

@@ -419,10 +419,10 @@ class WebRtcSession:
         """Stop receiving audio once nothing reads it. Until the peer connection closes, aiortc
         decodes whatever the caller still sends into the track's unbounded queue, and concluding
         (the last finals, settlement, the channel flush) takes seconds under load: those frames
-        piled up unread, 160-1440 (3-29 s of 48 kHz audio) per call in bench.memory, and stayed
-        resident with the session's reference cycles until a full garbage collection
-        (docs/benchmarks.md, "Memory"). Stopping the transceiver (idempotent; the close stops it
-        again) stops the decoder thread and drops the caller's RTP; the events channel stays open."""
+        piled up unread, 50 a second of it, and stayed resident with the session's reference
+        cycles until a full garbage collection (tests/test_memory.py; docs/benchmarks.md,
+        "Memory"). Stopping the transceiver (idempotent; the close stops it again) stops the
+        decoder thread and drops the caller's RTP; the events channel stays open."""
         if self.transceiver is not None:
             with contextlib.suppress(Exception):
                 await self.transceiver.stop()

@@ -30,8 +30,8 @@ from .engine import DecodeOptions, Hypothesis, WhisperEngine
 log = structlog.get_logger(__name__)
 
 # A whisper.cpp context allocates its buffers for the full 30 s window when it loads, and keeps
-# resident what its largest decode touched (tiny.en: 89 MB after 2 s decodes, 108 MB after 10 s,
-# 189 MB after a full window; python -m bench.memory --context). Contexts whose largest decode
+# resident what its largest decode touched (tiny.en: 91 MB after 2 s decodes, 109 MB after 10 s,
+# 191 MB after a full window; python -m bench.memory --context). Contexts whose largest decode
 # since they loaded went past this many encoder positions (10 s) are reloaded when the service
 # goes idle (release_scratch), so each retry over the full window does not keep ~100 MB forever.
 RELOAD_ABOVE_CTX = 564
