@@ -10,7 +10,10 @@ process then held hundreds of MB it no longer used (docs/benchmarks.md, "Memory"
 
 So, on glibc: a fixed mmap threshold (large blocks are mapped and unmapped again), and
 `malloc_trim(0)` once the service has had no live call for `IDLE_TRIM_DELAY_S`, off the event
-loop. Elsewhere both are no-ops.
+loop. Elsewhere both are no-ops. A trim gives back only what is already free: before it, the idle
+service collects reference cycles (a finished WebRTC call is freed only by a full collection) and
+reloads whisper contexts that kept a large decode's buffers (bridge/service.py, RecognizerPool.
+release_scratch).
 """
 
 from __future__ import annotations

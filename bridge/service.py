@@ -13,6 +13,7 @@ the same way: setup, listen, (drain while still listening), cleanup.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import time
 from collections.abc import AsyncIterator
@@ -74,6 +75,7 @@ class Service:
         self.ready = False
         self.started_at = time.time()
         self.idle_trims = 0  # times the allocator gave free pages back after the last call ended
+        self.idle_collected = 0  # unreachable objects the last idle collection freed
         self._trimmer: asyncio.Task | None = None
         self.calls.on_idle = self._trim_when_idle
 
@@ -169,10 +171,17 @@ class Service:
         await asyncio.sleep(allocator.IDLE_TRIM_DELAY_S)
         if self.calls.calls:
             return  # busy again: the next idle moment trims
+        # A finished WebRTC call is a web of reference cycles (aiortc's peer connection, transports,
+        # codecs, SSL and SRTP state), freed only by a full collection, which Python starts after
+        # enough new allocations, so never while idle: the trim below could give back nothing
+        # they held (docs/benchmarks.md, "Memory"). On the loop, where finalizers expect to run.
+        self.idle_collected = gc.collect()
+        reloaded = await asyncio.to_thread(self.pool.release_scratch)  # whisper's high-water buffers
         before = allocator.stats()
         released = await asyncio.to_thread(allocator.trim)
         self.idle_trims += 1
-        log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"))
+        log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"),
+                 collected=self.idle_collected, contexts_reloaded=reloaded)
 
     async def _orphan_usage(self, job_id: str) -> int:
         """Credits a job that crashed mid-session actually used: its saved duration (the length

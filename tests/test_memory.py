@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from collections import Counter
 
 import aiohttp
+import av
 import numpy as np
 
 from bench import corpus
 from bench.calls import speech_bounds
 from bench.drive import wait_for
+from bench.memory import rss_mb
+from bridge.recognizer.engines import DecodeOptions
 from bridge.client.stream import StreamClient
 from bridge.client.webrtc import WebRtcClient
 from tests.serving import API_KEY, start_server
@@ -102,5 +106,71 @@ async def test_many_sessions_leave_no_live_objects_and_idle_trims(tmp_path, pool
         assert len((await svc.store.list_jobs())[0]) == 2 + 3 * 7
         # idle: the allocator was asked to give its free pages back (bridge/allocator.py)
         assert await wait_for(lambda: svc.idle_trims > trims, timeout=15)
+    finally:
+        await srv.stop()
+
+
+async def test_a_slowly_concluding_webrtc_call_holds_no_unread_audio_and_idle_frees_its_cycles(tmp_path, pool):
+    """A WebRTC call whose last final waits behind a busy decode pool (as under load) goes on
+    receiving the caller's audio while it concludes. It must not keep decoding it into a queue
+    nobody reads, and once the service is idle nothing of the call may be left waiting for the
+    garbage collector: Python collects cycles only after enough new allocations, which an idle
+    service does not make. Automatic collection is off for this test, so that stays so here
+    whatever the timing, and only what the service frees itself counts."""
+    srv = await start_server(tmp_path / "data", pool)
+    svc = srv.service
+    speech = pcm()
+    audio = np.concatenate([speech, np.zeros(20 * SR, np.int16)])  # an open microphone after the sentence
+    gc.collect()
+    gc.disable()
+    try:
+        async with WebRtcClient(srv.url, api_key=API_KEY, audio=audio) as c:
+            assert await wait_for(lambda: c.track.sent_seconds >= len(speech) / SR + 0.5, timeout=30)
+            (session,) = svc.webrtc.sessions.values()
+            peer, track = weakref.ref(session.pc), weakref.ref(session.track)  # the service's side of the call
+            del session
+            # two 30 s decodes per context queued ahead of the call's last final
+            busy = [asyncio.ensure_future(pool.decode(np.zeros(30 * SR, np.float32), DecodeOptions(offline=True)))
+                    for _ in range(2 * pool.size)]
+            at_bye, trims = c.track.sent_seconds, svc.idle_trims
+            await c.bye()
+            async with asyncio.timeout(120):
+                async for ev in c:
+                    if ev["type"] == "completed":  # the session is still open: it sends this last
+                        frames = sum(isinstance(o, av.AudioFrame) for o in gc.get_objects())
+                        concluding_s = c.track.sent_seconds - at_bye
+        await asyncio.gather(*busy)
+        assert concluding_s >= 1.0, "the call concluded before the caller sent 1 s more: nothing was tested"
+        # before, every 20 ms the caller sent while the call concluded stayed decoded in memory
+        assert frames < 25, (frames, concluding_s)
+        assert await wait_for(lambda: not svc.webrtc.sessions and svc.idle_trims > trims, timeout=30)
+        # (the client's side is in this process too, and may close after the service went idle)
+        assert peer() is None and track() is None, "the call's peer connection or track is still in memory"
+    finally:
+        gc.enable()
+        await srv.stop()
+
+
+async def test_idle_service_gives_back_what_a_full_window_decode_left_in_its_context(tmp_path, pool):
+    """whisper.cpp keeps resident what a context's largest decode touched (a decode over the full
+    30 s window: ~100 MB more than short ones with tiny.en; python -m bench.memory --context).
+    Once idle, the service reloads such contexts. Resident memory, unlike the rest of this file:
+    those are pages, not objects."""
+    srv = await start_server(tmp_path / "data", pool)
+    svc = srv.service
+    audio = pcm()
+    try:
+        trims = svc.idle_trims
+        await stream_session(srv.url, audio, drop=False)
+        assert await wait_for(lambda: svc.idle_trims > trims, timeout=30)
+        # every context decodes over the full window (whisper's retry when a short context loops)
+        window = [pool.decode(np.zeros(2 * SR, np.float32), DecodeOptions(offline=True)) for _ in range(4 * pool.size)]
+        await asyncio.gather(*window)
+        trims, reloads, high = svc.idle_trims, pool.reloads, rss_mb()
+        await stream_session(srv.url, audio, drop=False)  # a call, after which the service is idle again
+        assert await wait_for(lambda: svc.idle_trims > trims, timeout=30)
+        assert rss_mb() < high - 50, (high, rss_mb())
+        assert pool.reloads > reloads
+        await stream_session(srv.url, audio, drop=False)  # the reloaded contexts decode
     finally:
         await srv.stop()

@@ -381,6 +381,7 @@ class WebRtcSession:
             self._pump_stop = True
             pump.cancel()
             await asyncio.wait([pump], timeout=5)
+            await self._stop_media()
             await self._conclude(call, outcome, forwarder)
         finally:
             for t in (stop, pump, forwarder):
@@ -388,6 +389,18 @@ class WebRtcSession:
             with contextlib.suppress(Exception):
                 await self.pc.close()
             self.svc.sessions.leave(call)
+
+    async def _stop_media(self) -> None:
+        """Stop receiving audio once nothing reads it. Until the peer connection closes, aiortc
+        decodes whatever the caller still sends into the track's unbounded queue, and concluding
+        (the last finals, settlement, the channel flush) takes seconds under load: those frames
+        piled up unread, 50 a second of it, and stayed resident with the session's reference
+        cycles until a full garbage collection (tests/test_memory.py; docs/benchmarks.md,
+        "Memory"). Stopping the transceiver (idempotent; the close stops it again) stops the
+        decoder thread and drops the caller's RTP; the events channel stays open."""
+        if self.transceiver is not None:
+            with contextlib.suppress(Exception):
+                await self.transceiver.stop()
 
     def _pump_done(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:

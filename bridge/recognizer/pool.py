@@ -149,6 +149,7 @@ class RecognizerPool:
         self.engines: list[Engine] = []
         # (done, wait + decode, decode, audio) of recent finals; bounded so a busy pool cannot grow it
         self._recent_finals: deque[tuple[float, float, float, float]] = deque(maxlen=4096)
+        self.reloads = 0  # contexts reloaded by release_scratch
         self.calibrated_speed: float | None = None  # decode s per audio s of the calibration clip
         self._speed: float | None = None  # the latest figure: finals over a window, else calibration
         self._started_at = time.monotonic()
@@ -162,8 +163,8 @@ class RecognizerPool:
         if rates != {SAMPLE_RATE}:
             raise ValueError(f"engine {self.engine!r} decodes at {sorted(rates)} Hz; legs feed {SAMPLE_RATE} Hz")
         self._calibrate()
-        for i, eng in enumerate(self.engines):
-            t = threading.Thread(target=self._worker, args=(eng,), name=f"whisper-{i}", daemon=True)
+        for i in range(self.size):
+            t = threading.Thread(target=self._worker, args=(i,), name=f"whisper-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         log.info("recognizer_pool_started", engine=self.engine, size=self.size, threads=self.threads, model=self.model_path)
@@ -316,13 +317,30 @@ class RecognizerPool:
                     return None
                 self._cv.wait()
 
-    def _worker(self, engine: Engine) -> None:
+    def release_scratch(self) -> int:
+        """Reload every engine that holds memory its past decodes left (`Engine.holds_scratch`:
+        whisper.cpp keeps its largest decode's buffers); returns how many. Blocking (a model load
+        each): run it in a thread when idle. A replaced engine serves decodes until the new one is
+        in place and is freed after its last one."""
+        reloaded = 0
+        for i in range(len(self.engines)):
+            if self._closed or not self.engines[i].holds_scratch():
+                continue
+            fresh = self._factory()
+            with self._cv:
+                old, self.engines[i] = self.engines[i], fresh
+            del old
+            reloaded += 1
+        self.reloads += reloaded
+        return reloaded
+
+    def _worker(self, i: int) -> None:
         while True:
             job = self._next_job()
             if job is None:
                 return
             try:
-                hyp = engine.decode(job.audio, job.opts)
+                hyp = self.engines[i].decode(job.audio, job.opts)  # per job: release_scratch may replace it
             except BaseException as e:  # noqa: BLE001 - delivered to the awaiting leg
                 _deliver(job, _fail, e)
             else:

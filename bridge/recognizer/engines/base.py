@@ -74,6 +74,11 @@ class Engine(Protocol):
         """Decode mono audio (float32 in [-1, 1] or int16) at `sample_rate`."""
         ...
 
+    def holds_scratch(self) -> bool:
+        """Past decodes left memory resident that a fresh load of the model would not hold: the
+        pool reloads such an engine when the service is idle (RecognizerPool.release_scratch)."""
+        ...
+
 
 class EngineLoader(Protocol):
     """A registry entry: load an engine for a model file, decoding with `threads` CPU threads."""

@@ -34,6 +34,14 @@ NAME = "whisper.cpp"
 MEL_FRAMES_PER_S = 50  # encoder positions per second of audio (whisper: 1500 per 30 s)
 MAX_AUDIO_S = 30.0
 PARTIAL_CTX_MARGIN = 64  # encoder positions past the audio (0.02 s each): speed for partials,
+# A context allocates its buffers for the full 30 s window when it loads, and keeps resident what
+# its largest decode touched (tiny.en: 91 MB after 2 s decodes, 109 MB after 10 s, 191 MB after a
+# full window; python -m bench.memory --context). A context whose largest decode since it loaded
+# went past this many encoder positions (10 s) asks to be reloaded when the service goes idle
+# (`holds_scratch`; RecognizerPool.release_scratch), so each retry over the full window does not
+# keep ~100 MB for good. The binding has no call that frees only those buffers.
+RELOAD_ABOVE_CTX = 564
+FULL_CTX = 1500  # encoder positions of whisper's 30 s window
 FINAL_CTX_MARGIN = 256  # accuracy for finals (36 clips: 17.7 % WER at 64, 10.8 % at 256, 9.4 % at 1500)
 
 
@@ -167,6 +175,7 @@ class WhisperEngine:
         self.multilingual = bool(pw.whisper_is_multilingual(self._ctx))
         self.eot = pw.whisper_token_eot(self._ctx)
         self._lock = threading.Lock()
+        self.peak_ctx = 0  # the largest encoder context a decode used since this context loaded
         p = self._params
         p.no_context = True
         p.suppress_blank = True
@@ -221,14 +230,20 @@ class WhisperEngine:
             # clip. We detect loops ourselves and retry once over the full window instead.
             p.temperature_inc = 0.0
             detect = lang == "auto"  # (not read back from p: it returns "auto" as "")
+            used = p.audio_ctx or FULL_CTX
             hyp = self._run(audio, audio_s, detect)
             if (hyp.looped or hyp.n_tokens > implausible_tokens(audio_s)) and p.audio_ctx:
                 p.audio_ctx = 0
                 retry = self._run(audio, audio_s, detect)
                 retry.decode_s += hyp.decode_s
                 retry.retried = True
-                hyp = retry
+                hyp, used = retry, FULL_CTX
+            self.peak_ctx = max(self.peak_ctx, used)
             return hyp
+
+    def holds_scratch(self) -> bool:
+        """A decode past 10 s of context left buffers resident that only a reload gives back."""
+        return self.peak_ctx > RELOAD_ABOVE_CTX
 
     def _run(self, audio: np.ndarray, audio_s: float, detect: bool) -> WhisperHypothesis:
         t0 = time.perf_counter()
