@@ -158,6 +158,7 @@ async def offer_phase(calls: list[Call], wav_dir: Path, data_dir: Path, override
         res = json.loads((wav_dir / "offer.json").read_text())
         h = svc.admission.headroom()
         cap, pool = h.legs_capacity, svc.pool.size
+        in_pool = svc.pool.final_timing(3600.0)  # every final of the run: time in the pool (queue + decode)
         how = (f"{h.cap_source}: {h.legs_per_context} per context at {h.decode_s_per_audio_s:.3f} decode s per "
                f"audio s ({h.speed_source}; calibration {svc.pool.calibrated_speed:.3f})"
                if h.decode_s_per_audio_s is not None else h.cap_source)
@@ -177,12 +178,15 @@ async def offer_phase(calls: list[Call], wav_dir: Path, data_dir: Path, override
             lats += latencies(c, [(t, ev) for t, ev in r["finals"]], r["t0"])
     return {"admitted": admitted, "refused": refused, "completed": completed, "lat50": pct(lats, 50),
             "lat95": pct(lats, 95), "finals": len(lats), "reasons": reasons, "failures": failures, "cap": cap,
-            "pool": pool, "how": how}
+            "pool": pool, "how": how, "in_pool95": in_pool.latency_p95_s, "bound": h.max_final_latency_s}
 
 
 async def admission_bench(args: argparse.Namespace) -> None:
     calls = standard_calls(args.offer, args.seconds)
     on = {k: v for k, v in (("capacity.max_legs", str(args.max_legs) if args.max_legs else ""),) if v}
+    for kv in args.set:  # e.g. capacity.final_share=0.3
+        key, _, value = kv.partition("=")
+        on[key.strip()] = value.strip()
     runs = []
     with tempfile.TemporaryDirectory(prefix="cb-capbench-") as tmp:
         wav_dir = Path(tmp)
@@ -191,7 +195,8 @@ async def admission_bench(args: argparse.Namespace) -> None:
         if args.baseline_legs:  # what a leg gets on this box right now without contention: the latency to keep
             runs.append((f"baseline: {args.baseline_legs} offered alone (defaults)",
                          await offer_phase(calls[:args.baseline_legs], wav_dir, wav_dir / "data-base", on)))
-        runs.append(("admission on (defaults" + (f", max_legs {args.max_legs}" if args.max_legs else "") + ")",
+        runs.append(("admission on (defaults" + (f", max_legs {args.max_legs}" if args.max_legs else "")
+                     + "".join(f", {kv}" for kv in args.set) + ")",
                      await offer_phase(calls, wav_dir, wav_dir / "data-on", on)))
         if args.compare:
             runs.append(("admission off (no leg cap, no latency bound)",
@@ -200,7 +205,9 @@ async def admission_bench(args: argparse.Namespace) -> None:
     for name, r in runs:
         rows.append([name, str(r["admitted"] + r["refused"] + len(r["failures"])), str(r["admitted"]), str(r["refused"]), f"{r['completed']}/{r['admitted']}",
                      f"{r['lat50']:.2f}", f"{r['lat95']:.2f}", str(r["finals"])])
-        notes.append(f"{name}: leg capacity {r['cap']} ({r['how']}); refusals by reason {r['reasons'] or 'none'}"
+        in_pool = f"{r['in_pool95']:.2f}" if r["in_pool95"] is not None else "-"
+        notes.append(f"{name}: leg capacity {r['cap']} ({r['how']}); finals' time in the decode pool p95 {in_pool} s "
+                     f"(capacity.max_final_latency_s {r['bound']:g}); refusals by reason {r['reasons'] or 'none'}"
                      + (f"; caller failures {r['failures']}" if r["failures"] else ""))
     emit_table(
         "capacity_admission",
@@ -222,6 +229,8 @@ def main(argv=None) -> None:
                     help="end the sweep at the first count whose final p95 is over 2 s")
     ap.add_argument("--offer", type=int, default=32, help="sessions offered to the real service; 0 skips")
     ap.add_argument("--max-legs", type=int, default=0, help="capacity.max_legs for the admission run (0: default)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for the admission-on runs (repeatable), e.g. capacity.final_share=0.3")
     ap.add_argument("--baseline-legs", type=int, default=1,
                     help="first offer this many alone: the latency admitted legs should keep (0 skips)")
     ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,

@@ -21,10 +21,12 @@ pool times a calibration clip on every context at start and then measures its fi
 seconds per second of final audio over `window_s`: bridge/recognizer/pool.py). A live leg
 needs about `speech_share` seconds of audio decoded as finals per second, so one context can
 carry `final_share / (speed x speech_share)` legs while spending `final_share` of its time on
-finals; the rest absorbs partials and the burstiness of finals (sentences end together). At
-0.075 decode s per audio s (the reference machine's fast day) that is 2 x 8 legs, the count
-`python -m bench.capacity` measured on time there; at 0.18 (the same box when shared) 2 x 3.
-A slower or busier box thus admits fewer legs, and the cap follows it while calls run.
+finals; the rest absorbs partials, the event loop's and the callers' share of the CPU, and the
+burstiness of finals (sentences end together). The default 0.3 is what kept the finals' time in
+the pool at the 1.2 s bound in `python -m bench.capacity --offer 32` on the 2-core reference
+machine (0.15 decode s per audio s: 2 legs per context; docs/benchmarks.md, "Admission"); at
+0.075, that machine on a fast day, it is 5. A slower or busier box thus admits fewer legs, and
+the cap follows it while calls run.
 
 Finals are the load that cannot be shed (partials are superseded or dropped under load), so
 they are what is measured. A refusal names its reason and carries `retry_after_s`; each

@@ -120,7 +120,7 @@ class CapacityConfig:
     max_legs: int = _f(0, "live legs admitted at once; 0 = model.pool_size x legs_per_context", min=0)
     legs_per_context: int = _f(0, "legs one decode context keeps on time; 0 = from the measured decode speed: "
                                   "final_share / (decode s per audio s x speech_share)", min=0)
-    final_share: float = _f(0.5, "share of each decode context's time planned for finals (the rest absorbs "
+    final_share: float = _f(0.3, "share of each decode context's time planned for finals (the rest absorbs "
                                  "partials and bursts); sizes the leg cap when legs_per_context is 0", gt=0, max=1)
     speech_share: float = _f(0.8, "seconds of final audio a live leg needs decoded per second: its speech "
                                   "plus the silence kept around it (dense speech ~0.8, a two-party call leg ~0.4)",
