@@ -38,7 +38,7 @@ VAD_KINDS = ("silero", "webrtc", "energy")  # bridge.recognizer.vad.VAD_KINDS (n
 ENGINES = ("whisper.cpp",)  # bridge.recognizer.engines.ENGINES (not imported: numpy)
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-STORE_SCHEMES = ("sqlite",)  # bridge.stores.registry.BACKENDS (not imported: config is the base layer)
+STORE_SCHEMES = ("sqlite", "postgresql", "postgres")  # bridge.stores.registry.BACKENDS (not imported: config is the base layer)
 
 
 class ConfigError(ValueError):

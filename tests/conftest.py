@@ -38,3 +38,17 @@ async def server(tmp_path, pool):
     srv = await start_server(tmp_path / "data", pool)
     yield srv
     await srv.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 15 on loopback for the whole session (tests/pg.py); fails, never skips,
+    when the server binaries are missing."""
+    from tests.pg import PgServer
+
+    srv = PgServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()

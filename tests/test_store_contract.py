@@ -45,19 +45,25 @@ from bridge.webhooks.model import DeliveryStatus, Endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# scheme -> a fresh, empty database for one test
-BACKEND_URLS: dict[str, Callable[[Path], str]] = {
-    "sqlite": lambda tmp: f"sqlite://{tmp / 'contract.db'}",
+# scheme -> a fresh, empty database for one test (from its tmp_path, or a fixture it asks for)
+BACKEND_URLS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "sqlite": lambda request, tmp: f"sqlite://{tmp / 'contract.db'}",
+    # a real PostgreSQL 15 server for the session (tests/pg.py), a new database per test
+    "postgresql": lambda request, tmp: request.getfixturevalue("pg_server").new_database(),
 }
 
 
 def test_every_registered_backend_runs_the_contract() -> None:
-    assert set(BACKEND_URLS) == set(BACKENDS), "add the new backend's test URL to BACKEND_URLS"
+    """Every backend (an opener; one may serve several schemes, as postgresql:// and postgres://)
+    runs the contract through at least one URL."""
+    assert set(BACKEND_URLS) <= set(BACKENDS)
+    assert {BACKENDS[s] for s in BACKEND_URLS} == set(BACKENDS.values()), \
+        "add the new backend's test URL to BACKEND_URLS"
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted(BACKEND_URLS))
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return BACKEND_URLS[request.param](tmp_path)
+    return BACKEND_URLS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -431,8 +437,8 @@ async def test_outbox_chains_attempts_redelivery_and_pruning(stores: Stores) -> 
 
 
 async def test_unknown_scheme_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown scheme 'postgres'; known: sqlite"):
-        await open_stores("postgres://callbridge@db.example/callbridge")
+    with pytest.raises(ConfigError, match=r"unknown scheme 'mysql'; known: postgres, postgresql, sqlite"):
+        await open_stores("mysql://callbridge@db.example/callbridge")
     with pytest.raises(ConfigError, match="SCHEME://"):
         await open_stores("callbridge.db")
     with pytest.raises(ConfigError, match="must name a database file"):
@@ -442,7 +448,7 @@ async def test_unknown_scheme_is_refused_with_the_known_ones() -> None:
 def test_unknown_scheme_is_a_config_error_naming_its_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(env={"CALLBRIDGE_STORAGE_URL": "mongodb://db.example/x"}, config_file=None)
-    assert str(e.value) == ("storage.url has unknown scheme 'mongodb'; known: sqlite "
+    assert str(e.value) == ("storage.url has unknown scheme 'mongodb'; known: sqlite, postgresql, postgres "
                             "(from environment variable CALLBRIDGE_STORAGE_URL)")
     toml = tmp_path / "cb.toml"
     toml.write_text('[storage]\nurl = "no-scheme-here"\n')
@@ -458,7 +464,8 @@ def test_cli_refuses_an_unknown_scheme_in_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "bridge", "keys", "list", "--data-dir", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == ("callbridge: error: storage.url has unknown scheme 'redis'; known: sqlite "
+    assert r.stderr.strip() == ("callbridge: error: storage.url has unknown scheme 'redis'; known: sqlite, postgresql, "
+                                "postgres "
                                 "(from environment variable CALLBRIDGE_STORAGE_URL)")
 
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from bridge.config import Config, ConfigError
-from bridge.stores import sqlite
+from bridge.stores import postgres, sqlite
 from bridge.stores.backend import Opener, Stores
 
 __all__ = ["BACKENDS", "DB_NAME", "open_stores", "scheme_of", "store_url"]
@@ -20,6 +20,7 @@ DB_NAME = "callbridge.db"  # the default database file in data_dir
 
 BACKENDS: dict[str, Opener] = {
     sqlite.SCHEME: sqlite.open_stores,
+    **{scheme: postgres.open_stores for scheme in postgres.SCHEMES},
 }
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

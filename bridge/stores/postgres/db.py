@@ -1,0 +1,91 @@
+"""Opening a PostgreSQL database: the shared connection pool, the schema, and the errors.
+
+Each store method takes a connection from one pool and runs as one transaction on it
+(`Pool.tx`), so a method's check and write never interleave with another connection's, in this
+process or another node: the rows that decide (a key, a token) are locked with
+SELECT ... FOR UPDATE or changed by one conditional UPDATE.
+
+The schema is created at open (`create=True`) with CREATE ... IF NOT EXISTS under an advisory
+lock (two nodes starting at once), and `schema_version` records version 1: a versioned
+migration system starts from there.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
+from bridge.stores.postgres.jobs import SCHEMA as JOBS_SCHEMA
+from bridge.stores.postgres.jobs import PgJobStore
+from bridge.stores.postgres.keys import SCHEMA as KEYS_SCHEMA
+from bridge.stores.postgres.keys import PgKeyStore
+from bridge.stores.postgres.pool import Pool
+from bridge.stores.postgres.webhooks import SCHEMA as WEBHOOKS_SCHEMA
+from bridge.stores.postgres.webhooks import PgWebhookStore
+
+__all__ = ["POOL_MAX_SIZE", "SCHEMA_VERSION", "open_stores", "where_of"]
+
+SCHEMA_VERSION = 1
+POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the three stores
+CONNECT_TIMEOUT_S = 10
+
+_VERSION_SCHEMA = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+_SCHEMA_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one node creates the schema at a time
+
+
+def where_of(url: str) -> str:
+    """host:port/dbname for messages: never the password."""
+    try:
+        p = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the postgresql URL"
+    return f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', p.get('user', ''))}"
+
+
+async def _probe(url: str, where: str, create: bool) -> None:
+    """One direct connection first, so a wrong URL is one clear error now rather than a pool
+    retrying in the background; and, with create=False, the schema must already be there."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+    except psycopg.OperationalError as e:
+        if not create and "does not exist" in str(e):
+            raise StoreNotFound(where) from e
+        raise StoreUnavailable(where, str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)) from e
+    async with conn:
+        if create:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA):
+                    for stmt in schema.split(";"):
+                        if stmt.strip():
+                            await conn.execute(stmt)
+                cur = await conn.execute("SELECT version FROM schema_version")
+                row = await cur.fetchone()
+                if row is None:
+                    await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+                elif row[0] > SCHEMA_VERSION:
+                    raise StoreUnavailable(where, f"database schema v{row[0]} is newer than this code "
+                                                  f"(v{SCHEMA_VERSION})")
+        else:
+            cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise StoreNotFound(where)
+
+
+async def open_stores(url: str, *, create: bool = True) -> Stores:
+    where = where_of(url)
+    await _probe(url, where, create)
+    pool = AsyncConnectionPool(url, min_size=1, max_size=POOL_MAX_SIZE, open=False, name=where,
+                               kwargs={"autocommit": True, "row_factory": dict_row,
+                                       "connect_timeout": CONNECT_TIMEOUT_S})
+    try:
+        await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
+    except Exception as e:
+        await pool.close()
+        raise StoreUnavailable(where, str(e)) from e
+    shared = Pool(pool, users=3)
+    return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared))
