@@ -17,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from bridge.config import ConfigError
 from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
 from bridge.stores.postgres.jobs import SCHEMA as JOBS_SCHEMA
 from bridge.stores.postgres.jobs import PgJobStore
@@ -37,12 +38,18 @@ _SCHEMA_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one node creates the sch
 
 
 def where_of(url: str) -> str:
-    """host:port/dbname for messages: never the password."""
+    """host:port/dbname for messages: never the password. A URL libpq cannot parse is a
+    configuration error, as an unknown scheme is."""
     try:
         p = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "the postgresql URL"
+    except psycopg.ProgrammingError as e:
+        raise ConfigError(f"storage.url is not a valid PostgreSQL URL: {e}") from None
     return f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', p.get('user', ''))}"
+
+
+def _reason(e: Exception) -> str:
+    """The driver's message without libpq's indented hint lines."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line and not line[0].isspace()) or repr(e)
 
 
 async def _probe(url: str, where: str, create: bool) -> None:
@@ -53,7 +60,7 @@ async def _probe(url: str, where: str, create: bool) -> None:
     except psycopg.OperationalError as e:
         if not create and "does not exist" in str(e):
             raise StoreNotFound(where) from e
-        raise StoreUnavailable(where, str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)) from e
+        raise StoreUnavailable(where, _reason(e)) from e
     async with conn:
         if create:
             async with conn.transaction():
@@ -86,6 +93,6 @@ async def open_stores(url: str, *, create: bool = True) -> Stores:
         await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     except Exception as e:
         await pool.close()
-        raise StoreUnavailable(where, str(e)) from e
+        raise StoreUnavailable(where, _reason(e)) from e
     shared = Pool(pool, users=3)
     return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared))
