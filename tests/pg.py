@@ -1,4 +1,4 @@
-"""A real PostgreSQL server for tests: Debian's PostgreSQL 15 (`initdb` + `pg_ctl`) in a temporary
+"""A real PostgreSQL server for tests: Debian's PostgreSQL (15 on bookworm) (`initdb` + `pg_ctl`) in a temporary
 directory, on a free loopback port, trust auth on 127.0.0.1 only, one fresh database per caller.
 
 PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user (the
@@ -22,7 +22,17 @@ import psycopg
 
 __all__ = ["PG_BIN", "PgServer"]
 
-PG_BIN = Path(os.environ.get("CALLBRIDGE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """CALLBRIDGE_TEST_PG_BIN, else the newest Debian server install (15 on bookworm)."""
+    if os.environ.get("CALLBRIDGE_TEST_PG_BIN"):
+        return Path(os.environ["CALLBRIDGE_TEST_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 START_TIMEOUT_S = 60.0
 
 

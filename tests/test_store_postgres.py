@@ -80,6 +80,11 @@ async def test_the_schema_starts_at_version_1(pg_url: str) -> None:
     async with await psycopg.AsyncConnection.connect(pg_url) as conn:
         rows = await (await conn.execute("SELECT version FROM schema_version")).fetchall()
     assert rows == [(1,)]
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await conn.execute("UPDATE schema_version SET version = 2")  # as a later release would leave it
+    for create in (True, False):
+        with pytest.raises(StoreUnavailable, match=r"database schema v2 is newer than this code \(v1\)"):
+            await open_stores(pg_url, create=create)
 
 
 async def test_missing_or_unreachable_database_is_reported_not_created(pg_server: pg.PgServer,

@@ -61,26 +61,23 @@ async def _probe(url: str, where: str, create: bool) -> None:
         if not create and "does not exist" in str(e):
             raise StoreNotFound(where) from e
         raise StoreUnavailable(where, _reason(e)) from e
-    async with conn:
+    async with conn, conn.transaction():
         if create:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA):
-                    for stmt in schema.split(";"):
-                        if stmt.strip():
-                            await conn.execute(stmt)
-                cur = await conn.execute("SELECT version FROM schema_version")
-                row = await cur.fetchone()
-                if row is None:
-                    await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
-                elif row[0] > SCHEMA_VERSION:
-                    raise StoreUnavailable(where, f"database schema v{row[0]} is newer than this code "
-                                                  f"(v{SCHEMA_VERSION})")
-        else:
-            cur = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
-            row = await cur.fetchone()
-            if not row or not row[0]:
-                raise StoreNotFound(where)
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        if (await (await conn.execute("SELECT to_regclass('schema_version')")).fetchone())[0] is not None:
+            row = await (await conn.execute("SELECT MAX(version) FROM schema_version")).fetchone()
+            if row[0] is not None and row[0] > SCHEMA_VERSION:  # checked before touching any table
+                raise StoreUnavailable(where, f"database schema v{row[0]} is newer than this code "
+                                              f"(v{SCHEMA_VERSION})")
+        elif not create:
+            raise StoreNotFound(where)
+        if create:
+            for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA):
+                for stmt in schema.split(";"):
+                    if stmt.strip():
+                        await conn.execute(stmt)
+            if await (await conn.execute("SELECT 1 FROM schema_version")).fetchone() is None:
+                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
 
 
 async def open_stores(url: str, *, create: bool = True) -> Stores:
