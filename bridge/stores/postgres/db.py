@@ -1,9 +1,9 @@
-"""Opening a PostgreSQL database: the shared connection pool, the schema, and the errors.
+"""Opening a PostgreSQL database: one connection pool for the three stores (pool.py), the schema,
+and the errors.
 
-Each store method takes a connection from one pool and runs as one transaction on it
-(`Pool.tx`), so a method's check and write never interleave with another connection's, in this
-process or another node: the rows that decide (a key, a token) are locked with
-SELECT ... FOR UPDATE or changed by one conditional UPDATE.
+Each store method runs as one transaction on a pooled connection, so its check and write never
+interleave with another connection's, in this process or another node: the rows that decide (a
+key, a token) are locked with SELECT ... FOR UPDATE, a reservation is taken by DELETE ... RETURNING.
 
 The schema is created at open (`create=True`) with CREATE ... IF NOT EXISTS under an advisory
 lock (two nodes starting at once), and `schema_version` records version 1: a versioned
