@@ -13,7 +13,14 @@ import psycopg
 import pytest
 
 from bridge.config import ConfigError
-from bridge.stores import InsufficientCredits, StoreNotFound, StoreUnavailable, TokenRefused, open_stores
+from bridge.stores import (
+    InsufficientCredits,
+    StoreNotFound,
+    Stores,
+    StoreUnavailable,
+    TokenRefused,
+    open_stores,
+)
 from tests import pg
 
 
@@ -24,7 +31,13 @@ def pg_url(pg_server: pg.PgServer) -> str:
 
 async def test_two_nodes_reserving_against_one_balance_never_overspend(pg_url: str) -> None:
     # Both nodes start at once on an empty database: the schema is created once, not raced.
-    a, b = await asyncio.gather(open_stores(pg_url), open_stores(pg_url))
+    opened = await asyncio.gather(open_stores(pg_url), open_stores(pg_url), return_exceptions=True)
+    errors = [o for o in opened if not isinstance(o, Stores)]
+    for o in opened:
+        if errors and isinstance(o, Stores):
+            await o.close()  # a failed start must fail the test, not leave a pool running
+    assert errors == []
+    a, b = opened
     try:
         key, _ = await a.keys.create_key(credits=1000)
         results = await asyncio.gather(*((a if i % 2 else b).keys.reserve(key.id, f"job_{i}", 30)
