@@ -1,12 +1,14 @@
 """The job store's interface: jobs (one per call or stream) and their transcript segments.
 
-Async, so a PostgreSQL backend can run on the event loop (asyncpg) while the embedded SQLite one
+Async, so a PostgreSQL backend can run on the event loop (an async driver) while the embedded SQLite one
 runs its blocking driver in worker threads (bridge/stores/sqlite/threaded.py). Every method is
 one transaction: a backend must never let a caller see half of a write.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any, Protocol
 
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
@@ -59,3 +61,20 @@ class JobStore(Protocol):
         segments; returns their ids."""
 
     async def close(self) -> None: ...
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    """The opaque paging cursor every backend hands out (`list_jobs`): the last job's
+    (created_at, id), so pages are stable whichever node or backend serves the next one."""
+    raw = json.dumps([created_at, job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """`encode_cursor`'s inverse; ValueError("invalid cursor") for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return float(created_at), str(job_id)
+    except Exception as e:
+        raise ValueError("invalid cursor") from e

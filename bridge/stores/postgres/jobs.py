@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+from bridge.stores.jobs import decode_cursor, encode_cursor
 from bridge.stores.postgres.pool import Pool
-from bridge.stores.sqlite.jobs import _decode_cursor, _encode_cursor
 
 __all__ = ["SCHEMA", "PgJobStore"]
 
@@ -120,7 +120,7 @@ class PgJobStore:
             where.append("created_at >= %s")
             args.append(float(since))
         if cursor:
-            c_at, c_id = _decode_cursor(cursor)
+            c_at, c_id = decode_cursor(cursor)
             where.append("(created_at, id) < (%s, %s)")
             args += [c_at, c_id]
         sql = "SELECT * FROM jobs"
@@ -131,7 +131,7 @@ class PgJobStore:
         async with self._pool.tx() as db:
             rows = await (await db.execute(sql, args)).fetchall()
         jobs = [_row_job(r) for r in rows[:limit]]
-        nxt = _encode_cursor(jobs[-1].created_at, jobs[-1].id) if len(rows) > limit else None
+        nxt = encode_cursor(jobs[-1].created_at, jobs[-1].id) if len(rows) > limit else None
         return jobs, nxt
 
     async def add_segment(self, job_id: str, final: dict[str, Any]) -> Segment:

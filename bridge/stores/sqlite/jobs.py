@@ -6,7 +6,6 @@ so one connection is shared behind a lock.
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 import threading
@@ -16,6 +15,7 @@ from typing import Any
 
 from bridge.stores.sqlite.db import Tx, connect
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
+from bridge.stores.jobs import decode_cursor, encode_cursor
 
 __all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
 
@@ -63,20 +63,6 @@ CREATE INDEX IF NOT EXISTS segments_job_order ON segments (job_id, start, channe
 
 _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}
-
-
-def _encode_cursor(created_at: float, job_id: str) -> str:
-    raw = json.dumps([created_at, job_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, job_id = json.loads(raw)
-        return float(created_at), str(job_id)
-    except Exception as e:
-        raise ValueError("invalid cursor") from e
 
 
 def _row_job(r: sqlite3.Row) -> Job:
@@ -167,7 +153,7 @@ class SqliteJobStore:
             where.append("created_at >= ?")
             args.append(float(since))
         if cursor:
-            c_at, c_id = _decode_cursor(cursor)
+            c_at, c_id = decode_cursor(cursor)
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             args += [c_at, c_at, c_id]
         sql = "SELECT * FROM jobs"
@@ -178,7 +164,7 @@ class SqliteJobStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         jobs = [_row_job(r) for r in rows[:limit]]
-        nxt = _encode_cursor(jobs[-1].created_at, jobs[-1].id) if len(rows) > limit else None
+        nxt = encode_cursor(jobs[-1].created_at, jobs[-1].id) if len(rows) > limit else None
         return jobs, nxt
 
     def finish_job(self, job_id: str, status: JobStatus | str, duration_s: float,
