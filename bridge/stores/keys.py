@@ -25,9 +25,11 @@ __all__ = [
     "KeyNotFound",
     "KeyStore",
     "TokenRefused",
+    "credited_balance",
     "display_prefix",
     "hash_secret",
     "key_id_for",
+    "settle_orphans",
 ]
 
 KEY_PREFIX = "cbk_"  # API keys
@@ -105,6 +107,29 @@ def key_id_for(secret: str) -> str:
 def display_prefix(secret: str) -> str:
     """Long (generated) keys show "cbk_" plus 4 random characters; short config keys show less."""
     return secret[:8] if len(secret) >= 32 else secret[:4]
+
+
+def credited_balance(key_id: str, balance: int | None, amount: int) -> int:
+    """The balance after `add_credits(amount)` on a key holding `balance` (None: unlimited), the
+    rule every backend applies inside its transaction: crediting an unlimited key meters it at
+    `amount`; ValueError for a negative amount on an unlimited key or a balance going below 0."""
+    if balance is None:
+        if amount < 0:
+            raise ValueError(f"{key_id} has unlimited credits; a negative adjustment needs a balance")
+        return amount
+    new = balance + amount
+    if new < 0:
+        raise ValueError(f"{key_id} has {balance} credits; removing {-amount} would go below 0")
+    return new
+
+
+async def settle_orphans(store: "KeyStore", used_for: Callable[[str], Awaitable[int]]) -> int:
+    """`KeyStore.settle_orphans` from the store's own reservations and settle: each open
+    reservation is charged what `used_for(job_id)` says the job used."""
+    orphans = await store.open_reservations()
+    for job_id in orphans:
+        await store.settle(job_id, await used_for(job_id))
+    return len(orphans)
 
 
 class KeyStore(Protocol):

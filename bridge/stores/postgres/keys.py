@@ -24,6 +24,8 @@ from bridge.stores.keys import (
     InsufficientCredits,
     KeyNotFound,
     TokenRefused,
+    credited_balance,
+    settle_orphans,
     display_prefix,
     hash_secret,
     key_id_for,
@@ -139,15 +141,7 @@ class PgKeyStore:
                        ).fetchone()
             if r is None:
                 raise KeyNotFound(key_id)
-            balance = r["balance"]
-            if balance is None:
-                if amount < 0:
-                    raise ValueError(f"{key_id} has unlimited credits; a negative adjustment needs a balance")
-                new = amount
-            else:
-                new = balance + amount
-                if new < 0:
-                    raise ValueError(f"{key_id} has {balance} credits; removing {-amount} would go below 0")
+            new = credited_balance(key_id, r["balance"], amount)
             await db.execute("UPDATE api_keys SET balance = %s WHERE id = %s", (new, key_id))
         return new
 
@@ -247,10 +241,7 @@ class PgKeyStore:
         return {r["job_id"]: int(r["credits"]) for r in rows}
 
     async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]]) -> int:
-        orphans = await self.open_reservations()
-        for job_id in orphans:
-            await self.settle(job_id, await used_for(job_id))
-        return len(orphans)
+        return await settle_orphans(self, used_for)
 
     async def close(self) -> None:
         await self._pool.release()

@@ -18,6 +18,7 @@ from bridge.stores.keys import (
     InsufficientCredits,
     KeyNotFound,
     TokenRefused,
+    credited_balance,
     display_prefix,
     hash_secret,
     key_id_for,
@@ -165,15 +166,7 @@ class SqliteKeyStore:
             r = self._db.execute("SELECT balance FROM api_keys WHERE id = ?", (key_id,)).fetchone()
             if r is None:
                 raise KeyNotFound(key_id)
-            balance = r["balance"]
-            if balance is None:
-                if amount < 0:
-                    raise ValueError(f"{key_id} has unlimited credits; a negative adjustment needs a balance")
-                new = amount
-            else:
-                new = balance + amount
-                if new < 0:
-                    raise ValueError(f"{key_id} has {balance} credits; removing {-amount} would go below 0")
+            new = credited_balance(key_id, r["balance"], amount)
             self._db.execute("UPDATE api_keys SET balance = ? WHERE id = ?", (new, key_id))
         return new
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
-from bridge.stores.keys import ApiKey
+from bridge.stores.keys import ApiKey, settle_orphans
 from bridge.stores.sqlite.jobs import SqliteJobStore
 from bridge.stores.sqlite.keys import SqliteKeyStore
 from bridge.stores.sqlite.webhooks import SqliteWebhookStore
@@ -133,10 +133,7 @@ class ThreadedKeyStore:
         return await _run(self.blocking.open_reservations)
 
     async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]]) -> int:
-        orphans = await self.open_reservations()
-        for job_id in orphans:
-            await self.settle(job_id, await used_for(job_id))
-        return len(orphans)
+        return await settle_orphans(self, used_for)
 
     async def close(self) -> None:
         await _run(self.blocking.close)
