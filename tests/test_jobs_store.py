@@ -11,6 +11,7 @@ import pytest
 from bridge.events.types import Final, Word
 from bridge.jobs import Job, JobSource, JobStatus, new_job_id
 from bridge.stores.sqlite.jobs import SqliteJobStore
+from bridge.stores.sqlite.migrations import LATEST
 
 
 def final(text: str, start: float, end: float, channel: int = 0, speaker: str = "caller") -> dict:
@@ -207,4 +208,5 @@ def test_pragmas_and_schema(store):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-    assert db.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+    # the newest version comes first, as the release before migrations reads it (sqlite/migrations.py)
+    assert db.execute("SELECT version FROM schema_version").fetchone()[0] == LATEST

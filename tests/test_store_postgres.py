@@ -21,6 +21,7 @@ from bridge.stores import (
     TokenRefused,
     open_stores,
 )
+from bridge.stores.postgres.migrations import LATEST, MIGRATIONS
 from tests import pg
 
 
@@ -87,16 +88,17 @@ async def test_both_url_schemes_open_the_same_database(pg_url: str) -> None:
         await again.close()
 
 
-async def test_the_schema_starts_at_version_1(pg_url: str) -> None:
+async def test_the_schema_is_migrated_to_the_latest_version_once(pg_url: str) -> None:
     await (await open_stores(pg_url)).close()
     await (await open_stores(pg_url)).close()  # opening again adds nothing
     async with await psycopg.AsyncConnection.connect(pg_url) as conn:
-        rows = await (await conn.execute("SELECT version FROM schema_version")).fetchall()
-    assert rows == [(1,)]
+        rows = await (await conn.execute("SELECT version, name FROM schema_version ORDER BY version")).fetchall()
+    assert rows == [(m.version, m.name) for m in MIGRATIONS]
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
-        await conn.execute("UPDATE schema_version SET version = 2")  # as a later release would leave it
+        await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (LATEST + 1,))  # a later release
     for create in (True, False):
-        with pytest.raises(StoreUnavailable, match=r"database schema v2 is newer than this code \(v1\)"):
+        with pytest.raises(StoreUnavailable, match=rf"database schema v{LATEST + 1} is newer than this code "
+                                                   rf"\(v{LATEST}\)"):
             await open_stores(pg_url, create=create)
 
 

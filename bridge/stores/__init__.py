@@ -8,7 +8,8 @@ The interfaces (typing.Protocol, async) are in jobs.py, keys.py and webhooks.py;
 from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
 from bridge.stores.jobs import JobStore
 from bridge.stores.keys import ApiKey, InsufficientCredits, KeyNotFound, KeyStore, TokenRefused
-from bridge.stores.registry import BACKENDS, DB_NAME, open_stores, scheme_of, store_url
+from bridge.stores.migrations import Migration, SchemaOutdated, SchemaStatus, SchemaTooNew
+from bridge.stores.registry import BACKENDS, DB_NAME, migrate, open_stores, schema_status, scheme_of, store_url
 from bridge.stores.webhooks import NewDelivery, WebhookStore
 
 __all__ = [
@@ -19,13 +20,19 @@ __all__ = [
     "JobStore",
     "KeyNotFound",
     "KeyStore",
+    "Migration",
     "NewDelivery",
+    "SchemaOutdated",
+    "SchemaStatus",
+    "SchemaTooNew",
     "StoreNotFound",
     "StoreUnavailable",
     "Stores",
     "TokenRefused",
     "WebhookStore",
+    "migrate",
     "open_stores",
+    "schema_status",
     "scheme_of",
     "store_url",
 ]

@@ -1,8 +1,10 @@
 """What a storage backend provides: an opener that turns a URL into the three stores.
 
-A backend is one module (or package) with an `open_stores(url, *, create)` coroutine of the
-`Opener` shape, registered under its URL scheme in bridge/stores/registry.py. It owns every
-connection it makes; `Stores.close()` releases them.
+A backend is one module (or package), registered under its URL scheme in
+bridge/stores/registry.py, with three coroutines: `open_stores(url, *, create, migrate)` of the
+`Opener` shape (it applies the schema's migrations before the stores open), and, for
+`callbridge db`, `schema_status(url)` and `migrate(url)` (bridge/stores/migrations.py). It owns
+every connection it makes; `Stores.close()` releases them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Stores:
     jobs: JobStore
     keys: KeyStore
     webhooks: WebhookStore
+    migrated: tuple[tuple[int, str], ...] = ()  # (version, name) of the migrations this opening applied
 
     async def close(self) -> None:
         for store in (self.webhooks, self.keys, self.jobs):
@@ -49,5 +52,7 @@ class StoreUnavailable(Exception):
         self.reason = reason
 
 
-# (url, create) -> the opened stores. `create=False`: raise StoreNotFound rather than create.
+# (url, *, create, migrate) -> the opened stores, schema migrated. `create=False`: an empty
+# database is StoreNotFound; `migrate=False`: one behind this code is SchemaOutdated
+# (bridge/stores/migrations.py).
 Opener = Callable[..., Awaitable[Stores]]

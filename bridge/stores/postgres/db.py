@@ -1,16 +1,15 @@
-"""Opening a PostgreSQL database: one connection pool for the three stores (pool.py), the schema,
-and the errors.
+"""Opening a PostgreSQL database: the schema's migrations (migrations.py), then one connection pool
+for the three stores (pool.py), and the errors.
 
 Each store method runs as one transaction on a pooled connection, so its check and write never
 interleave with another connection's, in this process or another node: the rows that decide (a
 key, a token) are locked with SELECT ... FOR UPDATE, a reservation is taken by DELETE ... RETURNING.
-
-The schema is created at open (`create=True`) with CREATE ... IF NOT EXISTS under an advisory
-lock (two nodes starting at once), and `schema_version` records version 1: a versioned
-migration system starts from there.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -19,22 +18,18 @@ from psycopg_pool import AsyncConnectionPool
 
 from bridge.config import ConfigError
 from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
-from bridge.stores.postgres.jobs import SCHEMA as JOBS_SCHEMA
+from bridge.stores.migrations import Migration, SchemaStatus
+from bridge.stores.postgres import migrations
 from bridge.stores.postgres.jobs import PgJobStore
-from bridge.stores.postgres.keys import SCHEMA as KEYS_SCHEMA
 from bridge.stores.postgres.keys import PgKeyStore
 from bridge.stores.postgres.pool import Pool
-from bridge.stores.postgres.webhooks import SCHEMA as WEBHOOKS_SCHEMA
 from bridge.stores.postgres.webhooks import PgWebhookStore
 
-__all__ = ["POOL_MAX_SIZE", "SCHEMA_VERSION", "open_stores", "where_of"]
+__all__ = ["POOL_MAX_SIZE", "migrate", "open_stores", "schema_status", "where_of"]
 
-SCHEMA_VERSION = 1
 POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the three stores
 CONNECT_TIMEOUT_S = 10
-
-_VERSION_SCHEMA = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-_SCHEMA_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one node creates the schema at a time
+T = TypeVar("T")
 
 
 def where_of(url: str) -> str:
@@ -52,37 +47,38 @@ def _reason(e: Exception) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line and not line[0].isspace()) or repr(e)
 
 
-async def _probe(url: str, where: str, create: bool) -> None:
-    """One direct connection first, so a wrong URL is one clear error now rather than a pool
-    retrying in the background; and, with create=False, the schema must already be there."""
+async def _on_connection(url: str, where: str, action: Callable[[psycopg.AsyncConnection, str], Awaitable[T]],
+                         *, create: bool) -> T:
+    """`action(conn, where)` on one direct connection (autocommit, dict rows), closed after: a
+    wrong URL is one clear error now rather than a pool retrying in the background. A database
+    that does not exist is StoreNotFound when the caller may not create (the database itself is
+    the operator's to create, so with create=True it is StoreUnavailable naming it)."""
     try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True,
+                                                     row_factory=dict_row)
     except psycopg.OperationalError as e:
         if not create and "does not exist" in str(e):
             raise StoreNotFound(where) from e
         raise StoreUnavailable(where, _reason(e)) from e
-    async with conn, conn.transaction():
-        if create:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        if (await (await conn.execute("SELECT to_regclass('schema_version')")).fetchone())[0] is not None:
-            row = await (await conn.execute("SELECT MAX(version) FROM schema_version")).fetchone()
-            if row[0] is not None and row[0] > SCHEMA_VERSION:  # checked before touching any table
-                raise StoreUnavailable(where, f"database schema v{row[0]} is newer than this code "
-                                              f"(v{SCHEMA_VERSION})")
-        elif not create:
-            raise StoreNotFound(where)
-        if create:
-            for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA):
-                for stmt in schema.split(";"):
-                    if stmt.strip():
-                        await conn.execute(stmt)
-            if await (await conn.execute("SELECT 1 FROM schema_version")).fetchone() is None:
-                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+    async with conn:
+        try:
+            return await action(conn, where)
+        except psycopg.Error as e:  # e.g. a migration the database refuses: one line, nothing applied
+            raise StoreUnavailable(where, _reason(e)) from e
 
 
-async def open_stores(url: str, *, create: bool = True) -> Stores:
+async def schema_status(url: str) -> SchemaStatus:
+    return await _on_connection(url, where_of(url), migrations.status, create=False)
+
+
+async def migrate(url: str) -> list[Migration]:
+    return await _on_connection(url, where_of(url), migrations.apply, create=True)
+
+
+async def open_stores(url: str, *, create: bool = True, migrate: bool = True) -> Stores:
     where = where_of(url)
-    await _probe(url, where, create)
+    done = await _on_connection(url, where, lambda conn, w: migrations.apply(conn, w, create=create, migrate=migrate),
+                                create=create)
     pool = AsyncConnectionPool(url, min_size=1, max_size=POOL_MAX_SIZE, open=False, name=where,
                                kwargs={"autocommit": True, "row_factory": dict_row,
                                        "connect_timeout": CONNECT_TIMEOUT_S})
@@ -92,4 +88,5 @@ async def open_stores(url: str, *, create: bool = True) -> Stores:
         await pool.close()
         raise StoreUnavailable(where, _reason(e)) from e
     shared = Pool(pool, users=3)
-    return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared))
+    return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared),
+                  migrated=tuple((m.version, m.name) for m in done))

@@ -1,8 +1,5 @@
-"""Jobs and segments in PostgreSQL: bridge.stores.JobStore on the shared pool (pool.py).
-
-Tables mirror the SQLite ones (bridge/stores/sqlite/jobs.py); JSON columns stay TEXT so both
-backends round-trip them the same way, and text keys use the "C" collation so listings order and
-page exactly as SQLite's byte-wise comparison does, whatever the database's locale.
+"""Jobs and segments in PostgreSQL: bridge.stores.JobStore on the shared pool (pool.py). The
+tables are defined by the migrations (migrations.py).
 """
 
 from __future__ import annotations
@@ -15,46 +12,7 @@ from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.stores.jobs import decode_cursor, encode_cursor
 from bridge.stores.postgres.pool import Pool
 
-__all__ = ["SCHEMA", "PgJobStore"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT COLLATE "C" PRIMARY KEY,
-    owner TEXT COLLATE "C" NOT NULL,
-    status TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    ended_at DOUBLE PRECISION,
-    duration_s DOUBLE PRECISION NOT NULL DEFAULT 0,
-    config TEXT NOT NULL DEFAULT '{}',
-    speakers TEXT NOT NULL DEFAULT '[]',
-    metadata TEXT NOT NULL DEFAULT '{}',
-    audio_path TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-CREATE TABLE IF NOT EXISTS segments (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    job_id TEXT COLLATE "C" NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    channel INTEGER NOT NULL,
-    speaker TEXT NOT NULL,
-    start DOUBLE PRECISION NOT NULL,
-    "end" DOUBLE PRECISION NOT NULL,
-    text TEXT NOT NULL,
-    words TEXT NOT NULL DEFAULT '[]',
-    speech_final BOOLEAN NOT NULL,
-    language TEXT,
-    confidence DOUBLE PRECISION,
-    original_text TEXT,
-    original_speaker TEXT,
-    edited_at DOUBLE PRECISION,
-    UNIQUE (job_id, seq)
-);
-CREATE INDEX IF NOT EXISTS segments_job_order ON segments (job_id, start, channel, seq);
-"""
+__all__ = ["PgJobStore"]
 
 _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}

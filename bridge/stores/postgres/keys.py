@@ -1,5 +1,5 @@
 """API keys, temporary tokens and credit reservations in PostgreSQL: bridge.stores.KeyStore on the
-shared pool (pool.py). Tables mirror bridge/stores/sqlite/keys.py.
+shared pool (pool.py). The tables are defined by the migrations (migrations.py).
 
 The decisions hold across connections and nodes: `reserve` and `add_credits` lock the key row
 (SELECT ... FOR UPDATE) before reading the balance and open holds, so two reservations against one
@@ -32,34 +32,7 @@ from bridge.stores.keys import (
 )
 from bridge.stores.postgres.pool import Pool
 
-__all__ = ["SCHEMA", "PgKeyStore"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT COLLATE "C" PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    name TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    revoked_at DOUBLE PRECISION,
-    balance BIGINT
-);
-CREATE TABLE IF NOT EXISTS temp_tokens (
-    token_hash TEXT PRIMARY KEY,
-    key_id TEXT COLLATE "C" NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    expires_at DOUBLE PRECISION NOT NULL,
-    used_at DOUBLE PRECISION
-);
-CREATE INDEX IF NOT EXISTS temp_tokens_expires ON temp_tokens (expires_at);
-CREATE TABLE IF NOT EXISTS credit_reservations (
-    job_id TEXT COLLATE "C" PRIMARY KEY,
-    owner TEXT COLLATE "C" NOT NULL,
-    credits BIGINT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS credit_reservations_owner ON credit_reservations (owner);
-"""
+__all__ = ["PgKeyStore"]
 
 _KEY_COLUMNS = ("k.id, k.name, k.prefix, k.created_at, k.revoked_at, k.balance, "
                 "COALESCE((SELECT SUM(r.credits) FROM credit_reservations r WHERE r.owner = k.id), 0) AS reserved")

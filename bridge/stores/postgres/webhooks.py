@@ -1,6 +1,6 @@
 """Webhook endpoints and the delivery outbox in PostgreSQL: bridge.stores.WebhookStore on the
-shared pool (pool.py). Tables mirror bridge/stores/sqlite/webhooks.py; a delivery's id is an
-identity column, increasing in insertion order as chains require.
+shared pool (pool.py); the tables are defined by the migrations (migrations.py). A delivery's id
+is an identity column, increasing in insertion order as chains require.
 
 One dispatcher per database is assumed, as with SQLite: `chain_heads` does not claim rows yet
 (several nodes delivering from one outbox need row leases, FOR UPDATE SKIP LOCKED: a later step).
@@ -17,44 +17,7 @@ from bridge.stores.postgres.pool import Pool
 from bridge.stores.webhooks import NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
-__all__ = ["SCHEMA", "PgWebhookStore"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS webhook_endpoints (
-    id TEXT COLLATE "C" PRIMARY KEY,
-    owner TEXT COLLATE "C" NOT NULL,
-    url TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    events TEXT NOT NULL,
-    sources TEXT NOT NULL DEFAULT '[]',
-    description TEXT NOT NULL DEFAULT '',
-    enabled BOOLEAN NOT NULL DEFAULT TRUE,
-    managed_by TEXT NOT NULL DEFAULT 'api',
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_endpoints_owner ON webhook_endpoints (owner, created_at);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    endpoint_id TEXT COLLATE "C" NOT NULL REFERENCES webhook_endpoints(id) ON DELETE CASCADE,
-    job_id TEXT COLLATE "C" NOT NULL,
-    event_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    body TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at DOUBLE PRECISION NOT NULL,
-    next_attempt_at DOUBLE PRECISION NOT NULL,
-    last_attempt_at DOUBLE PRECISION,
-    last_status INTEGER,
-    last_error TEXT,
-    delivered_at DOUBLE PRECISION
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_chain ON webhook_deliveries (status, endpoint_id, job_id, id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, endpoint_id, id);
-"""
+__all__ = ["PgWebhookStore"]
 
 _UPDATABLE = {"url", "secret", "events", "sources", "description", "enabled"}
 

@@ -13,53 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bridge.stores.sqlite import migrations
 from bridge.stores.sqlite.db import Tx, connect
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.stores.jobs import decode_cursor, encode_cursor
 
-__all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
+__all__ = ["SqliteJobStore"]
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    status TEXT NOT NULL,
-    source TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    ended_at REAL,
-    duration_s REAL NOT NULL DEFAULT 0,
-    config TEXT NOT NULL DEFAULT '{}',
-    speakers TEXT NOT NULL DEFAULT '[]',
-    metadata TEXT NOT NULL DEFAULT '{}',
-    audio_path TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_owner_created ON jobs (owner, created_at DESC, id DESC);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
-CREATE TABLE IF NOT EXISTS segments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    channel INTEGER NOT NULL,
-    speaker TEXT NOT NULL,
-    start REAL NOT NULL,
-    "end" REAL NOT NULL,
-    text TEXT NOT NULL,
-    words TEXT NOT NULL DEFAULT '[]',
-    speech_final INTEGER NOT NULL,
-    language TEXT,
-    confidence REAL,
-    original_text TEXT,
-    original_speaker TEXT,
-    edited_at REAL,
-    UNIQUE (job_id, seq)
-);
-CREATE INDEX IF NOT EXISTS segments_job_order ON segments (job_id, start, channel, seq);
-"""
 
 _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}
@@ -90,25 +50,9 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         with self._lock:
-            self._migrate()
+            migrations.apply(self._db, self.path)  # the schema: bridge/stores/sqlite/migrations.py
 
     # -- internals -------------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            row = self._db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row["version"] > SCHEMA_VERSION:
-                raise RuntimeError(f"database schema v{row['version']} is newer than this code (v{SCHEMA_VERSION})")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _tx(self) -> Tx:
         return Tx(self._db)

@@ -23,36 +23,10 @@ from bridge.stores.keys import (
     hash_secret,
     key_id_for,
 )
+from bridge.stores.sqlite import migrations
 from bridge.stores.sqlite.db import Tx, connect
 
 __all__ = ["SqliteKeyStore"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    name TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    balance INTEGER
-);
-CREATE TABLE IF NOT EXISTS temp_tokens (
-    token_hash TEXT PRIMARY KEY,
-    key_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    used_at REAL
-);
-CREATE INDEX IF NOT EXISTS temp_tokens_expires ON temp_tokens (expires_at);
-CREATE TABLE IF NOT EXISTS credit_reservations (
-    job_id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    credits INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS credit_reservations_owner ON credit_reservations (owner);
-"""
 
 _KEY_COLUMNS = ("k.id, k.name, k.prefix, k.created_at, k.revoked_at, k.balance, "
                 "COALESCE((SELECT SUM(r.credits) FROM credit_reservations r WHERE r.owner = k.id), 0) AS reserved")
@@ -78,10 +52,7 @@ class SqliteKeyStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         with self._lock:
-            with Tx(self._db):
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
+            migrations.apply(self._db, self.path)  # the schema: bridge/stores/sqlite/migrations.py
 
     def close(self) -> None:
         with self._lock:

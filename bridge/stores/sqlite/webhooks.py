@@ -13,48 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bridge.stores.sqlite import migrations
 from bridge.stores.sqlite.db import Tx, connect
 from bridge.stores.webhooks import NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
 __all__ = ["SqliteWebhookStore"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS webhook_endpoints (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    url TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    events TEXT NOT NULL,
-    sources TEXT NOT NULL DEFAULT '[]',
-    description TEXT NOT NULL DEFAULT '',
-    enabled INTEGER NOT NULL DEFAULT 1,
-    managed_by TEXT NOT NULL DEFAULT 'api',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_endpoints_owner ON webhook_endpoints (owner, created_at);
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id) ON DELETE CASCADE,
-    job_id TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    body TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    last_attempt_at REAL,
-    last_status INTEGER,
-    last_error TEXT,
-    delivered_at REAL
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_chain ON webhook_deliveries (status, endpoint_id, job_id, id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, endpoint_id, id);
-"""
 
 def _row_endpoint(r: sqlite3.Row) -> Endpoint:
     return Endpoint(id=r["id"], owner=r["owner"], url=r["url"], secret=r["secret"],
@@ -75,10 +39,8 @@ class SqliteWebhookStore:
     def __init__(self, path: str | Path) -> None:
         self._lock = threading.Lock()
         self._db = connect(str(path))
-        with self._lock, Tx(self._db):
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
+        with self._lock:
+            migrations.apply(self._db, str(path))  # the schema: bridge/stores/sqlite/migrations.py
 
     # -- endpoints -------------------------------------------------------------------------
 
