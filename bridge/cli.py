@@ -2,7 +2,7 @@
 
 Each command group registers itself with a `add_<group>_parser(subparsers)` function listed in
 PARSER_BUILDERS and its handlers in DISPATCH (keyed by the dotted command path set with
-`set_defaults(command=...)`), so `serve`, `stream`, `jobs` and `keys` can be added without
+`set_defaults(command=...)`), so `serve`, `stream`, `jobs`, `keys` and `db` can be added without
 touching the others. Handlers take the parsed namespace and return an exit code.
 
 Exit codes: 0 ok, 1 the operation failed (e.g. a model did not verify), 2 bad input (unknown
@@ -130,12 +130,14 @@ def cmd_models_path(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- wiring
 
-from .commands import call as _call, jobs as _jobs, keys as _keys, serve as _serve, stream as _stream  # noqa: E402
+from .commands import call as _call, db as _db, jobs as _jobs, keys as _keys, serve as _serve  # noqa: E402
+from .commands import stream as _stream  # noqa: E402
 from .commands import webhooks as _webhooks, webrtc as _webrtc  # noqa: E402
 
 PARSER_BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _serve.add_serve_parser, _stream.add_stream_parser, _jobs.add_jobs_parser, _keys.add_keys_parser,
-    _call.add_call_parser, _webhooks.add_webhooks_parser, _webrtc.add_webrtc_parser, add_models_parser]
+    _call.add_call_parser, _webhooks.add_webhooks_parser, _webrtc.add_webrtc_parser, _db.add_db_parser,
+    add_models_parser]
 
 DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve.cmd_serve,
@@ -149,6 +151,7 @@ DISPATCH: dict[str, Callable[[argparse.Namespace], int]] = {
     **_keys.DISPATCH,
     **_call.DISPATCH,
     **_webrtc.DISPATCH,
+    **_db.DISPATCH,
 }
 
 

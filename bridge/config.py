@@ -7,8 +7,10 @@ The defaults live here, in code, so an installed service runs with no file at al
 Environment names: `CALLBRIDGE_<NAME>` for the `server` section (`CALLBRIDGE_HTTP_PORT`,
 `CALLBRIDGE_DATA_DIR`, `CALLBRIDGE_API_KEYS` comma-separated) and
 `CALLBRIDGE_<SECTION>_<NAME>` for the others (`CALLBRIDGE_LIMITS_IDLE_TIMEOUT_S`).
-`CALLBRIDGE_MODEL` is short for `CALLBRIDGE_MODEL_NAME` (it mirrors `--model`) and
-`CALLBRIDGE_CONFIG` names the file when `--config` is not given.
+`CALLBRIDGE_MODEL` is short for `CALLBRIDGE_MODEL_NAME` (it mirrors `--model`),
+`CALLBRIDGE_DATABASE_URL` for `CALLBRIDGE_STORAGE_URL` (it mirrors `--database-url`); when both
+names of one setting are set the full one wins. `CALLBRIDGE_CONFIG` names the file when
+`--config` is not given.
 
 Every value is type-checked and range-checked; a bad one raises `ConfigError` naming the key and
 where it came from (file path, environment variable or flag), because "invalid port" alone sends
@@ -70,8 +72,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    url: str = _f("", "database URL (sqlite:///PATH); empty: sqlite:///<data_dir>/callbridge.db",
-                  store_url=True)
+    url: str = _f("", "database URL (sqlite:///PATH, postgresql://...; --database-url, CALLBRIDGE_DATABASE_URL); "
+                      "empty: sqlite:///<data_dir>/callbridge.db", store_url=True)
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "sip_port": ("server", "sip_port"),
     "data_dir": ("server", "data_dir"),
     "model": ("model", "name"),
+    "database_url": ("storage", "url"),
+}
+# Short environment names (mirroring a flag), read before the full ones, which win: see the docstring.
+ENV_ALIASES: dict[str, tuple[str, str]] = {
+    ENV_PREFIX + "MODEL": ("model", "name"),
+    ENV_PREFIX + "DATABASE_URL": ("storage", "url"),
 }
 
 
@@ -464,9 +472,9 @@ def _from_file(path: Path, out: dict[str, dict[str, Any]]) -> None:
 
 def _from_env(env: Mapping[str, str], out: dict[str, dict[str, Any]]) -> None:
     # Unknown CALLBRIDGE_* variables are ignored: other tools may share the prefix.
-    alias = ENV_PREFIX + "MODEL"
-    if alias in env:
-        out["model"]["name"] = _convert("model", "name", env[alias], f"environment variable {alias}", True)
+    for alias, (section, key) in ENV_ALIASES.items():
+        if alias in env:
+            out[section][key] = _convert(section, key, env[alias], f"environment variable {alias}", True)
     for section in _SECTIONS:
         for key in _schema(section):
             var = env_name(section, key)
@@ -497,7 +505,7 @@ def load_config(
     """Build the `Config`: defaults < TOML file < environment < flags.
 
     `argv_overrides` maps flag dests (`host`, `http_port`, `sip_port`, `data_dir`, `model`,
-    `config`) or dotted keys (`limits.idle_timeout_s`) to values; None values are ignored so an
+    `database_url`, `config`) or dotted keys (`limits.idle_timeout_s`) to values; None values are ignored so an
     argparse namespace can be passed as is. `env` defaults to `os.environ`. The file is
     `config_file`, else the `config` override, else `CALLBRIDGE_CONFIG`, else the shipped
     `config/callbridge.toml` if it exists (an installed service may have none: defaults suffice).
@@ -525,6 +533,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sip-port", metavar="PORT", help="SIP port (default 5060)")
     parser.add_argument("--data-dir", metavar="DIR", help="data directory (default ./data)")
     parser.add_argument("--model", metavar="NAME_OR_PATH", help="model name or path (default tiny.en)")
+    parser.add_argument("--database-url", metavar="URL", help="storage.url: sqlite:///PATH or "
+                        "postgresql://USER@HOST/DB (default: data-dir/callbridge.db)")
 
 
 def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:

@@ -109,7 +109,9 @@ class Service:
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
-        self.stores = await open_stores(store_url(self.config))
+        self.stores = await open_stores(store_url(self.config))  # applies pending schema migrations
+        for version, name in self.stores.migrated:
+            log.info("schema_migrated", version=version, name=name)
         self.store, self.keys = self.stores.jobs, self.stores.keys
         self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live")
         if self.recovered_jobs:

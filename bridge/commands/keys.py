@@ -21,7 +21,8 @@ from typing import TypeVar
 from bridge.commands.output import table
 from bridge.config import ConfigError, add_config_flags, config_from_args
 from bridge.commands.usage import Parser as _Parser, UsageError
-from bridge.stores import ApiKey, KeyNotFound, KeyStore, StoreNotFound, StoreUnavailable, open_stores, store_url
+from bridge.stores import (ApiKey, KeyNotFound, KeyStore, SchemaOutdated, StoreNotFound, StoreUnavailable, open_stores,
+                           store_url)
 
 __all__ = ["DISPATCH", "add_keys_parser"]
 
@@ -79,7 +80,8 @@ def add_keys_parser(sub: argparse._SubParsersAction) -> None:
 def _run(ns: argparse.Namespace, action: Callable[[KeyStore], Awaitable[T]], *, create: bool = False) -> T:
     """Run `action` on the key store that `storage.url` names (the data dir's database by
     default), closing it after. Only `create` may start a new database: for the other commands
-    a missing one almost always means a wrong --data-dir."""
+    a missing one almost always means a wrong --data-dir. None migrates an existing database:
+    that is `serve`'s or `db migrate`'s (docs/storage.md, "Schema migrations")."""
     try:
         url = store_url(config_from_args(ns))
     except ConfigError as e:
@@ -87,9 +89,11 @@ def _run(ns: argparse.Namespace, action: Callable[[KeyStore], Awaitable[T]], *, 
 
     async def run() -> T:
         try:
-            stores = await open_stores(url, create=create)
+            stores = await open_stores(url, create=create, migrate=False)
         except ConfigError as e:
             raise _usage(str(e)) from None
+        except SchemaOutdated as e:
+            raise _usage(f"{e}: run `{PROG} db migrate` (or start `{PROG} serve`, which migrates)") from None
         except StoreNotFound as e:
             raise _usage(f"no database at {e.where}: check --data-dir "
                          f"(`{PROG} serve` or `{PROG} keys create` makes one)") from None
