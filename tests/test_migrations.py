@@ -106,7 +106,8 @@ def schema_shape(url: str) -> dict[str, Any]:
     shape = {}
     for table, *rest in cols:
         shape.setdefault(table, []).append(tuple(rest))
-    shape["indexes"] = dict(query(url, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"))
+    shape["indexes"] = dict(query(url, "SELECT indexname, indexdef FROM pg_indexes "
+                                       "WHERE schemaname = current_schema()"))
     return shape
 
 
@@ -216,7 +217,8 @@ async def test_a_previous_release_database_upgrades_with_its_data_intact(backend
                                                                                (2, "cluster", False)]
     # The previous release's own check (8497f87: SQLite reads the first row of schema_version,
     # PostgreSQL its MAX) now sees v2, so that release refuses the upgraded database.
-    old_check = "SELECT version FROM schema_version" if backend == "sqlite" else "SELECT MAX(version) FROM schema_version"
+    old_check = ("SELECT version FROM schema_version" if backend == "sqlite"
+                 else "SELECT MAX(version) FROM schema_version")
     assert query(v1_url, old_check)[0] == (LATEST,)
     # The same tables and indexes as a database created fresh by this code.
     fresh = _fresh_url(backend, request, tmp_path / "fresh")

@@ -50,7 +50,7 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         with self._lock:
-            migrations.apply(self._db, self.path)  # the schema: bridge/stores/sqlite/migrations.py
+            migrations.apply(self._db, self.path)  # opened alone it migrates; after open_stores: current
 
     # -- internals -------------------------------------------------------------------------
 

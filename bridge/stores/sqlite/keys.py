@@ -52,7 +52,7 @@ class SqliteKeyStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         with self._lock:
-            migrations.apply(self._db, self.path)  # the schema: bridge/stores/sqlite/migrations.py
+            migrations.apply(self._db, self.path)  # opened alone it migrates; after open_stores: current
 
     def close(self) -> None:
         with self._lock:

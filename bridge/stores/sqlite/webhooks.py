@@ -40,7 +40,7 @@ class SqliteWebhookStore:
         self._lock = threading.Lock()
         self._db = connect(str(path))
         with self._lock:
-            migrations.apply(self._db, str(path))  # the schema: bridge/stores/sqlite/migrations.py
+            migrations.apply(self._db, str(path))  # opened alone it migrates; after open_stores: current
 
     # -- endpoints -------------------------------------------------------------------------
 
