@@ -33,6 +33,7 @@ from bridge.jobs.model import JobStatus
 from bridge.stores import (
     SchemaOutdated,
     SchemaTooNew,
+    StoreNotFound,
     Stores,
     migrate,
     open_stores,
@@ -256,6 +257,18 @@ async def test_a_fresh_database_gets_every_migration_recorded(fresh_url: str) ->
     again = await open_stores(fresh_url, create=False, migrate=False)  # up to date: nothing to refuse
     await again.close()
     assert again.migrated == ()
+
+
+async def test_an_existing_database_without_the_schema_is_not_created_by_a_reader(fresh_url: str) -> None:
+    """An empty SQLite file, an empty PostgreSQL database: `keys list` (create=False) finds no
+    callbridge database there and creates nothing; `db status` reports version 0, all pending."""
+    if fresh_url.startswith("sqlite://"):
+        sqlite3.connect(path_of(fresh_url)).close()  # the file exists, empty
+    with pytest.raises(StoreNotFound):
+        await open_stores(fresh_url, create=False, migrate=False)
+    st = await schema_status(fresh_url)
+    assert (st.current, [m.name for m in st.pending]) == (0, ["initial", "cluster"])
+    assert schema_shape(fresh_url) == {"indexes": {}}
 
 
 def _all_read_before_any_locks(module: Any, monkeypatch: pytest.MonkeyPatch, openers: int,
