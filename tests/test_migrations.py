@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -44,8 +46,10 @@ from bridge.stores.postgres import migrations as pg_migrations
 from bridge.stores.sqlite import migrations as sqlite_migrations
 from bridge.stores.sqlite import path_of
 from tests import pg
+from tests.test_service_process import free_port
 
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 CONFIG_KEY = "cb-fixture-config-key-0123456789"  # tests/data/schema_v1_make.py
 V1_TABLES = {  # table -> its key, for comparing rows before and after
     "jobs": "id", "segments": "id", "api_keys": "id", "temp_tokens": "token_hash",
@@ -348,6 +352,20 @@ async def test_a_database_newer_than_the_code_is_refused_untouched(fresh_url: st
     assert rc == 0 and f"schema:   v{newer}, newer than this code (v{LATEST})" in out
     rc, _, err = await asyncio.to_thread(run, "db", "migrate")
     assert rc == 2 and "newer than this code" in err
+
+
+def test_serve_on_a_database_newer_than_the_code_says_so_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'newer.db'}"
+    asyncio.run(migrate(url))
+    query(url, f"INSERT INTO schema_version (rowid, version, name) VALUES ({-LATEST - 1}, {LATEST + 1}, 'later')")
+    env = {**os.environ, "CALLBRIDGE_SIP_ENABLED": "false", "CALLBRIDGE_API_KEYS": "cb-test-key-0123456789abcdef"}
+    r = subprocess.run([sys.executable, "-m", "bridge", "serve", "--database-url", url, "--data-dir",
+                        str(tmp_path / "data"), "--http-port", str(free_port())], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=str(ROOT))
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == (f"callbridge: error: cannot start: cannot open {tmp_path / 'newer.db'}: "
+                                         f"database schema v{LATEST + 1} is newer than this code (v{LATEST})"), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 async def test_an_opener_told_not_to_migrate_refuses_a_database_behind_the_code(v1_url: str) -> None:

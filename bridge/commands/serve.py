@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from bridge.config import Config, add_config_flags, config_from_args
+from bridge.stores import StoreUnavailable
 
 if TYPE_CHECKING:
     from bridge.service import Service
@@ -48,12 +49,15 @@ async def run_service(config: Config) -> int:
         print(f"callbridge: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if not svc.storage.caused(e):
-            raise
-        # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
-        print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
-              f"({_free(svc)} free); free space there and start again", file=sys.stderr)
-        return 1
+        if svc.storage.caused(e):
+            # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
+            print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
+                  f"({_free(svc)} free); free space there and start again", file=sys.stderr)
+            return 1
+        if isinstance(e, StoreUnavailable):  # e.g. a database schema newer than this code: one line
+            print(f"callbridge: error: cannot start: {e}", file=sys.stderr)
+            return 1
+        raise
     host, port = config.server.host, config.server.http_port
     try:
         await web.TCPSite(runner, host, port).start()
