@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -25,6 +24,7 @@ from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.leg import LegRecognizer, new_leg_recognizer
 from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig
+from bridge.recordings import Recordings
 from bridge.storage import StorageFull, StorageGuard, is_storage_full
 from bridge.stores import JobStore
 
@@ -67,7 +67,7 @@ class Call:
         bus: EventBus,
         pool: RecognizerPool,
         streamer_config: StreamerConfig,
-        recordings_dir: Path,
+        recordings: Recordings,
         credits_per_minute: float,
         usage_interval_s: float,
         storage: StorageGuard | None = None,
@@ -79,7 +79,7 @@ class Call:
         self.bus = bus
         self.pool = pool
         self.streamer_config = streamer_config
-        self.recordings_dir = Path(recordings_dir)
+        self.recordings = recordings
         self.credits_per_minute = credits_per_minute
         self.usage_interval_s = usage_interval_s
         self.storage = storage
@@ -111,8 +111,8 @@ class Call:
         """Create the job row and the recording, start one recognizer per leg."""
         loop = asyncio.get_running_loop()
         self.failure = loop.create_future()
-        self.recordings_dir.mkdir(parents=True, exist_ok=True)
-        path = self.recordings_dir / f"{self.job.id}.wav"
+        self.recordings.live_dir.mkdir(parents=True, exist_ok=True)
+        path = self.recordings.live_path(self.job.id)
         self.job.audio_path = str(path)
         self._recorder = WavRecorder(path, channels=self.channels)
         try:
@@ -318,11 +318,26 @@ class Call:
         self.job.error = error
         self.job.duration_s = self.streamed_seconds
         await self._save_ending(status, error)
+        await self._shelve_recording()
         self._publish(self.usage())
         self._publish(CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
         self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
                       finals=self.finals, error=(error or {}).get("code"))
         return self.job
+
+    async def _shelve_recording(self) -> None:
+        """Move the closed recording to the archive every node reads (bridge/recordings.py), after
+        the job is saved as ended (a failure here must not leave it live) and before `call_ended`
+        goes out (whoever fetches the audio on that event finds it in its final place)."""
+        shelved = await self.recordings.shelve(self.job.id, self.job.audio_path)
+        if shelved is None:
+            return
+        try:
+            await self.store.update_job(self.job.id, audio_path=shelved)
+        except Exception as e:  # noqa: BLE001 - the file is in the archive under the job's id either way
+            self.log.error("recording_path_not_saved", path=shelved, error=repr(e))
+            return
+        self.job.audio_path = shelved
 
     async def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
         """Mark the job ended; on a full disk free the emergency reserve and try once more, so the

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from pathlib import Path
 from typing import Any
 
 from bridge.admission import Admission, CapacityRefused, Reservation
@@ -28,6 +27,7 @@ from bridge.jobs.model import Job, JobSource, new_job_id
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.recognizer.streamer import StreamerConfig
+from bridge.recordings import Recordings
 from bridge.sessions.errors import ErrorCode, SessionError, failure_error, job_ending
 from bridge.storage import StorageGuard, is_storage_full
 from bridge.stores import InsufficientCredits, JobStore, KeyStore
@@ -90,7 +90,7 @@ class SessionGate:
 
     def __init__(self, config: Config, *, calls: CallRegistry, capacity: Admission, keys: KeyStore,
                  store: JobStore, bus: EventBus, pool: Any, storage: StorageGuard, metrics: Metrics,
-                 recordings_dir: Path) -> None:
+                 recordings: Recordings) -> None:
         self.config = config
         self.calls = calls
         self.capacity = capacity
@@ -100,7 +100,7 @@ class SessionGate:
         self.pool = pool
         self.storage = storage
         self.metrics = metrics
-        self.recordings_dir = recordings_dir
+        self.recordings = recordings
         self._tasks: set[asyncio.Task] = set()
 
     async def aclose(self) -> None:
@@ -184,7 +184,7 @@ class SessionGate:
         job = Job(id=ticket.job_id, owner=ticket.owner, source=ticket.source, config=config, speakers=list(speakers),
                   metadata=metadata)
         return Call(job, store=self.store, bus=self.bus, pool=self.pool, streamer_config=streamer,
-                    recordings_dir=self.recordings_dir, credits_per_minute=self.config.credits.per_minute,
+                    recordings=self.recordings, credits_per_minute=self.config.credits.per_minute,
                     usage_interval_s=self.config.credits.usage_interval_s, storage=self.storage)
 
     async def open(self, ticket: Ticket, call: Call, *, subscribe: bool = True) -> Subscription | None:
