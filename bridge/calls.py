@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bridge.audio.wav import WavRecorder
+from bridge.backlog import WriteBacklog
 from bridge.events.bus import EventBus
 from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Usage
 from bridge.jobs.model import Job, JobStatus
@@ -71,6 +72,7 @@ class Call:
         credits_per_minute: float,
         usage_interval_s: float,
         storage: StorageGuard | None = None,
+        backlog: WriteBacklog | None = None,
     ) -> None:
         if not job.speakers:
             raise ValueError("a call needs at least one speaker label")
@@ -83,6 +85,8 @@ class Call:
         self.credits_per_minute = credits_per_minute
         self.usage_interval_s = usage_interval_s
         self.storage = storage
+        # writes after the job's creation wait here while the database is unreachable (bridge/backlog.py)
+        self.backlog = backlog if backlog is not None else WriteBacklog()
         self.session_id = "sess_" + secrets.token_hex(8)
         self.legs: list[Leg] = []
         self.leg_samples: list[int] = [0] * len(job.speakers)  # 16 kHz samples received per leg
@@ -223,8 +227,8 @@ class Call:
 
     async def annotate(self, **fields: Any) -> None:
         """Merge `fields` into the job's metadata and save it (DTMF digits, how the call ended)."""
-        self.job.metadata = {**self.job.metadata, **fields}
-        await self.store.update_job(self.job.id, metadata=self.job.metadata)
+        self.job.metadata = metadata = {**self.job.metadata, **fields}
+        await self.backlog.write(self.job.id, "metadata", lambda: self.store.update_job(self.job.id, metadata=metadata))
 
     @property
     def streamed_seconds(self) -> float:
@@ -270,7 +274,8 @@ class Call:
 
     async def _save_event(self, ev: Any) -> None:
         if isinstance(ev, Final):
-            await self.store.add_segment(self.job.id, ev.to_dict())
+            final = ev.to_dict()  # saved now, or queued until the database answers: never dropped
+            await self.backlog.write(self.job.id, "segment", lambda: self.store.add_segment(self.job.id, final))
             self.finals += 1
         elif isinstance(ev, Dtmf):
             await self.annotate(dtmf=list(self.dtmf))
@@ -332,23 +337,27 @@ class Call:
         shelved = await self.recordings.shelve(self.job.id, self.job.audio_path)
         if shelved is None:
             return
+        self.job.audio_path = shelved
         try:
-            await self.store.update_job(self.job.id, audio_path=shelved)
+            await self.backlog.write(self.job.id, "audio_path", lambda: self.store.update_job(self.job.id, audio_path=shelved))
         except Exception as e:  # noqa: BLE001 - the file is in the archive under the job's id either way
             self.log.error("recording_path_not_saved", path=shelved, error=repr(e))
-            return
-        self.job.audio_path = shelved
 
     async def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
         """Mark the job ended; on a full disk free the emergency reserve and try once more, so the
         job does not stay `live` (which would also keep DELETE from freeing its space)."""
+        seconds = self.streamed_seconds
+
+        def save() -> Any:
+            return self.store.finish_job(self.job.id, status, seconds, error)
+
         try:
-            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await self.backlog.write(self.job.id, "finish", save)
         except Exception as e:
             if not is_storage_full(e) or self.storage is None:
                 raise
             await asyncio.to_thread(self.storage.exhaust, e)
-            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await self.store.finish_job(self.job.id, status, seconds, error)
 
     async def abort(self) -> None:
         """Stop the recognizers without flushing (server shutdown past its drain deadline)."""

@@ -27,6 +27,7 @@ from bridge.admission import Admission
 from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
 from bridge.api.http import SERVICE, json_errors
 from bridge.auth import Authenticator, bootstrap_key
+from bridge.backlog import WriteBacklog
 from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
@@ -58,6 +59,7 @@ class Service:
         self.recordings = Recordings(self.recordings_dir, Path(archive) if archive else None)
         self.bus = InProcessBus()
         self.calls = CallRegistry()
+        self.backlog = WriteBacklog()  # store writes waiting for an unreachable database (bridge/backlog.py)
         self.metrics = Metrics(self)
         # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
         self.storage = StorageGuard(self.data_dir, int(config.limits.min_free_disk_mb * 1024 * 1024))
@@ -135,7 +137,8 @@ class Service:
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
         self.sessions = SessionGate(self.config, calls=self.calls, capacity=self.admission, keys=self.keys,
                                     store=self.store, bus=self.bus, pool=self.pool, storage=self.storage,
-                                    metrics=self.metrics, recordings=self.recordings)
+                                    metrics=self.metrics, recordings=self.recordings,
+                                    backlog=self.backlog)
         await self._start_ingresses()
         self.storage.refill()
         self.ready = True
@@ -215,6 +218,8 @@ class Service:
             await ingress.stop()
         if self.sessions is not None:  # credit releases of INVITEs the SIP stop gave up
             await self.sessions.aclose()
+        # the writes of ended calls that wait for the database (their finals, ends and settlements)
+        await self.backlog.flush(self.config.limits.drain_timeout_s)
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
         if self._trimmer is not None:

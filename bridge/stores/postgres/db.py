@@ -32,6 +32,7 @@ __all__ = ["POOL_MAX_SIZE", "SCHEMA_VERSION", "open_stores", "where_of"]
 SCHEMA_VERSION = 1
 POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the three stores
 CONNECT_TIMEOUT_S = 10
+POOL_WAIT_S = 5.0  # longest a store call waits for a pooled connection
 
 _VERSION_SCHEMA = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 _SCHEMA_LOCK = 0x63616C6C  # pg_advisory_xact_lock key: one node creates the schema at a time
@@ -83,7 +84,12 @@ async def _probe(url: str, where: str, create: bool) -> None:
 async def open_stores(url: str, *, create: bool = True) -> Stores:
     where = where_of(url)
     await _probe(url, where, create)
+    # `check`: a connection the server dropped (a restart, a failover) is found and replaced when it
+    # is taken, not by the write it was taken for; `timeout`: a write waits at most POOL_WAIT_S for
+    # a connection, then fails and is retried in the background (bridge/backlog.py), so a database
+    # outage never holds a live call's events for the pool's default 30 s.
     pool = AsyncConnectionPool(url, min_size=1, max_size=POOL_MAX_SIZE, open=False, name=where,
+                               timeout=POOL_WAIT_S, check=AsyncConnectionPool.check_connection,
                                kwargs={"autocommit": True, "row_factory": dict_row,
                                        "connect_timeout": CONNECT_TIMEOUT_S})
     try:
