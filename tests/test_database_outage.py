@@ -10,6 +10,7 @@ is in the saved job, once), and the service recovers without a restart.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from bench import corpus
 from bench.calls import speech_bounds
 from bridge.client.stream import StreamClient
 from tests.pg import PgServer
+from tests.webhook_receiver import Receiver
 from tests.serving import API_KEY, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,10 @@ async def _until(check, timeout_s: float, what: str):
 
 
 async def test_a_live_call_keeps_its_finals_through_a_postgresql_restart(tmp_path, pool, own_pg):
-    srv = await start_server(tmp_path / "data", pool, **{"storage.url": own_pg.new_database()})
+    rx = await Receiver().start()
+    hook = json.dumps([{"name": "crm", "url": rx.url, "secret": "s" * 24, "events": ["final", "call_ended"]}])
+    srv = await start_server(tmp_path / "data", pool, **{"storage.url": own_pg.new_database(),
+                                                          "webhooks.endpoints": hook})
     try:
         async with aiohttp.ClientSession(srv.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
             received = []
@@ -110,14 +115,20 @@ async def test_a_live_call_keeps_its_finals_through_a_postgresql_restart(tmp_pat
             assert health["status"] == "ok", health
             async with http.get(f"/v1/jobs/{job_id}") as r:
                 job = await r.json()
+            await rx.wait_for(lambda r: r.ended(job_id))
         for said, final in zip(SENTENCES, received):
             assert corpus.wer(said, final["text"]) < 0.35, (said, final["text"])
         assert job["status"] == "completed"
         # every final the client was sent is saved, once, in order
         assert [g["text"] for g in job["segments"]] == [f["text"] for f in received if f["text"]]
         assert job["duration_s"] == pytest.approx(sum(len(_utterance(t)) for t in SENTENCES) / 2 / 16000, abs=0.05)
+        # and the webhooks of the outage went out once it was over, each once, in order
+        hooked = rx.events(job_id)
+        assert [e["text"] for e in hooked if e["type"] == "final"] == [f["text"] for f in received]
+        assert [e["type"] for e in hooked][-1] == "call_ended" and hooked[-1]["status"] == "completed"
     finally:
         await srv.stop()
+        await rx.stop()
 
 
 def test_serve_with_the_database_down_says_so_in_one_line(tmp_path):
