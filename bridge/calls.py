@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from bridge.audio.wav import WavRecorder
+from bridge.backlog import WriteBacklog
 from bridge.events.bus import EventBus
 from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Usage
 from bridge.jobs.model import Job, JobStatus
@@ -25,6 +25,7 @@ from bridge.logs import get_logger
 from bridge.recognizer.pool import RecognizerPool
 from bridge.recognizer.leg import LegRecognizer, new_leg_recognizer
 from bridge.recognizer.streamer import SAMPLE_RATE, StreamerConfig
+from bridge.recordings import Recordings
 from bridge.storage import StorageFull, StorageGuard, is_storage_full
 from bridge.stores import JobStore
 
@@ -67,10 +68,11 @@ class Call:
         bus: EventBus,
         pool: RecognizerPool,
         streamer_config: StreamerConfig,
-        recordings_dir: Path,
+        recordings: Recordings,
         credits_per_minute: float,
         usage_interval_s: float,
         storage: StorageGuard | None = None,
+        backlog: WriteBacklog | None = None,
     ) -> None:
         if not job.speakers:
             raise ValueError("a call needs at least one speaker label")
@@ -79,10 +81,12 @@ class Call:
         self.bus = bus
         self.pool = pool
         self.streamer_config = streamer_config
-        self.recordings_dir = Path(recordings_dir)
+        self.recordings = recordings
         self.credits_per_minute = credits_per_minute
         self.usage_interval_s = usage_interval_s
         self.storage = storage
+        # writes after the job's creation wait here while the database is unreachable (bridge/backlog.py)
+        self.backlog = backlog if backlog is not None else WriteBacklog()
         self.session_id = "sess_" + secrets.token_hex(8)
         self.legs: list[Leg] = []
         self.leg_samples: list[int] = [0] * len(job.speakers)  # 16 kHz samples received per leg
@@ -111,8 +115,8 @@ class Call:
         """Create the job row and the recording, start one recognizer per leg."""
         loop = asyncio.get_running_loop()
         self.failure = loop.create_future()
-        self.recordings_dir.mkdir(parents=True, exist_ok=True)
-        path = self.recordings_dir / f"{self.job.id}.wav"
+        self.recordings.live_dir.mkdir(parents=True, exist_ok=True)
+        path = self.recordings.live_path(self.job.id)
         self.job.audio_path = str(path)
         self._recorder = WavRecorder(path, channels=self.channels)
         try:
@@ -223,8 +227,8 @@ class Call:
 
     async def annotate(self, **fields: Any) -> None:
         """Merge `fields` into the job's metadata and save it (DTMF digits, how the call ended)."""
-        self.job.metadata = {**self.job.metadata, **fields}
-        await self.store.update_job(self.job.id, metadata=self.job.metadata)
+        self.job.metadata = metadata = {**self.job.metadata, **fields}
+        await self.backlog.write(self.job.id, "metadata", lambda: self.store.update_job(self.job.id, metadata=metadata))
 
     @property
     def streamed_seconds(self) -> float:
@@ -270,7 +274,8 @@ class Call:
 
     async def _save_event(self, ev: Any) -> None:
         if isinstance(ev, Final):
-            await self.store.add_segment(self.job.id, ev.to_dict())
+            final = ev.to_dict()  # saved now, or queued until the database answers: never dropped
+            await self.backlog.write(self.job.id, "segment", lambda: self.store.add_segment(self.job.id, final))
             self.finals += 1
         elif isinstance(ev, Dtmf):
             await self.annotate(dtmf=list(self.dtmf))
@@ -318,22 +323,41 @@ class Call:
         self.job.error = error
         self.job.duration_s = self.streamed_seconds
         await self._save_ending(status, error)
+        await self._shelve_recording()
         self._publish(self.usage())
         self._publish(CallEnded(status.value, self.streamed_seconds, self.credits_used, error))
         self.log.info("call_ended", status=status.value, streamed_seconds=round(self.streamed_seconds, 3),
                       finals=self.finals, error=(error or {}).get("code"))
         return self.job
 
+    async def _shelve_recording(self) -> None:
+        """Move the closed recording to the archive every node reads (bridge/recordings.py), after
+        the job is saved as ended (a failure here must not leave it live) and before `call_ended`
+        goes out (whoever fetches the audio on that event finds it in its final place)."""
+        shelved = await self.recordings.shelve(self.job.id, self.job.audio_path)
+        if shelved is None:
+            return
+        self.job.audio_path = shelved
+        try:
+            await self.backlog.write(self.job.id, "audio_path", lambda: self.store.update_job(self.job.id, audio_path=shelved))
+        except Exception as e:  # noqa: BLE001 - the file is in the archive under the job's id either way
+            self.log.error("recording_path_not_saved", path=shelved, error=repr(e))
+
     async def _save_ending(self, status: JobStatus, error: dict[str, Any] | None) -> None:
         """Mark the job ended; on a full disk free the emergency reserve and try once more, so the
         job does not stay `live` (which would also keep DELETE from freeing its space)."""
+        seconds = self.streamed_seconds
+
+        def save() -> Any:
+            return self.store.finish_job(self.job.id, status, seconds, error)
+
         try:
-            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await self.backlog.write(self.job.id, "finish", save)
         except Exception as e:
             if not is_storage_full(e) or self.storage is None:
                 raise
             await asyncio.to_thread(self.storage.exhaust, e)
-            await self.store.finish_job(self.job.id, status, self.streamed_seconds, error)
+            await self.store.finish_job(self.job.id, status, seconds, error)
 
     async def abort(self) -> None:
         """Stop the recognizers without flushing (server shutdown past its drain deadline)."""

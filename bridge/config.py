@@ -74,6 +74,8 @@ class ServerConfig:
 class StorageConfig:
     url: str = _f("", "database URL (sqlite:///PATH, postgresql://...; --database-url, CALLBRIDGE_DATABASE_URL); "
                       "empty: sqlite:///<data_dir>/callbridge.db", store_url=True)
+    recordings_dir: str = _f("", "where finished recordings are kept, readable by every node (a shared mount "
+                                 "in a cluster); empty: data_dir/recordings, where live ones are written")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from bridge.admission import Admission
 from bridge.api import events, health, jobs, openapi, tokens, web as web_page, webhooks
 from bridge.api.http import SERVICE, json_errors
 from bridge.auth import Authenticator, bootstrap_key
+from bridge.backlog import WriteBacklog
 from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
@@ -38,6 +39,7 @@ from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.models.store import resolve
 from bridge.recognizer.pool import RecognizerPool
+from bridge.recordings import Recordings
 from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
 from bridge.stores import DB_NAME, JobStore, Stores, open_stores, store_url
@@ -52,9 +54,12 @@ class Service:
     def __init__(self, config: Config, *, pool: Any = None) -> None:
         self.config = config
         self.data_dir = Path(config.server.data_dir)
-        self.recordings_dir = self.data_dir / "recordings"
+        self.recordings_dir = self.data_dir / "recordings"  # live recordings, on this node's disk
+        archive = config.storage.recordings_dir
+        self.recordings = Recordings(self.recordings_dir, Path(archive) if archive else None)
         self.bus = InProcessBus()
         self.calls = CallRegistry()
+        self.backlog = WriteBacklog()  # store writes waiting for an unreachable database (bridge/backlog.py)
         self.metrics = Metrics(self)
         # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
         self.storage = StorageGuard(self.data_dir, int(config.limits.min_free_disk_mb * 1024 * 1024))
@@ -106,7 +111,7 @@ class Service:
         allocator.configure()  # before the first session's buffers (bridge/allocator.py)
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        self.recordings.prepare()
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
         self.stores = await open_stores(store_url(self.config))  # applies pending schema migrations
@@ -115,7 +120,7 @@ class Service:
         self.store, self.keys = self.stores.jobs, self.stores.keys
         self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live")
         if self.recovered_jobs:
-            await recover_recordings(self.store, self.recovered_jobs)
+            await recover_recordings(self.store, self.recovered_jobs, self.recordings)
             log.warning("recovered_live_jobs", count=len(self.recovered_jobs), job_ids=self.recovered_jobs)
         await self.keys.ensure_keys(self.config.server.api_keys)
         self.generated_key = await bootstrap_key(self.keys, str(self.data_dir))
@@ -134,7 +139,8 @@ class Service:
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
         self.sessions = SessionGate(self.config, calls=self.calls, capacity=self.admission, keys=self.keys,
                                     store=self.store, bus=self.bus, pool=self.pool, storage=self.storage,
-                                    metrics=self.metrics, recordings_dir=self.recordings_dir)
+                                    metrics=self.metrics, recordings=self.recordings,
+                                    backlog=self.backlog)
         await self._start_ingresses()
         self.storage.refill()
         self.ready = True
@@ -214,6 +220,8 @@ class Service:
             await ingress.stop()
         if self.sessions is not None:  # credit releases of INVITEs the SIP stop gave up
             await self.sessions.aclose()
+        # the writes of ended calls that wait for the database (their finals, ends and settlements)
+        await self.backlog.flush(self.config.limits.drain_timeout_s)
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
         if self._trimmer is not None:
@@ -251,11 +259,11 @@ class Service:
         return app
 
 
-async def recover_recordings(store: JobStore, job_ids: list[str]) -> None:
+async def recover_recordings(store: JobStore, job_ids: list[str], recordings: Recordings) -> None:
     """Jobs a crash cut off: make each recording's header match the audio it holds and take its
-    length as the job's duration. The audio received is what the job used (and is billed for):
-    the last final's end is 0 for a stream that had no final yet, and the header lags the data
-    by up to one flush."""
+    length as the job's duration, then shelve it where every node reads recordings. The audio
+    received is what the job used (and is billed for): the last final's end is 0 for a stream
+    that had no final yet, and the header lags the data by up to one flush."""
     for job_id in job_ids:
         job = await store.get_job(job_id)
         if job is None or not job.audio_path:
@@ -267,6 +275,9 @@ async def recover_recordings(store: JobStore, job_ids: list[str]) -> None:
             continue
         if seconds is not None and seconds > job.duration_s:
             await store.update_job(job_id, duration_s=seconds)
-        log.info("recording_recovered", job_id=job_id, recorded_s=seconds)
+        shelved = await recordings.shelve(job_id, job.audio_path)
+        if shelved is not None:
+            await store.update_job(job_id, audio_path=shelved)
+        log.info("recording_recovered", job_id=job_id, recorded_s=seconds, path=shelved or job.audio_path)
 
 

@@ -74,6 +74,15 @@ class PgServer:
     def start(self) -> None:
         self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
                   "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
+        self.resume()
+
+    def halt(self) -> None:
+        """Stop the server as an outage would (fast shutdown: sessions cut), keeping its data."""
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.started = False
+
+    def resume(self) -> None:
+        """Start the server on its data directory and port; returns once it accepts connections."""
         # Loopback TCP only (no Unix socket); fsync off: a test server's durability is not under test.
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off"
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "start")

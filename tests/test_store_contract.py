@@ -176,6 +176,17 @@ async def test_segments_ordered_edited_and_relabelled(stores: Stores) -> None:
         await jobs.rename_speaker("job_missing", "a", "b")
 
 
+async def test_a_final_written_twice_is_stored_once(stores: Stores) -> None:
+    """A write retried after its first try committed but its answer was lost (bridge/backlog.py)."""
+    jobs = stores.jobs
+    job = await jobs.create_job(Job(id=new_job_id(), owner="k", speakers=["caller", "agent"]))
+    first = await jobs.add_segment(job.id, final("hello there", 1.0, 1.75))
+    again = await jobs.add_segment(job.id, final("hello there", 1.0, 1.75))
+    other_leg = await jobs.add_segment(job.id, final("hello there", 1.0, 1.75, 1, "agent"))
+    assert (again.id, again.seq) == (first.id, first.seq) and other_leg.id != first.id
+    assert [(g.channel, g.text) for g in await jobs.segments(job.id)] == [(0, "hello there"), (1, "hello there")]
+
+
 async def test_live_jobs_are_failed_at_startup_with_their_segments_kept(stores: Stores) -> None:
     jobs = stores.jobs
     live = await jobs.create_job(Job(id=new_job_id(), owner="k"))

@@ -16,7 +16,9 @@ async def healthz(request: web.Request) -> web.Response:
     while starting or draining. `degraded` (still 200: the service is up and its REST API works,
     e.g. DELETE to free space) means new sessions are refused because the data directory is
     (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
-    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
+    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here).
+    `database` is `degraded` too while writes wait for an unreachable database (bridge/backlog.py):
+    live sessions go on, their finals kept in order until it answers."""
     svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
@@ -25,9 +27,10 @@ async def healthz(request: web.Request) -> web.Response:
     elif not (svc.ready and sip_ok):
         status = "starting"
     else:
-        status = "degraded" if disk.low else "ok"
+        status = "degraded" if disk.low or svc.backlog.pending else "ok"
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
+            "database": svc.backlog.state(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable},
             "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)

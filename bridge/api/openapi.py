@@ -269,11 +269,20 @@ def _schemas() -> dict[str, Any]:
         "Health": {"type": "object", "required": ["status", "model", "live_sessions", "uptime_s", "disk", "sip",
                                                   "capacity"], "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded", "starting", "draining"],
-                       "description": "`degraded` (with 200): up, REST works, new sessions refused for lack of disk"},
+                       "description": "`degraded` (with 200): up, REST works; new sessions refused for lack of "
+                                      "disk, or store writes waiting for an unreachable database (`database`)"},
             "model": {"type": ["string", "null"]},
             "live_sessions": {"type": "integer"}, "uptime_s": num, "disk": _ref("Disk"),
+            "database": _ref("DatabaseBacklog"),
             "sip": {"oneOf": [_ref("SipOff"), _ref("SipStats")]},
             "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}}},
+        "DatabaseBacklog": {"type": "object", "description": "store writes waiting for an unreachable database, "
+                            "retried in order (bridge/backlog.py)",
+                            "required": ["ok", "pending_writes", "deferred_total", "oldest_s", "last_error"],
+                            "properties": {"ok": {"type": "boolean"}, "pending_writes": {"type": "integer"},
+                                           "deferred_total": {"type": "integer"},
+                                           "oldest_s": {"type": ["number", "null"]},
+                                           "last_error": {"type": ["string", "null"]}}},
         "Disk": {"type": "object", "description": "the data directory's free space (bridge/storage.py)",
                  "required": ["status", "free_bytes", "total_bytes", "min_free_bytes"], "properties": {
                      "status": {"type": "string", "enum": ["ok", "low", "full"],

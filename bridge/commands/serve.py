@@ -45,17 +45,15 @@ async def run_service(config: Config) -> int:
     runner = web.AppRunner(svc.build_app(), shutdown_timeout=5, access_log=None)
     try:
         await runner.setup()
-    except RuntimeError as e:  # e.g. SIP workers that cannot start: say why in one line
-        print(f"callbridge: error: {e}", file=sys.stderr)
-        return 1
     except Exception as e:
         if svc.storage.caused(e):
             # a disk too full even for recovery (the emergency reserve was spent): one line, no traceback
             print(f"callbridge: error: cannot start: the data directory {svc.data_dir} is full "
                   f"({_free(svc)} free); free space there and start again", file=sys.stderr)
             return 1
-        if isinstance(e, StoreUnavailable):  # e.g. a database schema newer than this code: one line
-            print(f"callbridge: error: cannot start: {e}", file=sys.stderr)
+        if isinstance(e, (RuntimeError, StoreUnavailable)):  # SIP workers that cannot start, a database
+            print(f"callbridge: error: cannot start: {e}", file=sys.stderr)  # that does not answer, or a
+            # schema newer than this code: say why in one line
             return 1
         raise
     host, port = config.server.host, config.server.http_port

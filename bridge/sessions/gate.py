@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from pathlib import Path
 from typing import Any
 
 from bridge.admission import Admission, CapacityRefused, Reservation
+from bridge.backlog import WriteBacklog
 from bridge.calls import Call, CallRegistry, credits_for
 from bridge.config import Config
 from bridge.events.bus import EventBus, Subscription
@@ -28,6 +28,7 @@ from bridge.jobs.model import Job, JobSource, new_job_id
 from bridge.logs import get_logger
 from bridge.metrics import Metrics
 from bridge.recognizer.streamer import StreamerConfig
+from bridge.recordings import Recordings
 from bridge.sessions.errors import ErrorCode, SessionError, failure_error, job_ending
 from bridge.storage import StorageGuard, is_storage_full
 from bridge.stores import InsufficientCredits, JobStore, KeyStore
@@ -90,7 +91,7 @@ class SessionGate:
 
     def __init__(self, config: Config, *, calls: CallRegistry, capacity: Admission, keys: KeyStore,
                  store: JobStore, bus: EventBus, pool: Any, storage: StorageGuard, metrics: Metrics,
-                 recordings_dir: Path) -> None:
+                 recordings: Recordings, backlog: WriteBacklog) -> None:
         self.config = config
         self.calls = calls
         self.capacity = capacity
@@ -100,7 +101,8 @@ class SessionGate:
         self.pool = pool
         self.storage = storage
         self.metrics = metrics
-        self.recordings_dir = recordings_dir
+        self.recordings = recordings
+        self.backlog = backlog
         self._tasks: set[asyncio.Task] = set()
 
     async def aclose(self) -> None:
@@ -184,8 +186,9 @@ class SessionGate:
         job = Job(id=ticket.job_id, owner=ticket.owner, source=ticket.source, config=config, speakers=list(speakers),
                   metadata=metadata)
         return Call(job, store=self.store, bus=self.bus, pool=self.pool, streamer_config=streamer,
-                    recordings_dir=self.recordings_dir, credits_per_minute=self.config.credits.per_minute,
-                    usage_interval_s=self.config.credits.usage_interval_s, storage=self.storage)
+                    recordings=self.recordings, credits_per_minute=self.config.credits.per_minute,
+                    usage_interval_s=self.config.credits.usage_interval_s, storage=self.storage,
+                    backlog=self.backlog)
 
     async def open(self, ticket: Ticket, call: Call, *, subscribe: bool = True) -> Subscription | None:
         """Create the job and start the call; it counts as live from here. Returns a bus subscription
@@ -238,7 +241,8 @@ class SessionGate:
 
     async def settle(self, call: Call) -> None:
         """Charge what the finished session used (releasing the rest of its reservation) and count its audio."""
-        await self.keys.settle(call.id, math.ceil(call.credits_used))
+        used = math.ceil(call.credits_used)
+        await self.backlog.write(call.id, "settle", lambda: self.keys.settle(call.id, used))
         self.metrics.audio_seconds.labels(call.job.source.value).inc(call.streamed_seconds * call.channels)
 
     def leave(self, call: Call) -> None:

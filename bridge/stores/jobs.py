@@ -33,7 +33,9 @@ class JobStore(Protocol):
         a malformed cursor raises ValueError."""
 
     async def add_segment(self, job_id: str, final: dict[str, Any]) -> Segment:
-        """Store one `final` event (Final.to_dict() shape), durably, before returning."""
+        """Store one `final` event (Final.to_dict() shape), durably, before returning. Idempotent:
+        the same final (job, channel, start, end, text) again returns the stored segment, so a write
+        retried after a lost acknowledgement (bridge/backlog.py) is not saved twice."""
 
     async def segments(self, job_id: str) -> list[Segment]:
         """The job's segments ordered by start, channel, then insertion."""

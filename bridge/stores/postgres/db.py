@@ -30,6 +30,7 @@ __all__ = ["POOL_MAX_SIZE", "migrate", "open_stores", "schema_status", "where_of
 POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the three stores
 CONNECT_TIMEOUT_S = 10
 T = TypeVar("T")
+POOL_WAIT_S = 5.0  # longest a store call waits for a pooled connection
 
 
 def where_of(url: str) -> str:
@@ -79,7 +80,12 @@ async def open_stores(url: str, *, create: bool = True, migrate: bool = True) ->
     where = where_of(url)
     done = await _on_connection(url, where, lambda conn, w: migrations.apply(conn, w, create=create, migrate=migrate),
                                 create=create)
+    # `check`: a connection the server dropped (a restart, a failover) is found and replaced when it
+    # is taken, not by the write it was taken for; `timeout`: a write waits at most POOL_WAIT_S for
+    # a connection, then fails and is retried in the background (bridge/backlog.py), so a database
+    # outage never holds a live call's events for the pool's default 30 s.
     pool = AsyncConnectionPool(url, min_size=1, max_size=POOL_MAX_SIZE, open=False, name=where,
+                               timeout=POOL_WAIT_S, check=AsyncConnectionPool.check_connection,
                                kwargs={"autocommit": True, "row_factory": dict_row,
                                        "connect_timeout": CONNECT_TIMEOUT_S})
     try:

@@ -97,6 +97,12 @@ class PgJobStore:
         async with self._pool.tx() as db:
             # The job row's lock orders concurrent writers of one job, so seq stays unique.
             await db.execute("SELECT 1 FROM jobs WHERE id = %s FOR NO KEY UPDATE", (job_id,))
+            same = await (await db.execute(
+                'SELECT * FROM segments WHERE job_id = %s AND channel = %s AND start = %s AND "end" = %s AND text = %s',
+                (job_id, int(final.get("channel", 0)), float(final["start"]), float(final["end"]),
+                 str(final.get("text", ""))))).fetchone()
+            if same is not None:  # a retried write whose first try committed (bridge/backlog.py)
+                return _row_seg(same)
             r = await (await db.execute("SELECT COALESCE(MAX(seq), -1) + 1 AS n FROM segments WHERE job_id = %s",
                                         (job_id,))).fetchone()
             seq = r["n"]

@@ -21,6 +21,10 @@ from bridge.stores.jobs import decode_cursor, encode_cursor
 __all__ = ["SqliteJobStore"]
 
 
+# A final is identified by its job, channel, times and text: a leg never emits two finals of one
+# channel starting at one instant, so a write retried after its first try committed finds itself.
+_SAME_SEGMENT = 'SELECT * FROM segments WHERE job_id = ? AND channel = ? AND start = ? AND "end" = ? AND text = ?'
+
 _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}
 
@@ -165,6 +169,10 @@ class SqliteJobStore:
         """Store one `final` event (Final.to_dict() shape); committed before returning."""
         words = [dict(w) for w in final.get("words") or []]
         with self._lock, self._tx():
+            same = self._db.execute(_SAME_SEGMENT, (job_id, int(final.get("channel", 0)), float(final["start"]),
+                                                    float(final["end"]), str(final.get("text", "")))).fetchone()
+            if same is not None:  # a retried write whose first try committed (bridge/backlog.py)
+                return _row_seg(same)
             seq = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 AS n FROM segments WHERE job_id = ?",
                                    (job_id,)).fetchone()["n"]
             cur = self._db.execute(
