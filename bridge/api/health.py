@@ -16,7 +16,9 @@ async def healthz(request: web.Request) -> web.Response:
     while starting or draining. `degraded` (still 200: the service is up and its REST API works,
     e.g. DELETE to free space) means new sessions are refused because the data directory is
     (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
-    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
+    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here).
+    `node_id` is this node's (docs/cluster.md); `nodes`, only when other nodes share the database,
+    lists each as the last heartbeat look saw it (id, url, age_s since its heartbeat, up/draining)."""
     svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
@@ -29,7 +31,10 @@ async def healthz(request: web.Request) -> web.Response:
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable},
-            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
+            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None,
+            "node_id": svc.node_id}
+    if svc.heartbeat is not None and any(n.id != svc.node_id for n in svc.heartbeat.known):
+        body["nodes"] = svc.heartbeat.view(time.time())
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 
 

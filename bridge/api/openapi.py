@@ -273,7 +273,15 @@ def _schemas() -> dict[str, Any]:
             "model": {"type": ["string", "null"]},
             "live_sessions": {"type": "integer"}, "uptime_s": num, "disk": _ref("Disk"),
             "sip": {"oneOf": [_ref("SipOff"), _ref("SipStats")]},
-            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}}},
+            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]},
+            "node_id": {"type": "string", "description": "this node's id (docs/cluster.md)"},
+            "nodes": {"type": "array", "items": _ref("Node"),
+                      "description": "only when other nodes share the database: every node, as this one's "
+                                     "last heartbeat look saw it"}}},
+        "Node": {"type": "object", "required": ["id", "url", "age_s", "state"], "properties": {
+            "id": {"type": "string"}, "url": {"type": "string", "description": "its cluster.advertise_url"},
+            "age_s": {"type": "number", "description": "seconds since its last heartbeat"},
+            "state": {"type": "string", "enum": ["up", "draining"]}}},
         "Disk": {"type": "object", "description": "the data directory's free space (bridge/storage.py)",
                  "required": ["status", "free_bytes", "total_bytes", "min_free_bytes"], "properties": {
                      "status": {"type": "string", "enum": ["ok", "low", "full"],

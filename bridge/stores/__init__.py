@@ -1,4 +1,5 @@
-"""Persistence behind interfaces: the job store, the key/credit/token store and the webhook store.
+"""Persistence behind interfaces: the job store, the key/credit/token store, the webhook store and
+the node store (the cluster's nodes and live sessions).
 
 The interfaces (typing.Protocol, async) are in jobs.py, keys.py and webhooks.py; a backend
 (bridge/stores/sqlite/ is the embedded default) implements all three and is chosen by the
@@ -8,21 +9,27 @@ The interfaces (typing.Protocol, async) are in jobs.py, keys.py and webhooks.py;
 from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
 from bridge.stores.jobs import JobStore
 from bridge.stores.keys import ApiKey, InsufficientCredits, KeyNotFound, KeyStore, TokenRefused
+from bridge.stores.nodes import DEAD_NODE_REASON, Node, NodeStore, SessionLimitReached, TakeOver
 from bridge.stores.registry import BACKENDS, DB_NAME, open_stores, scheme_of, store_url
 from bridge.stores.webhooks import NewDelivery, WebhookStore
 
 __all__ = [
     "BACKENDS",
     "DB_NAME",
+    "DEAD_NODE_REASON",
     "ApiKey",
     "InsufficientCredits",
     "JobStore",
     "KeyNotFound",
     "KeyStore",
     "NewDelivery",
+    "Node",
+    "NodeStore",
+    "SessionLimitReached",
     "StoreNotFound",
     "StoreUnavailable",
     "Stores",
+    "TakeOver",
     "TokenRefused",
     "WebhookStore",
     "open_stores",

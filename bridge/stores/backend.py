@@ -1,4 +1,4 @@
-"""What a storage backend provides: an opener that turns a URL into the three stores.
+"""What a storage backend provides: an opener that turns a URL into the four stores.
 
 A backend is one module (or package) with an `open_stores(url, *, create)` coroutine of the
 `Opener` shape, registered under its URL scheme in bridge/stores/registry.py. It owns every
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from bridge.stores.jobs import JobStore
 from bridge.stores.keys import KeyStore
+from bridge.stores.nodes import NodeStore
 from bridge.stores.webhooks import WebhookStore
 
 __all__ = ["Opener", "StoreNotFound", "StoreUnavailable", "Stores"]
@@ -24,9 +25,10 @@ class Stores:
     jobs: JobStore
     keys: KeyStore
     webhooks: WebhookStore
+    nodes: NodeStore  # the cluster's nodes and every node's live sessions (docs/cluster.md)
 
     async def close(self) -> None:
-        for store in (self.webhooks, self.keys, self.jobs):
+        for store in (self.nodes, self.webhooks, self.keys, self.jobs):
             await store.close()
 
 

@@ -1,4 +1,4 @@
-"""Opening a PostgreSQL database: one connection pool for the three stores (pool.py), the schema,
+"""Opening a PostgreSQL database: one connection pool for the four stores (pool.py), the schema,
 and the errors.
 
 Each store method runs as one transaction on a pooled connection, so its check and write never
@@ -23,6 +23,8 @@ from bridge.stores.postgres.jobs import SCHEMA as JOBS_SCHEMA
 from bridge.stores.postgres.jobs import PgJobStore
 from bridge.stores.postgres.keys import SCHEMA as KEYS_SCHEMA
 from bridge.stores.postgres.keys import PgKeyStore
+from bridge.stores.postgres.nodes import SCHEMA as NODES_SCHEMA
+from bridge.stores.postgres.nodes import PgNodeStore
 from bridge.stores.postgres.pool import Pool
 from bridge.stores.postgres.webhooks import SCHEMA as WEBHOOKS_SCHEMA
 from bridge.stores.postgres.webhooks import PgWebhookStore
@@ -72,7 +74,7 @@ async def _probe(url: str, where: str, create: bool) -> None:
         elif not create:
             raise StoreNotFound(where)
         if create:
-            for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA):
+            for schema in (_VERSION_SCHEMA, JOBS_SCHEMA, KEYS_SCHEMA, WEBHOOKS_SCHEMA, NODES_SCHEMA):
                 for stmt in schema.split(";"):
                     if stmt.strip():
                         await conn.execute(stmt)
@@ -91,5 +93,6 @@ async def open_stores(url: str, *, create: bool = True) -> Stores:
     except Exception as e:
         await pool.close()
         raise StoreUnavailable(where, _reason(e)) from e
-    shared = Pool(pool, users=3)
-    return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared))
+    shared = Pool(pool, users=4)
+    return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared),
+                  nodes=PgNodeStore(shared))

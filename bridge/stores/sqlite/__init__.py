@@ -1,5 +1,5 @@
-"""The embedded SQLite backend (`sqlite://PATH`), the default: one file holds jobs, keys and the
-webhook outbox, each store on its own connection (WAL, BEGIN IMMEDIATE: see db.py).
+"""The embedded SQLite backend (`sqlite://PATH`), the default: one file holds jobs, keys, the
+webhook outbox and the node rows, each store on its own connection (WAL, BEGIN IMMEDIATE: see db.py).
 
 URL: `sqlite://` followed by the file's path, taken literally (no percent-decoding, so any data
 directory works), absolute (`sqlite:///var/lib/callbridge/callbridge.db`) or relative to the
@@ -16,7 +16,8 @@ from bridge.config import ConfigError
 from bridge.stores.backend import StoreNotFound, Stores, StoreUnavailable
 from bridge.stores.sqlite.jobs import SqliteJobStore
 from bridge.stores.sqlite.keys import SqliteKeyStore
-from bridge.stores.sqlite.threaded import ThreadedJobStore, ThreadedKeyStore, ThreadedWebhookStore
+from bridge.stores.sqlite.nodes import SqliteNodeStore
+from bridge.stores.sqlite.threaded import ThreadedJobStore, ThreadedKeyStore, ThreadedNodeStore, ThreadedWebhookStore
 from bridge.stores.sqlite.webhooks import SqliteWebhookStore
 
 __all__ = ["SCHEME", "open_stores", "path_of", "url_for"]
@@ -50,15 +51,17 @@ async def open_stores(url: str, *, create: bool = True) -> Stores:
 
 
 def _open(path: Path) -> Stores:
-    opened: list[SqliteJobStore | SqliteKeyStore | SqliteWebhookStore] = []
+    opened: list[SqliteJobStore | SqliteKeyStore | SqliteWebhookStore | SqliteNodeStore] = []
     try:
         opened.append(jobs := SqliteJobStore(path))
         opened.append(keys := SqliteKeyStore(str(path)))
         opened.append(hooks := SqliteWebhookStore(path))
+        opened.append(nodes := SqliteNodeStore(path))
     except BaseException as e:
         for store in opened:
             store.close()
         if isinstance(e, sqlite3.DatabaseError):
             raise StoreUnavailable(str(path), str(e)) from e
         raise
-    return Stores(jobs=ThreadedJobStore(jobs), keys=ThreadedKeyStore(keys), webhooks=ThreadedWebhookStore(hooks))
+    return Stores(jobs=ThreadedJobStore(jobs), keys=ThreadedKeyStore(keys), webhooks=ThreadedWebhookStore(hooks),
+                  nodes=ThreadedNodeStore(nodes))
