@@ -196,9 +196,14 @@ class SessionGate:
             await self.keys.reserve(owner, ticket.job_id, credits)
             ticket.credits_held = credits
         except BaseException as e:
+            full = is_storage_full(e)  # the live-session row could not be written: SQLite on a full disk
+            if full:
+                self.storage.exhaust(e)  # frees the emergency reserve: the undo below can commit
             await ticket.cancel_async()
             if isinstance(e, InsufficientCredits):
                 raise self._short(ticket, e, max_duration_s, hint) from None
+            if full:
+                raise self._refused(source, failure_error(e)) from None
             raise
         return ticket
 
