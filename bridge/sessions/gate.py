@@ -81,8 +81,13 @@ class Ticket:
             await self._undo()
 
     async def _undo(self) -> None:
-        await self.gate.keys.settle(self.job_id, 0)
-        await self.gate.end_session(self.job_id)
+        """The reservation first, then the row (see the module doc). The row goes even if the
+        release failed: a stuck row would hold the owner's slot on every node, while a reservation
+        without its row is an orphan the next start or take-over settles."""
+        try:
+            await self.gate.keys.settle(self.job_id, 0)
+        finally:
+            await self.gate.end_session(self.job_id)
 
     def _drop(self) -> bool:
         if self.opened or self.cancelled:
