@@ -528,8 +528,9 @@ def load_config(
     _from_flags(overrides, layers)
     config = Config(**{s: cls(**layers[s]) for s, cls in _SECTIONS.items()})
     if config.cluster.node_ttl_s <= config.cluster.heartbeat_s:
-        raise ConfigError(f"cluster.node_ttl_s ({config.cluster.node_ttl_s:g}) must be longer than cluster.heartbeat_s "
-                          f"({config.cluster.heartbeat_s:g}): a live node would be taken for dead between two heartbeats")
+        raise ConfigError(f"cluster.node_ttl_s ({config.cluster.node_ttl_s:g}) must be longer than "
+                          f"cluster.heartbeat_s ({config.cluster.heartbeat_s:g}): a live node would be taken "
+                          "for dead between two heartbeats")
     return config
 
 

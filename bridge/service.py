@@ -148,7 +148,8 @@ class Service:
         self.heartbeat.start()
         self.storage.refill()
         self.ready = True
-        log.info("service_ready", node_id=self.node_id, model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
+        log.info("service_ready", node_id=self.node_id, model=self.model_path, pool_size=self.pool.size,
+                 data_dir=str(self.data_dir))
         refusal = self.storage.refusal()
         if refusal is not None:
             log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())

@@ -55,7 +55,8 @@ class Heartbeat:
             take = await self.nodes.take_over(node.id, self.ttl_s)
             if take is None:
                 continue  # another survivor was first, or the node came back
-            log.warning("node_dead", dead_node=node.id, url=node.url, last_heartbeat_s=round(time.time() - node.heartbeat_at, 1),
+            log.warning("node_dead", dead_node=node.id, url=node.url,
+                        last_heartbeat_s=round(time.time() - node.heartbeat_at, 1),
                         failed_jobs=len(take.failed_jobs), sessions_removed=take.sessions_removed)
             self.taken_over.append(node.id)
             taken.append(node.id)
