@@ -121,6 +121,7 @@ class Service:
         self.heartbeat = Heartbeat(self.stores.nodes, recovery, node_id=self.node_id, url=advertise_url(self.config),
                                    interval_s=cluster.heartbeat_s, ttl_s=cluster.node_ttl_s)
         await self.heartbeat.beat()  # alive before failing our old jobs: no survivor takes them over too
+        self.heartbeat.start()  # beating from here: the model load below may take longer than the TTL
         # Only this node's live jobs: another node's live calls on a shared database go on (docs/cluster.md).
         self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live",
                                                               self.node_id)
@@ -132,6 +133,7 @@ class Service:
         await recovery.after_restart(self.recovered_jobs)  # recordings and credits, before the webhooks read them
         self.auth = Authenticator(self.keys, self.config.auth)
         await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
+        self.heartbeat.reaping = True  # a dead node's jobs can be recovered from here on
         if self.pool is None:
             self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
             self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,
@@ -145,7 +147,6 @@ class Service:
                                     pool=self.pool, storage=self.storage, metrics=self.metrics,
                                     recordings_dir=self.recordings_dir)
         await self._start_ingresses()
-        self.heartbeat.start()
         self.storage.refill()
         self.ready = True
         log.info("service_ready", node_id=self.node_id, model=self.model_path, pool_size=self.pool.size,

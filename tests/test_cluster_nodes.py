@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from bridge.client.stream import StreamClient, StreamError
+from bridge.cluster import load_node_id
+from bridge.config import ConfigError, load_config
 from bridge.jobs.model import Job, JobSource, JobStatus, new_job_id
 from bridge.stores import DEAD_NODE_REASON, SessionLimitReached, Stores, open_stores
 from bridge.stores.sqlite import url_for
@@ -51,6 +53,24 @@ def _node(shared_url: str, **extra: str) -> dict[str, str]:
 async def _healthz(url: str) -> dict:
     async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as r:
         return await r.json()
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_node_id_is_created_once_and_kept(tmp_path):
+    data = tmp_path / "data"
+    first = load_node_id(load_config({"data_dir": str(data)}, env={}))
+    assert first.startswith("node_") and (data / "node_id").read_text().strip() == first
+    assert load_node_id(load_config({"data_dir": str(data)}, env={})) == first
+    assert load_node_id(load_config({"data_dir": str(data)}, env={"CALLBRIDGE_CLUSTER_NODE_ID": "edge-1"})) == "edge-1"
+    with pytest.raises(ConfigError, match="cluster.node_id must be"):
+        load_node_id(load_config({"data_dir": str(data), "cluster.node_id": "a b"}, env={}))
+
+
+def test_a_ttl_not_longer_than_the_heartbeat_is_refused():
+    with pytest.raises(ConfigError, match=r"cluster.node_ttl_s \(2\) must be longer than cluster.heartbeat_s \(2\)"):
+        load_config({"cluster.node_ttl_s": "2"}, env={})
 
 
 # --------------------------------------------------------------------------- (a) session limit
@@ -171,7 +191,8 @@ async def test_c_a_node_killed_mid_stream_is_taken_over_by_a_survivor(tmp_path, 
     gets `call_ended` (failed) for it exactly once, after every saved final."""
     rx = await Receiver().start()
     endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"]}])
-    cluster = {"cluster.heartbeat_s": "0.2", "cluster.node_ttl_s": "1.5"}
+    # a short TTL, yet long enough that a busy test machine never takes the live A for dead
+    cluster = {"cluster.heartbeat_s": "0.3", "cluster.node_ttl_s": "3"}
     b = await start_server(tmp_path / "b", pool, **_node(pg_url, **cluster, **{"webhooks.endpoints": endpoints,
                                                                                  "webhooks.backoff_max_s": "1"}))
     try:
@@ -179,7 +200,7 @@ async def test_c_a_node_killed_mid_stream_is_taken_over_by_a_survivor(tmp_path, 
         # A queues its webhooks in the shared outbox and B delivers them: until outbox rows are
         # leased per node (h/outbox), two delivering nodes could both send one row.
         env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_STORAGE_URL": pg_url,
-               "CALLBRIDGE_CLUSTER_HEARTBEAT_S": "0.2", "CALLBRIDGE_CLUSTER_NODE_TTL_S": "1.5",
+               "CALLBRIDGE_CLUSTER_HEARTBEAT_S": "0.3", "CALLBRIDGE_CLUSTER_NODE_TTL_S": "3",
                "CALLBRIDGE_WEBHOOKS_ENDPOINTS": endpoints, "CALLBRIDGE_WEBHOOKS_ENABLED": "false"}
         async with Serve(tmp_path / "a", env) as a:
             node_a = (await _healthz(a.url))["node_id"]
@@ -265,6 +286,9 @@ async def test_d_two_survivors_racing_for_dead_nodes_take_each_job_once(shared_u
         assert await c.nodes.session_jobs() == set()
         assert (await c.jobs.get_job(alive_job.id)).status is JobStatus.LIVE
         assert await b.nodes.take_over("dead-0", ttl_s=10.0) is None  # already taken
+        # a taken-over node that beats again finds its row gone (and says so: node_was_taken_over)
+        assert await c.nodes.heartbeat("alive", "http://alive:8080", started_at=1.0) is True
+        assert await c.nodes.heartbeat("dead-0", "http://dead-0:8080", started_at=1.0) is False
     finally:
         await b.close()
         await c.close()

@@ -34,14 +34,22 @@ class Heartbeat:
         self.ttl_s = ttl_s
         self.started_at = time.time()
         self.draining = False
+        self.reaping = False  # set once the webhook dispatcher runs (the take-over's recovery queues webhooks)
         self.beats = 0
         self.taken_over: list[str] = []  # dead nodes this node took over, oldest first
         self.known: list[Node] = []  # the node rows as the last look saw them (for /healthz)
         self._task: asyncio.Task | None = None
 
     async def beat(self) -> None:
-        """Refresh this node's row now (also at start, before any job, and when draining starts)."""
-        await self.nodes.heartbeat(self.node_id, self.url, self.started_at, self.draining)
+        """Refresh this node's row now (also at start, before any job, and when draining starts).
+        A row gone since the last beat means the others took this node for dead (cut off from the
+        database for longer than the TTL): its live jobs were failed and their webhooks sent, though
+        its calls went on. Said loudly; the row is back from now on."""
+        there = await self.nodes.heartbeat(self.node_id, self.url, self.started_at, self.draining)
+        if self.beats and not there:
+            log.error("node_was_taken_over", node_id=self.node_id,
+                      hint="this node missed heartbeats for longer than cluster.node_ttl_s; its live jobs were "
+                           "failed by another node")
         self.beats += 1
 
     async def reap(self) -> list[str]:
@@ -71,13 +79,15 @@ class Heartbeat:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-heartbeat")
 
     async def _run(self) -> None:
-        """A look at once (a node that was down may have died while no other node ran), then
-        beat and look every interval."""
+        """Beat every interval from the start on (loading a model can take longer than the TTL);
+        look for dead nodes with each beat once `reaping` (the sinks their jobs' recovery needs are
+        up), the first look at once: a node may have died while no other node ran."""
         while True:
-            try:
-                await self.reap()
-            except Exception as e:  # noqa: BLE001 - the next beat tries again
-                log.error("node_reap_failed", node_id=self.node_id, error=repr(e))
+            if self.reaping:
+                try:
+                    await self.reap()
+                except Exception as e:  # noqa: BLE001 - the next beat tries again
+                    log.error("node_reap_failed", node_id=self.node_id, error=repr(e))
             await asyncio.sleep(self.interval_s)
             try:
                 await self.beat()

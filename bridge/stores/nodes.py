@@ -61,8 +61,9 @@ class TakeOver:
 
 class NodeStore(Protocol):
     async def heartbeat(self, node_id: str, url: str, started_at: float, draining: bool = False,
-                        now: float | None = None) -> None:
-        """Insert or refresh this node's row (heartbeat_at = `now`, default the clock)."""
+                        now: float | None = None) -> bool:
+        """Insert or refresh this node's row (heartbeat_at = `now`, default the clock); True when
+        the row was there (refreshed), False when it was inserted."""
 
     async def list_nodes(self) -> list[Node]:
         """Every node row, oldest start first."""

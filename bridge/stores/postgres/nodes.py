@@ -49,13 +49,15 @@ class PgNodeStore:
         self._pool = pool
 
     async def heartbeat(self, node_id: str, url: str, started_at: float, draining: bool = False,
-                        now: float | None = None) -> None:
+                        now: float | None = None) -> bool:
         async with self._pool.tx() as db:
-            await db.execute(
+            # xmax is 0 on a freshly inserted row version, the updating transaction's id on an update
+            r = await (await db.execute(
                 "INSERT INTO nodes (id, url, started_at, heartbeat_at, draining) VALUES (%s,%s,%s,%s,%s)"
                 " ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, started_at = EXCLUDED.started_at,"
-                " heartbeat_at = EXCLUDED.heartbeat_at, draining = EXCLUDED.draining",
-                (node_id, url, started_at, time.time() if now is None else now, draining))
+                " heartbeat_at = EXCLUDED.heartbeat_at, draining = EXCLUDED.draining RETURNING (xmax <> 0) AS there",
+                (node_id, url, started_at, time.time() if now is None else now, draining))).fetchone()
+        return bool(r["there"])
 
     async def list_nodes(self) -> list[Node]:
         async with self._pool.tx() as db:

@@ -54,13 +54,15 @@ class SqliteNodeStore:
                     self._db.execute(stmt)
 
     def heartbeat(self, node_id: str, url: str, started_at: float, draining: bool = False,
-                  now: float | None = None) -> None:
+                  now: float | None = None) -> bool:
         with self._lock, Tx(self._db):
+            there = self._db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
             self._db.execute(
                 "INSERT INTO nodes (id, url, started_at, heartbeat_at, draining) VALUES (?,?,?,?,?)"
                 " ON CONFLICT (id) DO UPDATE SET url = excluded.url, started_at = excluded.started_at,"
                 " heartbeat_at = excluded.heartbeat_at, draining = excluded.draining",
                 (node_id, url, started_at, time.time() if now is None else now, int(draining)))
+        return there
 
     def list_nodes(self) -> list[Node]:
         with self._lock:

@@ -216,8 +216,8 @@ class ThreadedNodeStore:
         self.blocking = blocking
 
     async def heartbeat(self, node_id: str, url: str, started_at: float, draining: bool = False,
-                        now: float | None = None) -> None:
-        await _run(self.blocking.heartbeat, node_id, url, started_at, draining, now)
+                        now: float | None = None) -> bool:
+        return await _run(self.blocking.heartbeat, node_id, url, started_at, draining, now)
 
     async def list_nodes(self) -> list[Node]:
         return await _run(self.blocking.list_nodes)
