@@ -133,7 +133,7 @@ class Service:
         await recovery.after_restart(self.recovered_jobs)  # recordings and credits, before the webhooks read them
         self.auth = Authenticator(self.keys, self.config.auth)
         await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
-        self.heartbeat.reaping = True  # a dead node's jobs can be recovered from here on
+        await self.heartbeat.begin_reaping()  # a dead node's jobs can be recovered from here on
         if self.pool is None:
             self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
             self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,

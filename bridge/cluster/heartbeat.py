@@ -18,7 +18,9 @@ from bridge.cluster.recovery import Recovery
 from bridge.logs import get_logger
 from bridge.stores import Node, NodeStore
 
-__all__ = ["Heartbeat"]
+__all__ = ["STOP_GRACE_S", "Heartbeat"]
+
+STOP_GRACE_S = 30.0
 
 log = get_logger("bridge.cluster")
 
@@ -34,11 +36,12 @@ class Heartbeat:
         self.ttl_s = ttl_s
         self.started_at = time.time()
         self.draining = False
-        self.reaping = False  # set once the webhook dispatcher runs (the take-over's recovery queues webhooks)
+        self.reaping = False  # set by begin_reaping, once the webhook dispatcher runs (a take-over queues webhooks)
         self.beats = 0
         self.taken_over: list[str] = []  # dead nodes this node took over, oldest first
         self.known: list[Node] = []  # the node rows as the last look saw them (for /healthz)
         self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
 
     async def beat(self) -> None:
         """Refresh this node's row now (also at start, before any job, and when draining starts).
@@ -79,20 +82,33 @@ class Heartbeat:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cluster-heartbeat")
 
     async def _run(self) -> None:
-        """Beat every interval from the start on (loading a model can take longer than the TTL);
-        look for dead nodes with each beat once `reaping` (the sinks their jobs' recovery needs are
-        up), the first look at once: a node may have died while no other node ran."""
+        """Beat every interval from the start on (loading a model can take longer than the TTL),
+        and look for dead nodes with each beat once `begin_reaping` ran."""
         while True:
-            if self.reaping:
-                try:
-                    await self.reap()
-                except Exception as e:  # noqa: BLE001 - the next beat tries again
-                    log.error("node_reap_failed", node_id=self.node_id, error=repr(e))
-            await asyncio.sleep(self.interval_s)
+            try:
+                async with asyncio.timeout(self.interval_s):
+                    await self._stopping.wait()
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.beat()
             except Exception as e:  # noqa: BLE001 - the next beat tries again
                 log.error("heartbeat_failed", node_id=self.node_id, error=repr(e))
+            if self.reaping:
+                await self._reap_logged()
+
+    async def begin_reaping(self) -> None:
+        """Once the sinks a take-over's recovery needs are up (the webhook dispatcher): a first look
+        now (a node may have died while no other node ran), then one with every beat."""
+        await self._reap_logged()
+        self.reaping = True
+
+    async def _reap_logged(self) -> None:
+        try:
+            await self.reap()
+        except Exception as e:  # noqa: BLE001 - the next beat tries again
+            log.error("node_reap_failed", node_id=self.node_id, error=repr(e))
 
     async def drain(self) -> None:
         """Tell the other nodes (and /healthz readers) this node takes no new sessions."""
@@ -104,9 +120,13 @@ class Heartbeat:
 
     async def stop(self, *, leave: bool) -> None:
         """Stop beating; `leave` (a clean stop, no live job left) removes this node's row, else it
-        stays and expires, and a survivor fails what was left live."""
+        stays and expires, and a survivor fails what was left live. A take-over under way is let
+        finish (up to STOP_GRACE_S): its jobs are already failed, their webhooks not yet queued."""
+        self._stopping.set()
         if self._task is not None:
-            self._task.cancel()
+            done, _ = await asyncio.wait([self._task], timeout=STOP_GRACE_S)
+            if not done:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if leave:
