@@ -112,10 +112,11 @@ async def test_a_keys_session_limit_counts_sessions_on_every_node(tmp_path, pool
         await a.stop()
 
 
-async def test_concurrent_admissions_on_two_nodes_never_pass_the_limit(pg_url):
+async def test_concurrent_admissions_on_two_nodes_never_pass_the_limit(shared_url):
     """Store level: twenty sessions of one owner opened at once through two nodes' stores
-    (two connection pools), limit 3: exactly three rows, the rest refused with the count."""
-    a, b = await open_stores(pg_url), await open_stores(pg_url)
+    (two connection pools, or two SQLite connections), limit 3: exactly three rows, the rest
+    refused with the count."""
+    a, b = await open_stores(shared_url), await open_stores(shared_url)
     try:
         results = await asyncio.gather(*((a if i % 2 else b).nodes.open_session(f"job_{i}", "jwt:alice", "n", 3)
                                          for i in range(20)), return_exceptions=True)
