@@ -79,6 +79,16 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    node_id: str = _f("", "this node's id in the shared database; empty: read (or create) data_dir/node_id, a "
+                          "random id kept across restarts (docs/cluster.md)")
+    advertise_url: str = _f("", "this node's HTTP base URL other nodes can reach; empty: http://host:http_port")
+    heartbeat_s: float = _f(2.0, "seconds between this node's heartbeats (and looks for dead nodes)", gt=0)
+    node_ttl_s: float = _f(10.0, "a node whose last heartbeat is older than this is dead: a live node fails its "
+                                 "live jobs", gt=0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("tiny.en", "model name or path", nonempty=True)
     engine: str = _f("whisper.cpp", "speech recognition engine that loads the model", choices=ENGINES)
@@ -231,6 +241,7 @@ class LoggingConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -292,6 +303,7 @@ def _store_url_problem(url: str) -> str | None:
 _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
+    "cluster": ClusterConfig,
     "model": ModelConfig,
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
@@ -524,7 +536,12 @@ def load_config(
         _from_file(DEFAULT_CONFIG_PATH, layers)
     _from_env(env, layers)
     _from_flags(overrides, layers)
-    return Config(**{s: cls(**layers[s]) for s, cls in _SECTIONS.items()})
+    config = Config(**{s: cls(**layers[s]) for s, cls in _SECTIONS.items()})
+    if config.cluster.node_ttl_s <= config.cluster.heartbeat_s:
+        raise ConfigError(f"cluster.node_ttl_s ({config.cluster.node_ttl_s:g}) must be longer than "
+                          f"cluster.heartbeat_s ({config.cluster.heartbeat_s:g}): a live node would be taken "
+                          "for dead between two heartbeats")
+    return config
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

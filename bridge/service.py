@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,8 +27,8 @@ from bridge.api import events, health, jobs, openapi, tokens, web as web_page, w
 from bridge.api.http import SERVICE, json_errors
 from bridge.auth import Authenticator, bootstrap_key
 from bridge.backlog import WriteBacklog
-from bridge.audio.wav import repair_wav
-from bridge.calls import CallRegistry, job_credits
+from bridge.calls import CallRegistry
+from bridge.cluster import Heartbeat, Recovery, advertise_url, load_node_id
 from bridge.config import Config
 from bridge.events.bus import InProcessBus
 from bridge.ingress.base import Ingress
@@ -42,7 +41,7 @@ from bridge.recognizer.pool import RecognizerPool
 from bridge.recordings import Recordings
 from bridge.sessions import SessionGate
 from bridge.storage import StorageGuard
-from bridge.stores import DB_NAME, JobStore, Stores, open_stores, store_url
+from bridge.stores import DB_NAME, Stores, open_stores, store_url
 from bridge.webhooks.dispatcher import WebhookDispatcher
 
 __all__ = ["SERVICE", "Service", "DB_NAME"]
@@ -63,6 +62,8 @@ class Service:
         self.metrics = Metrics(self)
         # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
         self.storage = StorageGuard(self.data_dir, int(config.limits.min_free_disk_mb * 1024 * 1024))
+        self.node_id = ""  # this node's id in the shared database (bridge/cluster/identity.py); set by start()
+        self.heartbeat: Heartbeat | None = None  # once started: this node's row, and the take-over of dead ones
         self.stores: Stores | None = None  # from storage.url (bridge/stores)
         self.store: Any = None  # self.stores.jobs
         self.keys: Any = None  # self.stores.keys
@@ -114,21 +115,33 @@ class Service:
         self.recordings.prepare()
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
+        self.node_id = load_node_id(self.config)  # before any store use: jobs and sessions carry it
         self.stores = await open_stores(store_url(self.config))  # applies pending schema migrations
         for version, name in self.stores.migrated:
             log.info("schema_migrated", version=version, name=name)
         self.store, self.keys = self.stores.jobs, self.stores.keys
-        self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live")
+        self.webhooks = WebhookDispatcher(self.bus, self.stores.webhooks, self.store, self.config.webhooks,
+                                          credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
+        recovery = Recovery(jobs=self.store, keys=self.keys, nodes=self.stores.nodes, bus=self.bus,
+                            webhooks=self.webhooks, credits_per_minute=self.config.credits.per_minute,
+                            recordings=self.recordings)
+        cluster = self.config.cluster
+        self.heartbeat = Heartbeat(self.stores.nodes, recovery, node_id=self.node_id, url=advertise_url(self.config),
+                                   interval_s=cluster.heartbeat_s, ttl_s=cluster.node_ttl_s)
+        await self.heartbeat.beat()  # alive before failing our old jobs: no survivor takes them over too
+        self.heartbeat.start()  # beating from here: the model load below may take longer than the TTL
+        # Only this node's live jobs: another node's live calls on a shared database go on (docs/cluster.md).
+        self.recovered_jobs = await self.store.fail_live_jobs("the server stopped while this job was live",
+                                                              self.node_id)
+        await self.stores.nodes.clear_sessions(self.node_id)
         if self.recovered_jobs:
-            await recover_recordings(self.store, self.recovered_jobs, self.recordings)
             log.warning("recovered_live_jobs", count=len(self.recovered_jobs), job_ids=self.recovered_jobs)
         await self.keys.ensure_keys(self.config.server.api_keys)
         self.generated_key = await bootstrap_key(self.keys, str(self.data_dir))
-        await self.keys.settle_orphans(self._orphan_usage)
+        await recovery.after_restart(self.recovered_jobs)  # recordings and credits, before the webhooks read them
         self.auth = Authenticator(self.keys, self.config.auth)
-        self.webhooks = WebhookDispatcher(self.bus, self.stores.webhooks, self.store, self.config.webhooks,
-                                          credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
         await self.webhooks.start(self.recovered_jobs)  # before any call: every event reaches the outbox
+        await self.heartbeat.begin_reaping()  # a dead node's jobs can be recovered from here on
         if self.pool is None:
             self.model_path = str(await asyncio.to_thread(resolve, self.config.model.name))
             self.pool = RecognizerPool(self.model_path, size=self.config.model.effective_pool_size,
@@ -138,13 +151,14 @@ class Service:
             self.model_path = getattr(self.pool, "model_path", None)
         self.admission = Admission(self.config.capacity, self.pool, lambda: self.calls.legs)
         self.sessions = SessionGate(self.config, calls=self.calls, capacity=self.admission, keys=self.keys,
-                                    store=self.store, bus=self.bus, pool=self.pool, storage=self.storage,
-                                    metrics=self.metrics, recordings=self.recordings,
-                                    backlog=self.backlog)
+                                    store=self.store, nodes=self.stores.nodes, node_id=self.node_id, bus=self.bus,
+                                    pool=self.pool, storage=self.storage, metrics=self.metrics,
+                                    recordings=self.recordings, backlog=self.backlog)
         await self._start_ingresses()
         self.storage.refill()
         self.ready = True
-        log.info("service_ready", model=self.model_path, pool_size=self.pool.size, data_dir=str(self.data_dir))
+        log.info("service_ready", node_id=self.node_id, model=self.model_path, pool_size=self.pool.size,
+                 data_dir=str(self.data_dir))
         refusal = self.storage.refusal()
         if refusal is not None:
             log.warning("refusing_sessions", reason=refusal, **self.storage.state().to_dict())
@@ -191,17 +205,11 @@ class Service:
         log.info("allocator_trimmed", released=released, heap_free_mb=before.get("free_mb"),
                  collected=self.idle_collected, contexts_reloaded=reloaded)
 
-    async def _orphan_usage(self, job_id: str) -> int:
-        """Credits a job that crashed mid-session actually used: its saved duration (the length
-        of its recording, see recover_recordings) x channels."""
-        job = await self.store.get_job(job_id)
-        if job is None:
-            return 0
-        return math.ceil(job_credits(job, self.config.credits.per_minute))
-
     async def drain(self) -> list[str]:
         timeout = self.config.limits.drain_timeout_s
         log.info("draining", live_calls=len(self.calls.calls), timeout_s=timeout)
+        if self.heartbeat is not None:
+            await self.heartbeat.drain()
         for ingress in self.ingresses:
             await ingress.drain(timeout)
         left = await self.calls.drain(timeout)
@@ -213,11 +221,15 @@ class Service:
         return left
 
     async def stop(self) -> None:
-        if self.calls.calls:
-            await self.drain()
+        left = await self.drain() if self.calls.calls else []
         self.ready = False
         for ingress in self.ingresses:  # what the drain left (peer connections, SIP workers)
             await ingress.stop()
+        if self.heartbeat is not None:  # before the webhooks stop: no take-over runs past here
+            try:  # a job the drain left live keeps the row: it expires and a survivor fails the job
+                await self.heartbeat.stop(leave=not left)
+            except Exception as e:  # noqa: BLE001 - the row expires by itself
+                log.error("node_not_removed", node_id=self.node_id, error=repr(e))
         if self.sessions is not None:  # credit releases of INVITEs the SIP stop gave up
             await self.sessions.aclose()
         # the writes of ended calls that wait for the database (their finals, ends and settlements)
@@ -257,27 +269,3 @@ class Service:
         for kind in INGRESSES:  # every registered ingress's routes: a disabled one answers so itself
             app.router.add_routes(kind.routes())
         return app
-
-
-async def recover_recordings(store: JobStore, job_ids: list[str], recordings: Recordings) -> None:
-    """Jobs a crash cut off: make each recording's header match the audio it holds and take its
-    length as the job's duration, then shelve it where every node reads recordings. The audio
-    received is what the job used (and is billed for): the last final's end is 0 for a stream
-    that had no final yet, and the header lags the data by up to one flush."""
-    for job_id in job_ids:
-        job = await store.get_job(job_id)
-        if job is None or not job.audio_path:
-            continue
-        try:
-            seconds = await asyncio.to_thread(repair_wav, job.audio_path)
-        except OSError as e:
-            log.error("recording_not_repaired", job_id=job_id, error=repr(e))
-            continue
-        if seconds is not None and seconds > job.duration_s:
-            await store.update_job(job_id, duration_s=seconds)
-        shelved = await recordings.shelve(job_id, job.audio_path)
-        if shelved is not None:
-            await store.update_job(job_id, audio_path=shelved)
-        log.info("recording_recovered", job_id=job_id, recorded_s=seconds, path=shelved or job.audio_path)
-
-

@@ -19,7 +19,7 @@ from bridge.audio.wav import WavRecorder, read_wav
 from bridge.client.stream import StreamClient
 from bridge.jobs import Job, JobSource
 from bridge.recordings import Recordings, move_file
-from bridge.service import recover_recordings
+from bridge.cluster import recover_recordings
 from bridge.stores import open_stores
 from tests.serving import API_KEY, start_server
 

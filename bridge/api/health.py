@@ -18,7 +18,9 @@ async def healthz(request: web.Request) -> web.Response:
     (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
     legs free and whether sessions are admitted (a node at capacity is healthy, and says so here).
     `database` is `degraded` too while writes wait for an unreachable database (bridge/backlog.py):
-    live sessions go on, their finals kept in order until it answers."""
+    live sessions go on, their finals kept in order until it answers.
+    `node_id` is this node's (docs/cluster.md); `nodes`, only when other nodes share the database,
+    lists each as the last heartbeat look saw it (id, url, age_s since its heartbeat, up/draining)."""
     svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
@@ -32,7 +34,10 @@ async def healthz(request: web.Request) -> web.Response:
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
             "database": svc.backlog.state(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable},
-            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
+            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None,
+            "node_id": svc.node_id}
+    if svc.heartbeat is not None and any(n.id != svc.node_id for n in svc.heartbeat.known):
+        body["nodes"] = svc.heartbeat.view(time.time())
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 
 

@@ -275,7 +275,15 @@ def _schemas() -> dict[str, Any]:
             "live_sessions": {"type": "integer"}, "uptime_s": num, "disk": _ref("Disk"),
             "database": _ref("DatabaseBacklog"),
             "sip": {"oneOf": [_ref("SipOff"), _ref("SipStats")]},
-            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}}},
+            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]},
+            "node_id": {"type": "string", "description": "this node's id (docs/cluster.md)"},
+            "nodes": {"type": "array", "items": _ref("Node"),
+                      "description": "only when other nodes share the database: every node, as this one's "
+                                     "last heartbeat look saw it"}}},
+        "Node": {"type": "object", "required": ["id", "url", "age_s", "state"], "properties": {
+            "id": {"type": "string"}, "url": {"type": "string", "description": "its cluster.advertise_url"},
+            "age_s": {"type": "number", "description": "seconds since its last heartbeat"},
+            "state": {"type": "string", "enum": ["up", "draining"]}}},
         "DatabaseBacklog": {"type": "object", "description": "store writes waiting for an unreachable database, "
                             "retried in order (bridge/backlog.py)",
                             "required": ["ok", "pending_writes", "deferred_total", "oldest_s", "last_error"],

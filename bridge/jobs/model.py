@@ -57,6 +57,9 @@ class Job:
     metadata: dict[str, Any] = field(default_factory=dict)
     audio_path: str | None = None
     error: dict[str, Any] | None = None  # {"code", "message"} when failed
+    # the node that ran it (docs/cluster.md): whose restart or death fails it while live. Not in
+    # to_dict: an internal routing fact, not part of the job an API client sees.
+    node_id: str = ""
 
     def __post_init__(self) -> None:
         self.status = JobStatus(self.status)

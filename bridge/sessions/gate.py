@@ -9,8 +9,12 @@ At the end the job is saved with the status its ending gives it (`job_ending`) a
 of the audio actually received are charged, the rest of the reservation released.
 
 The checks up to the capacity hold run in one step without yielding, so sessions (or SIP INVITEs)
-arriving together cannot pass on the same counts; only the credit reservation, in the key store,
-is awaited, and it holds the credits atomically itself.
+arriving together cannot pass on the same counts. Then two store steps are awaited, each atomic in
+the store itself: the owner's live-session row (`NodeStore.open_session`: the session limit counted
+over every node sharing the database, docs/cluster.md; the local count before it only spares a
+round trip when this node alone is already at the limit), then the credit reservation. A refusal
+or cancel after them undoes both, the reservation first: a live-session row outlives its
+reservation, so a reservation no row holds is an orphan another node may settle.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from bridge.recognizer.streamer import StreamerConfig
 from bridge.recordings import Recordings
 from bridge.sessions.errors import ErrorCode, SessionError, failure_error, job_ending
 from bridge.storage import StorageGuard, is_storage_full
-from bridge.stores import InsufficientCredits, JobStore, KeyStore
+from bridge.stores import InsufficientCredits, JobStore, KeyStore, NodeStore, SessionLimitReached
 
 __all__ = ["SessionGate", "Ticket"]
 
@@ -67,14 +71,24 @@ class Ticket:
 
     def cancel(self) -> None:
         """Undo the admission of a session that will not open: slot and capacity now, the credit
-        reservation in a task (the SIP dispatcher calls this from synchronous code)."""
+        reservation and the live-session row in a task (the SIP dispatcher calls this from
+        synchronous code)."""
         if self._drop():
-            self.gate.background(self.gate.keys.settle(self.job_id, 0), "reservation_not_released")
+            self.gate.background(self._undo(), "reservation_not_released")
 
     async def cancel_async(self) -> None:
-        """`cancel`, waiting for the credits to be released."""
+        """`cancel`, waiting for the credits and the live-session row to be released."""
         if self._drop():
+            await self._undo()
+
+    async def _undo(self) -> None:
+        """The reservation first, then the row (see the module doc). The row goes even if the
+        release failed: a stuck row would hold the owner's slot on every node, while a reservation
+        without its row is an orphan the next start or take-over settles."""
+        try:
             await self.gate.keys.settle(self.job_id, 0)
+        finally:
+            await self.gate.end_session(self.job_id)
 
     def _drop(self) -> bool:
         if self.opened or self.cancelled:
@@ -90,9 +104,11 @@ class SessionGate:
     """Admits, opens, concludes and settles sessions for every ingress (see the module doc)."""
 
     def __init__(self, config: Config, *, calls: CallRegistry, capacity: Admission, keys: KeyStore,
-                 store: JobStore, bus: EventBus, pool: Any, storage: StorageGuard, metrics: Metrics,
-                 recordings: Recordings, backlog: WriteBacklog) -> None:
+                 store: JobStore, nodes: NodeStore, node_id: str, bus: EventBus, pool: Any, storage: StorageGuard,
+                 metrics: Metrics, recordings: Recordings, backlog: WriteBacklog) -> None:
         self.config = config
+        self.nodes = nodes
+        self.node_id = node_id
         self.calls = calls
         self.capacity = capacity
         self.keys = keys
@@ -104,6 +120,7 @@ class SessionGate:
         self.recordings = recordings
         self.backlog = backlog
         self._tasks: set[asyncio.Task] = set()
+        self._session_rows: set[str] = set()  # job ids of open sessions whose live-session row is ours to end
 
     async def aclose(self) -> None:
         """Wait for the credit releases still running (before the stores close)."""
@@ -139,8 +156,7 @@ class SessionGate:
             raise self._refused(source, SessionError(ErrorCode.STORAGE_FULL, refusal))
         limit = self.config.limits.max_sessions_per_key
         if not self.calls.admit(owner, limit):
-            raise self._refused(source, SessionError(
-                ErrorCode.RATE_LIMITED, f"{self.calls.active(owner)} sessions already live for this key (limit {limit})"))
+            raise self._over_limit(source, self.calls.active(owner), limit)
         held = None
         if capacity:
             try:
@@ -161,6 +177,15 @@ class SessionGate:
             f"{max_duration_s:g} s x {ticket.channels} channel(s) at {self.config.credits.per_minute} credits/min; "
             f"{hint}"))
 
+    def _over_limit(self, source: JobSource, live: int, limit: int) -> SessionError:
+        return self._refused(source, SessionError(
+            ErrorCode.RATE_LIMITED, f"{live} sessions already live for this key (limit {limit})"))
+
+    async def end_session(self, job_id: str) -> None:
+        """Remove the session's live-session row (it no longer counts against its owner on any node)."""
+        self._session_rows.discard(job_id)
+        await self.nodes.end_session(job_id)
+
     async def admit(self, owner: str, channels: int, max_duration_s: float, source: JobSource, *,
                     hint: str = "lower max_duration_seconds or add credits", capacity: bool = True) -> Ticket:
         """Admit a session of up to `max_duration_s` x `channels`; raises SessionError (UPSTREAM_ERROR
@@ -169,13 +194,23 @@ class SessionGate:
         a call already answered elsewhere (no capacity check)."""
         ticket = self._hold(owner, channels, source, capacity=capacity)
         try:
+            try:  # the authority: this owner's sessions on every node
+                await self.nodes.open_session(ticket.job_id, owner, self.node_id,
+                                              self.config.limits.max_sessions_per_key)
+            except SessionLimitReached as e:
+                raise self._over_limit(source, e.live, e.limit) from None
             credits = self._credits(max_duration_s, channels)
             await self.keys.reserve(owner, ticket.job_id, credits)
             ticket.credits_held = credits
         except BaseException as e:
+            full = is_storage_full(e)  # the live-session row could not be written: SQLite on a full disk
+            if full:
+                self.storage.exhaust(e)  # frees the emergency reserve: the undo below can commit
             await ticket.cancel_async()
             if isinstance(e, InsufficientCredits):
                 raise self._short(ticket, e, max_duration_s, hint) from None
+            if full:
+                raise self._refused(source, failure_error(e)) from None
             raise
         return ticket
 
@@ -184,7 +219,7 @@ class SessionGate:
                  streamer: StreamerConfig) -> Call:
         """The Call of an admitted session (not open yet): its job as the ingress describes it."""
         job = Job(id=ticket.job_id, owner=ticket.owner, source=ticket.source, config=config, speakers=list(speakers),
-                  metadata=metadata)
+                  metadata=metadata, node_id=self.node_id)
         return Call(job, store=self.store, bus=self.bus, pool=self.pool, streamer_config=streamer,
                     recordings=self.recordings, credits_per_minute=self.config.credits.per_minute,
                     usage_interval_s=self.config.credits.usage_interval_s, storage=self.storage,
@@ -214,6 +249,7 @@ class SessionGate:
                 raise failure_error(e) from None
             raise
         self.calls.add(call, ticket.owner)
+        self._session_rows.add(call.id)
         ticket.opened = True
         ticket.release()  # its legs now count as live
         self.metrics.sessions.labels(ticket.source.value).inc()
@@ -236,7 +272,14 @@ class SessionGate:
         try:
             await self.settle(call)
         except Exception as e:  # noqa: BLE001
-            call.log.error("usage_not_settled", error=repr(e))  # settled from the recording on restart
+            call.log.error("usage_not_settled", error=repr(e))  # an orphan now: settled from the recording
+        # after the settlement (queued behind it while the database is away: bridge/backlog.py): a
+        # reservation without its row is an orphan that another node would settle (bridge/cluster/recovery.py)
+        self._session_rows.discard(call.id)
+        try:
+            await self.backlog.write(call.id, "end_session", lambda: self.nodes.end_session(call.id))
+        except Exception as e:  # noqa: BLE001
+            call.log.error("live_session_not_ended", error=repr(e))  # removed at this node's restart
         return err
 
     async def settle(self, call: Call) -> None:
@@ -246,6 +289,9 @@ class SessionGate:
         self.metrics.audio_seconds.labels(call.job.source.value).inc(call.streamed_seconds * call.channels)
 
     def leave(self, call: Call) -> None:
-        """The session is over: it no longer counts as live, nor against its owner's limit."""
+        """The session is over: it no longer counts as live, nor against its owner's limit (its
+        live-session row went with `conclude`, or goes now if the session ended without one)."""
         self.calls.remove(call)
         self.calls.release(call.job.owner)
+        if call.id in self._session_rows:
+            self.background(self.end_session(call.id), "live_session_not_ended")

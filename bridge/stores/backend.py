@@ -1,4 +1,4 @@
-"""What a storage backend provides: an opener that turns a URL into the three stores.
+"""What a storage backend provides: an opener that turns a URL into the four stores.
 
 A backend is one module (or package), registered under its URL scheme in
 bridge/stores/registry.py, with three coroutines: `open_stores(url, *, create, migrate)` of the
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bridge.stores.jobs import JobStore
 from bridge.stores.keys import KeyStore
+from bridge.stores.nodes import NodeStore
 from bridge.stores.webhooks import WebhookStore
 
 __all__ = ["Opener", "StoreNotFound", "StoreUnavailable", "Stores"]
@@ -26,10 +27,11 @@ class Stores:
     jobs: JobStore
     keys: KeyStore
     webhooks: WebhookStore
+    nodes: NodeStore  # the cluster's nodes and every node's live sessions (docs/cluster.md)
     migrated: tuple[tuple[int, str], ...] = ()  # (version, name) of the migrations this opening applied
 
     async def close(self) -> None:
-        for store in (self.webhooks, self.keys, self.jobs):
+        for store in (self.nodes, self.webhooks, self.keys, self.jobs):
             await store.close()
 
 

@@ -58,9 +58,11 @@ class JobStore(Protocol):
     async def delete_job(self, job_id: str) -> Job | None:
         """Delete the job and its segments; returns the deleted job (its audio is the caller's)."""
 
-    async def fail_live_jobs(self, reason: str) -> list[str]:
-        """At startup: jobs still `live` were cut off by a crash; mark them failed, keep their
-        segments; returns their ids."""
+    async def fail_live_jobs(self, reason: str, node_id: str | None = None) -> list[str]:
+        """At startup: jobs still `live` were cut off by a crash; mark them failed (error INTERNAL
+        `reason`, duration at least the last final's end), keep their segments; returns their ids.
+        `node_id`: only the jobs of that node (the one restarting) and those with node '' (from
+        before jobs had a node: only a single-node deployment has them); None: every live job."""
 
     async def close(self) -> None: ...
 

@@ -13,7 +13,7 @@ CLI, the session admission and the authenticator all consume them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,10 +123,16 @@ def credited_balance(key_id: str, balance: int | None, amount: int) -> int:
     return new
 
 
-async def settle_orphans(store: "KeyStore", used_for: Callable[[str], Awaitable[int]]) -> int:
+async def settle_orphans(store: "KeyStore", used_for: Callable[[str], Awaitable[int]],
+                         only: Callable[[Collection[str]], Awaitable[Collection[str]]] | None = None) -> int:
     """`KeyStore.settle_orphans` from the store's own reservations and settle: each open
-    reservation is charged what `used_for(job_id)` says the job used."""
-    orphans = await store.open_reservations()
+    reservation is charged what `used_for(job_id)` says the job used. `only`, given the open
+    reservations' job ids, returns those that are orphans (in a cluster: no live session on any
+    node holds them); it is asked after the reservations are read, so a session admitted in
+    between (its live-session row comes before its reservation) is never taken for one."""
+    orphans = list(await store.open_reservations())
+    if only is not None:
+        orphans = [job_id for job_id in await only(orphans) if job_id in orphans]
     for job_id in orphans:
         await store.settle(job_id, await used_for(job_id))
     return len(orphans)
@@ -190,8 +196,10 @@ class KeyStore(Protocol):
     async def open_reservations(self) -> dict[str, int]:
         """job_id -> credits held, for reservations not settled yet."""
 
-    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]]) -> int:
-        """At startup, settle reservations a crash left open, charging `await used_for(job_id)`;
-        returns how many."""
+    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]],
+                             only: Callable[[Collection[str]], Awaitable[Collection[str]]] | None = None) -> int:
+        """Settle reservations a crash left open, charging `await used_for(job_id)`; returns how
+        many. `only` picks the orphans among the open reservations' job ids (see `settle_orphans`
+        above); None: all of them (one node that just started)."""
 
     async def close(self) -> None: ...

@@ -109,13 +109,14 @@ class WebhookDispatcher:
         self._closing = False
         self._last_prune = 0.0
         self.pending_chains = 0
+        self._ended_queued: set[str] = set()  # recovered jobs whose call_ended `recover` queued
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, recovered_jobs: Sequence[str] = ()) -> None:
         await self.store.sync_config_endpoints(config_endpoints(self.config))
         await self.reload()
         if recovered_jobs:
-            await self._recover(list(recovered_jobs))
+            await self.recover(recovered_jobs)
         self.bus.add_tap(self._tap)
         self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
         if self.config.enabled:
@@ -198,6 +199,9 @@ class WebhookDispatcher:
     # -- into the outbox -------------------------------------------------------------------------
     def _tap(self, env: Envelope) -> None:
         etype = env.event.type.value
+        if etype == "call_ended" and env.job_id in self._ended_queued:
+            self._ended_queued.discard(env.job_id)
+            return
         targets = [e.id for e in self._endpoints.values() if e.wants(etype, env.owner, env.source)]
         if not targets:
             return
@@ -230,8 +234,14 @@ class WebhookDispatcher:
             if self._closing:
                 return
 
-    async def _recover(self, job_ids: list[str]) -> None:
-        """Jobs a crash left live: queue their saved finals an endpoint has not got, and their end."""
+    async def recover(self, job_ids: Sequence[str], *, end_published: bool = False) -> None:
+        """Jobs a crash left live (this node's at its start, a dead node's at its take-over,
+        bridge/cluster/): queue their saved finals an endpoint has not got, and their end.
+        `end_published`: the caller publishes their `call_ended` on the bus next, for its
+        subscribers; the tap leaves that one out, queued here already (after the finals, and
+        numbered after what the endpoint got)."""
+        if end_published:
+            self._ended_queued.update(job_ids)
         rows: list[NewDelivery] = []
         now = time.time()
         for job_id in job_ids:

@@ -1,5 +1,5 @@
 """Opening a PostgreSQL database: the schema's migrations (migrations.py), then one connection pool
-for the three stores (pool.py), and the errors.
+for the four stores (pool.py), and the errors.
 
 Each store method runs as one transaction on a pooled connection, so its check and write never
 interleave with another connection's, in this process or another node: the rows that decide (a
@@ -22,12 +22,13 @@ from bridge.stores.migrations import Migration, SchemaStatus
 from bridge.stores.postgres import migrations
 from bridge.stores.postgres.jobs import PgJobStore
 from bridge.stores.postgres.keys import PgKeyStore
+from bridge.stores.postgres.nodes import PgNodeStore
 from bridge.stores.postgres.pool import Pool
 from bridge.stores.postgres.webhooks import PgWebhookStore
 
 __all__ = ["POOL_MAX_SIZE", "migrate", "open_stores", "schema_status", "where_of"]
 
-POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the three stores
+POOL_MAX_SIZE = 10  # connections per opened URL (per node), shared by the four stores
 CONNECT_TIMEOUT_S = 10
 T = TypeVar("T")
 POOL_WAIT_S = 5.0  # longest a store call waits for a pooled connection
@@ -93,6 +94,6 @@ async def open_stores(url: str, *, create: bool = True, migrate: bool = True) ->
     except Exception as e:
         await pool.close()
         raise StoreUnavailable(where, _reason(e)) from e
-    shared = Pool(pool, users=3)
+    shared = Pool(pool, users=4)
     return Stores(jobs=PgJobStore(shared), keys=PgKeyStore(shared), webhooks=PgWebhookStore(shared),
-                  migrated=tuple((m.version, m.name) for m in done))
+                  nodes=PgNodeStore(shared), migrated=tuple((m.version, m.name) for m in done))

@@ -8,11 +8,13 @@ import json
 import time
 from typing import Any
 
+import psycopg
+
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.stores.jobs import decode_cursor, encode_cursor
 from bridge.stores.postgres.pool import Pool
 
-__all__ = ["PgJobStore"]
+__all__ = ["PgJobStore", "fail_live"]
 
 _UPDATABLE = {"speakers", "metadata", "audio_path", "duration_s", "config"}
 _JSON_FIELDS = {"speakers", "metadata", "config", "error"}
@@ -23,7 +25,7 @@ def _row_job(r: dict[str, Any]) -> Job:
                created_at=r["created_at"], ended_at=r["ended_at"], duration_s=r["duration_s"],
                config=json.loads(r["config"]), speakers=json.loads(r["speakers"]),
                metadata=json.loads(r["metadata"]), audio_path=r["audio_path"],
-               error=json.loads(r["error"]) if r["error"] else None)
+               error=json.loads(r["error"]) if r["error"] else None, node_id=r["node_id"])
 
 
 def _row_seg(r: dict[str, Any]) -> Segment:
@@ -32,6 +34,23 @@ def _row_seg(r: dict[str, Any]) -> Segment:
                    speech_final=bool(r["speech_final"]), language=r["language"], confidence=r["confidence"],
                    original_text=r["original_text"], original_speaker=r["original_speaker"],
                    edited_at=r["edited_at"])
+
+
+async def fail_live(db: psycopg.AsyncConnection, reason: str, now: float,
+                    node_ids: tuple[str, ...] | None) -> list[str]:
+    """Inside the caller's transaction: mark live jobs (of `node_ids`, None: all) failed with error
+    INTERNAL `reason`, their duration at least their last final's end; segments and audio path
+    stay. Returns their ids, sorted. Shared with the node store's take-over (nodes.py)."""
+    err = json.dumps({"code": "INTERNAL", "message": reason})
+    sql = ("UPDATE jobs j SET status = %s, error = %s, ended_at = COALESCE(ended_at, %s),"
+           ' duration_s = GREATEST(duration_s, COALESCE((SELECT MAX(s."end") FROM segments s'
+           " WHERE s.job_id = j.id), 0)) WHERE status = %s")
+    args: list[Any] = [JobStatus.FAILED.value, err, now, JobStatus.LIVE.value]
+    if node_ids is not None:
+        sql += " AND node_id = ANY(%s)"
+        args.append(list(node_ids))
+    rows = await (await db.execute(sql + " RETURNING id", args)).fetchall()
+    return sorted(r["id"] for r in rows)
 
 
 class PgJobStore:
@@ -44,10 +63,10 @@ class PgJobStore:
         async with self._pool.tx() as db:
             await db.execute(
                 "INSERT INTO jobs (id, owner, status, source, created_at, ended_at, duration_s, config, speakers,"
-                " metadata, audio_path, error) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                " metadata, audio_path, error, node_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 (job.id, job.owner, JobStatus(job.status).value, JobSource(job.source).value, job.created_at,
                  job.ended_at, job.duration_s, json.dumps(job.config), json.dumps(job.speakers),
-                 json.dumps(job.metadata), job.audio_path, json.dumps(job.error) if job.error else None))
+                 json.dumps(job.metadata), job.audio_path, json.dumps(job.error) if job.error else None, job.node_id))
         return job
 
     async def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
@@ -182,15 +201,9 @@ class PgJobStore:
             r = await (await db.execute("DELETE FROM jobs WHERE id = %s RETURNING *", (job_id,))).fetchone()
         return _row_job(r) if r else None
 
-    async def fail_live_jobs(self, reason: str) -> list[str]:
-        err = json.dumps({"code": "INTERNAL", "message": reason})
+    async def fail_live_jobs(self, reason: str, node_id: str | None = None) -> list[str]:
         async with self._pool.tx() as db:
-            rows = await (await db.execute(
-                "UPDATE jobs j SET status = %s, error = %s, ended_at = COALESCE(ended_at, %s),"
-                ' duration_s = GREATEST(duration_s, COALESCE((SELECT MAX(s."end") FROM segments s'
-                " WHERE s.job_id = j.id), 0)) WHERE status = %s RETURNING id",
-                (JobStatus.FAILED.value, err, time.time(), JobStatus.LIVE.value))).fetchall()
-        return sorted(r["id"] for r in rows)
+            return await fail_live(db, reason, time.time(), None if node_id is None else (node_id, ""))
 
     async def close(self) -> None:
         await self._pool.release()

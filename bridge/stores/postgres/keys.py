@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 import psycopg
@@ -213,8 +213,9 @@ class PgKeyStore:
             rows = await (await db.execute("SELECT job_id, credits FROM credit_reservations")).fetchall()
         return {r["job_id"]: int(r["credits"]) for r in rows}
 
-    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]]) -> int:
-        return await settle_orphans(self, used_for)
+    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]],
+                             only: Callable[[Collection[str]], Awaitable[Collection[str]]] | None = None) -> int:
+        return await settle_orphans(self, used_for, only)
 
     async def close(self) -> None:
         await self._pool.release()

@@ -1,5 +1,5 @@
-"""The embedded SQLite backend (`sqlite://PATH`), the default: one file holds jobs, keys and the
-webhook outbox, each store on its own connection (WAL, BEGIN IMMEDIATE: see db.py). Opening
+"""The embedded SQLite backend (`sqlite://PATH`), the default: one file holds jobs, keys, the
+webhook outbox and the node rows, each store on its own connection (WAL, BEGIN IMMEDIATE: see db.py). Opening
 applies the schema's migrations first (migrations.py), once, on a connection of its own.
 
 URL: `sqlite://` followed by the file's path, taken literally (no percent-decoding, so any data
@@ -22,7 +22,8 @@ from bridge.stores.sqlite import migrations
 from bridge.stores.sqlite.db import connect
 from bridge.stores.sqlite.jobs import SqliteJobStore
 from bridge.stores.sqlite.keys import SqliteKeyStore
-from bridge.stores.sqlite.threaded import ThreadedJobStore, ThreadedKeyStore, ThreadedWebhookStore
+from bridge.stores.sqlite.nodes import SqliteNodeStore
+from bridge.stores.sqlite.threaded import ThreadedJobStore, ThreadedKeyStore, ThreadedNodeStore, ThreadedWebhookStore
 from bridge.stores.sqlite.webhooks import SqliteWebhookStore
 
 __all__ = ["SCHEME", "migrate", "open_stores", "path_of", "schema_status", "url_for"]
@@ -85,11 +86,12 @@ def _on_connection(path: Path, action: Callable[[sqlite3.Connection, str], T]) -
 def _open(path: Path, create: bool, migrate: bool) -> Stores:
     # Migrated here, once, before any store opens; each store's own check then finds it current.
     done = _on_connection(path, lambda db, where: migrations.apply(db, where, create=create, migrate=migrate))
-    opened: list[SqliteJobStore | SqliteKeyStore | SqliteWebhookStore] = []
+    opened: list[SqliteJobStore | SqliteKeyStore | SqliteWebhookStore | SqliteNodeStore] = []
     try:
         opened.append(jobs := SqliteJobStore(path))
         opened.append(keys := SqliteKeyStore(str(path)))
         opened.append(hooks := SqliteWebhookStore(path))
+        opened.append(nodes := SqliteNodeStore(path))
     except BaseException as e:
         for store in opened:
             store.close()
@@ -97,4 +99,4 @@ def _open(path: Path, create: bool, migrate: bool) -> Stores:
             raise StoreUnavailable(str(path), str(e)) from e
         raise
     return Stores(jobs=ThreadedJobStore(jobs), keys=ThreadedKeyStore(keys), webhooks=ThreadedWebhookStore(hooks),
-                  migrated=tuple((m.version, m.name) for m in done))
+                  nodes=ThreadedNodeStore(nodes), migrated=tuple((m.version, m.name) for m in done))

@@ -18,7 +18,7 @@ from bridge.stores.sqlite.db import Tx, connect
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.stores.jobs import decode_cursor, encode_cursor
 
-__all__ = ["SqliteJobStore"]
+__all__ = ["SqliteJobStore", "fail_live"]
 
 
 # A final is identified by its job, channel, times and text: a leg never emits two finals of one
@@ -34,7 +34,7 @@ def _row_job(r: sqlite3.Row) -> Job:
                created_at=r["created_at"], ended_at=r["ended_at"], duration_s=r["duration_s"],
                config=json.loads(r["config"]), speakers=json.loads(r["speakers"]),
                metadata=json.loads(r["metadata"]), audio_path=r["audio_path"],
-               error=json.loads(r["error"]) if r["error"] else None)
+               error=json.loads(r["error"]) if r["error"] else None, node_id=r["node_id"])
 
 
 def _row_seg(r: sqlite3.Row) -> Segment:
@@ -43,6 +43,24 @@ def _row_seg(r: sqlite3.Row) -> Segment:
                    speech_final=bool(r["speech_final"]), language=r["language"], confidence=r["confidence"],
                    original_text=r["original_text"], original_speaker=r["original_speaker"],
                    edited_at=r["edited_at"])
+
+
+def fail_live(db: sqlite3.Connection, reason: str, now: float, node_ids: tuple[str, ...] | None) -> list[str]:
+    """Inside the caller's transaction: mark live jobs (of `node_ids`, None: all) failed with error
+    INTERNAL `reason`, their duration at least their last final's end; segments and audio path
+    stay. Returns their ids, sorted. Shared with the node store's take-over (nodes.py)."""
+    err = json.dumps({"code": "INTERNAL", "message": reason})
+    sql, args = "SELECT id FROM jobs WHERE status = ?", [JobStatus.LIVE.value]
+    if node_ids is not None:
+        sql += f" AND node_id IN ({','.join('?' * len(node_ids))})"
+        args += node_ids
+    ids = sorted(r["id"] for r in db.execute(sql, args))
+    for jid in ids:
+        end = db.execute('SELECT MAX("end") AS e FROM segments WHERE job_id = ?', (jid,)).fetchone()["e"]
+        db.execute("UPDATE jobs SET status = ?, error = ?, ended_at = COALESCE(ended_at, ?),"
+                   " duration_s = MAX(duration_s, ?) WHERE id = ?",
+                   (JobStatus.FAILED.value, err, now, end or 0.0, jid))
+    return ids
 
 
 class SqliteJobStore:
@@ -67,10 +85,10 @@ class SqliteJobStore:
         with self._lock, self._tx():
             self._db.execute(
                 "INSERT INTO jobs (id, owner, status, source, created_at, ended_at, duration_s, config, speakers,"
-                " metadata, audio_path, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " metadata, audio_path, error, node_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job.id, job.owner, JobStatus(job.status).value, JobSource(job.source).value, job.created_at,
                  job.ended_at, job.duration_s, json.dumps(job.config), json.dumps(job.speakers),
-                 json.dumps(job.metadata), job.audio_path, json.dumps(job.error) if job.error else None))
+                 json.dumps(job.metadata), job.audio_path, json.dumps(job.error) if job.error else None, job.node_id))
         return job
 
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
@@ -150,18 +168,11 @@ class SqliteJobStore:
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return _row_job(r)
 
-    def fail_live_jobs(self, reason: str) -> list[str]:
-        """At startup: jobs still `live` were cut off by a crash; mark them failed, keep their segments."""
-        err = json.dumps({"code": "INTERNAL", "message": reason})
+    def fail_live_jobs(self, reason: str, node_id: str | None = None) -> list[str]:
+        """At startup: jobs still `live` were cut off by a crash; mark them failed, keep their segments.
+        `node_id`: only that node's and those from before jobs had a node ('')."""
         with self._lock, self._tx():
-            ids = [r["id"] for r in self._db.execute("SELECT id FROM jobs WHERE status = ?", (JobStatus.LIVE.value,))]
-            for jid in ids:
-                end = self._db.execute('SELECT MAX("end") AS e FROM segments WHERE job_id = ?', (jid,)).fetchone()["e"]
-                self._db.execute(
-                    "UPDATE jobs SET status = ?, error = ?, ended_at = COALESCE(ended_at, ?),"
-                    " duration_s = MAX(duration_s, ?) WHERE id = ?",
-                    (JobStatus.FAILED.value, err, time.time(), end or 0.0, jid))
-        return ids
+            return fail_live(self._db, reason, time.time(), None if node_id is None else (node_id, ""))
 
     # -- segments --------------------------------------------------------------------------
 

@@ -9,18 +9,20 @@ usable on their own (tests, and anything already in a thread).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 from bridge.jobs.model import Job, JobSource, JobStatus, Segment
 from bridge.stores.keys import ApiKey, settle_orphans
+from bridge.stores.nodes import DEAD_NODE_REASON, Node, TakeOver
 from bridge.stores.sqlite.jobs import SqliteJobStore
 from bridge.stores.sqlite.keys import SqliteKeyStore
+from bridge.stores.sqlite.nodes import SqliteNodeStore
 from bridge.stores.sqlite.webhooks import SqliteWebhookStore
 from bridge.stores.webhooks import NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
-__all__ = ["ThreadedJobStore", "ThreadedKeyStore", "ThreadedWebhookStore"]
+__all__ = ["ThreadedJobStore", "ThreadedKeyStore", "ThreadedNodeStore", "ThreadedWebhookStore"]
 
 _run = asyncio.to_thread
 
@@ -65,8 +67,8 @@ class ThreadedJobStore:
     async def delete_job(self, job_id: str) -> Job | None:
         return await _run(self.blocking.delete_job, job_id)
 
-    async def fail_live_jobs(self, reason: str) -> list[str]:
-        return await _run(self.blocking.fail_live_jobs, reason)
+    async def fail_live_jobs(self, reason: str, node_id: str | None = None) -> list[str]:
+        return await _run(self.blocking.fail_live_jobs, reason, node_id)
 
     async def close(self) -> None:
         await _run(self.blocking.close)
@@ -132,8 +134,9 @@ class ThreadedKeyStore:
     async def open_reservations(self) -> dict[str, int]:
         return await _run(self.blocking.open_reservations)
 
-    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]]) -> int:
-        return await settle_orphans(self, used_for)
+    async def settle_orphans(self, used_for: Callable[[str], Awaitable[int]],
+                             only: Callable[[Collection[str]], Awaitable[Collection[str]]] | None = None) -> int:
+        return await settle_orphans(self, used_for, only)
 
     async def close(self) -> None:
         await _run(self.blocking.close)
@@ -201,6 +204,44 @@ class ThreadedWebhookStore:
 
     async def counts(self) -> dict[str, int]:
         return await _run(self.blocking.counts)
+
+    async def close(self) -> None:
+        await _run(self.blocking.close)
+
+
+class ThreadedNodeStore:
+    """bridge.stores.NodeStore over a SqliteNodeStore."""
+
+    def __init__(self, blocking: SqliteNodeStore) -> None:
+        self.blocking = blocking
+
+    async def heartbeat(self, node_id: str, url: str, started_at: float, draining: bool = False,
+                        now: float | None = None) -> bool:
+        return await _run(self.blocking.heartbeat, node_id, url, started_at, draining, now)
+
+    async def list_nodes(self) -> list[Node]:
+        return await _run(self.blocking.list_nodes)
+
+
+    async def take_over(self, node_id: str, ttl_s: float, reason: str = DEAD_NODE_REASON,
+                        now: float | None = None) -> TakeOver | None:
+        return await _run(self.blocking.take_over, node_id, ttl_s, reason, now)
+
+    async def remove_node(self, node_id: str) -> None:
+        await _run(self.blocking.remove_node, node_id)
+
+    async def open_session(self, job_id: str, owner: str, node_id: str, limit: int | None,
+                           now: float | None = None) -> None:
+        await _run(self.blocking.open_session, job_id, owner, node_id, limit, now)
+
+    async def end_session(self, job_id: str) -> None:
+        await _run(self.blocking.end_session, job_id)
+
+    async def session_jobs(self) -> set[str]:
+        return await _run(self.blocking.session_jobs)
+
+    async def clear_sessions(self, node_id: str) -> int:
+        return await _run(self.blocking.clear_sessions, node_id)
 
     async def close(self) -> None:
         await _run(self.blocking.close)
