@@ -160,8 +160,9 @@ class WebhookDispatcher:
             await asyncio.sleep(0.005)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Flush the outbox, give attempts in flight `grace_s`, then cancel the rest (they stay
-        pending and go out after the next start; receivers dedupe on X-Event-Id)."""
+        """Flush the outbox, give attempts in flight `grace_s`, then cancel the rest and end this
+        node's leases (their rows stay pending and go out at another node, or after the next
+        start; receivers dedupe on X-Event-Id)."""
         self._closing = True
         if self._sub is not None:
             self._sub.close()  # the reader takes what is queued, then ends
@@ -230,7 +231,10 @@ class WebhookDispatcher:
         can overflow the subscription; then the loss is logged and a new one taken."""
         while self._sub is not None:
             async for env in self._sub:
-                self._tap(env)
+                try:
+                    self._tap(env)
+                except Exception as e:  # noqa: BLE001 - one bad event must not end the reader (and every later one)
+                    log.error("webhook_tap_failed", job_id=env.job_id, seq=env.seq, error=repr(e))
             if self._closing or not self._sub.overflowed:
                 return
             log.error("webhook_events_lost", reason="the local event subscription overflowed",
