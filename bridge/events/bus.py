@@ -95,10 +95,8 @@ class EventBus(ABC):
         """Number `event` (seq per job, from 1) and fan it out; never blocks, never awaits."""
 
     @abstractmethod
-    def subscribe(self, job_id: str | None = None, maxsize: int = 10000, *, local: bool = False) -> Subscription:
-        """A bounded subscription to one job's events, or to every job's (`None`). `local=True`:
-        only the events published by this process (CLUSTER.md; h/outbox added the keyword here,
-        h/redisbus owns its cross-node meaning)."""
+    def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
+        """A bounded subscription to one job's events, or to every job's (`None`)."""
 
     @abstractmethod
     def add_tap(self, tap: Callable[[Envelope], None]) -> None:
@@ -118,8 +116,7 @@ class InProcessBus(EventBus):
     def add_tap(self, tap: Callable[[Envelope], None]) -> None:
         self._taps.append(tap)
 
-    def subscribe(self, job_id: str | None = None, maxsize: int = 10000, *, local: bool = False) -> Subscription:
-        # every event of an in-process bus is published by this process: `local` changes nothing
+    def subscribe(self, job_id: str | None = None, maxsize: int = 10000) -> Subscription:
         sub = Subscription(self, job_id, maxsize)
         self._subs.setdefault(job_id, []).append(sub)
         return sub

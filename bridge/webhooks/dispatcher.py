@@ -1,11 +1,15 @@
-"""The webhook dispatcher: a local bus subscription fills the durable outbox, a worker delivers it.
+"""The webhook dispatcher: a bus tap fills the durable outbox, a worker delivers it.
 
-Path of one event: `publish` -> this node's subscription (`local=True`: with a bus shared by
-several nodes each node queues only the events published on it, or N nodes would queue N copies)
--> tap (matches endpoints from an in-memory copy, never blocks) -> pending list -> writer task
-(one transaction per batch) -> outbox row -> delivery worker -> signed POST. The worker attempts
-only the head of each (endpoint, job) chain, so a job's events reach an endpoint in order;
-different jobs and endpoints go out side by side, up to `webhooks.concurrency` attempts at once.
+Path of one event: `publish` -> tap (matches endpoints from an in-memory copy, never blocks)
+-> pending list -> writer task (one transaction per batch) -> outbox row -> delivery worker ->
+signed POST. The worker attempts only the head of each (endpoint, job) chain, so a job's events
+reach an endpoint in order; different jobs and endpoints go out side by side, up to
+`webhooks.concurrency` attempts at once.
+
+A tap is called inside `publish` of this process only, never with an event another node
+published on a shared bus, so each node queues only its own events (CLUSTER.md: otherwise N
+nodes would queue N copies). A tap rather than a `local=True` subscription: it never lags or
+drops, and `flush` knows exactly what it has seen.
 
 Several nodes share one outbox (PostgreSQL): every node's worker delivers from it, and a chain is
 attempted by one node at a time under a lease on its head row, taken just before each attempt
@@ -50,7 +54,7 @@ import aiohttp
 from yarl import URL
 
 from bridge.calls import ended_event
-from bridge.events.bus import Envelope, EventBus, Subscription
+from bridge.events.bus import Envelope, EventBus
 from bridge.logs import get_logger
 from bridge.stores import JobStore, NewDelivery, WebhookStore
 from bridge.webhooks.breaker import BreakerState, CircuitBreaker
@@ -69,7 +73,6 @@ USER_AGENT = "callbridge-webhooks/1"
 MAX_ERROR_TEXT = 300
 IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (redelivered by the CLI, queued by another node)
 LEASE_MARGIN_S = 30.0  # a chain's lease lasts one attempt's timeout plus this (database writes, a busy loop)
-LOCAL_QUEUE = 1_000_000  # the local subscription is drained on every loop turn; this only bounds a stalled loop
 DEFAULT_NODE = "local"  # one node; in a cluster the service passes its stable node id (Service.node_id)
 PRUNE_EVERY_S = 3600.0
 CHAIN_BURST = 50  # a chain delivered back to back gives its slot up after this many, for fairness
@@ -115,8 +118,6 @@ class WebhookDispatcher:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._next_owner = 0  # round-robin start, moved on each pass
         self.policy = TargetPolicy.from_config(config.allow_private_targets, config.allowed_target_networks)
-        self._sub: Subscription | None = None
-        self._reader: asyncio.Task | None = None
         self._writer: asyncio.Task | None = None
         self._worker: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None  # key-owned endpoints: guarded resolver
@@ -131,8 +132,7 @@ class WebhookDispatcher:
         await self.reload()
         if recovered_jobs:
             await self._recover(list(recovered_jobs))
-        self._sub = self.bus.subscribe(None, maxsize=LOCAL_QUEUE, local=True)
-        self._reader = asyncio.create_task(self._read_loop(), name="webhooks-reader")
+        self.bus.add_tap(self._tap)  # this node's events only (see the module docstring)
         self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
         if self.config.enabled:
             timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
@@ -151,10 +151,7 @@ class WebhookDispatcher:
         self._due.set()
 
     async def flush(self) -> None:
-        """Wait until every event published on this node so far is in the outbox. A local
-        subscription is offered each event inside `publish`, and the reader drains its queue in
-        one turn without awaiting anything else, so one yield lets it take them all."""
-        await asyncio.sleep(0)
+        """Wait until every event the tap has seen so far is in the outbox."""
         self._wrote.set()
         while (self._pending or self._writing) and self._writer is not None and not self._writer.done():
             await asyncio.sleep(0.005)
@@ -164,10 +161,6 @@ class WebhookDispatcher:
         node's leases (their rows stay pending and go out at another node, or after the next
         start; receivers dedupe on X-Event-Id)."""
         self._closing = True
-        if self._sub is not None:
-            self._sub.close()  # the reader takes what is queued, then ends
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
         self._wrote.set()
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -226,21 +219,6 @@ class WebhookDispatcher:
         self._breakers.pop(endpoint_id, None)
 
     # -- into the outbox -------------------------------------------------------------------------
-    async def _read_loop(self) -> None:
-        """This node's events into the pending list. Only a loop stalled for LOCAL_QUEUE events
-        can overflow the subscription; then the loss is logged and a new one taken."""
-        while self._sub is not None:
-            async for env in self._sub:
-                try:
-                    self._tap(env)
-                except Exception as e:  # noqa: BLE001 - one bad event must not end the reader (and every later one)
-                    log.error("webhook_tap_failed", job_id=env.job_id, seq=env.seq, error=repr(e))
-            if self._closing or not self._sub.overflowed:
-                return
-            log.error("webhook_events_lost", reason="the local event subscription overflowed",
-                      dropped_partials=self._sub.dropped_partials)
-            self._sub = self.bus.subscribe(None, maxsize=LOCAL_QUEUE, local=True)
-
     def _tap(self, env: Envelope) -> None:
         etype = env.event.type.value
         targets = [e.id for e in self._endpoints.values() if e.wants(etype, env.owner, env.source)]
