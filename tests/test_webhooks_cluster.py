@@ -6,7 +6,6 @@ run out when a node stalls or dies (bridge/stores/webhooks.py, docs/webhooks.md 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
