@@ -132,7 +132,7 @@ class WebhookDispatcher:
         await self.reload()
         if recovered_jobs:
             await self._recover(list(recovered_jobs))
-        self.bus.add_tap(self._tap)  # this node's events only (see the module docstring)
+        self.bus.add_tap(self._tap)
         self._writer = asyncio.create_task(self._write_loop(), name="webhooks-writer")
         if self.config.enabled:
             timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
