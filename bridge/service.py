@@ -121,7 +121,8 @@ class Service:
             log.info("schema_migrated", version=version, name=name)
         self.store, self.keys = self.stores.jobs, self.stores.keys
         self.webhooks = WebhookDispatcher(self.bus, self.stores.webhooks, self.store, self.config.webhooks,
-                                          credits_per_minute=self.config.credits.per_minute, metrics=self.metrics)
+                                          credits_per_minute=self.config.credits.per_minute, metrics=self.metrics,
+                                          node_id=self.node_id)
         recovery = Recovery(jobs=self.store, keys=self.keys, nodes=self.stores.nodes, bus=self.bus,
                             webhooks=self.webhooks, credits_per_minute=self.config.credits.per_minute,
                             recordings=self.recordings)

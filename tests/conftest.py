@@ -52,3 +52,13 @@ def pg_server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request) -> dict[str, str]:
+    """start_server overrides that put the service's stores on each backend in turn: {} keeps
+    the default SQLite file in its data_dir; postgresql gives a fresh database on the session's
+    PostgreSQL server (pg_server). For the suites that must hold on both (auth, webhooks)."""
+    if request.param == "sqlite":
+        return {}
+    return {"storage.url": request.getfixturevalue("pg_server").new_database()}

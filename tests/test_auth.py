@@ -2,10 +2,16 @@
 Authenticator's JWT rules, `POST /v1/tokens`, `callbridge keys`, and the auth matrix over a real
 socket: every refused credential gets 401 with a JSON body before the WebSocket upgrade, every
 valid one opens a stream whose job belongs to the right owner.
+
+What goes through the key store runs on each storage backend (the `storage` fixture of
+tests/conftest.py: SQLite and a real PostgreSQL): the store tests through `keys`, the service
+tests through `server` and `jwt_server`. What reads SQLite's file (nothing but hashes on disk) or
+its threads stays on SQLite, and the JWT rules and the backoff, which never reach the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -27,7 +33,7 @@ from bench.drive import wait_for
 from bridge.auth import Authenticator, AuthError, Principal, bootstrap_key, key_id_for
 from bridge.backoff import source_of
 from bridge.config import AuthConfig
-from bridge.stores import InsufficientCredits, KeyNotFound, TokenRefused
+from bridge.stores import InsufficientCredits, KeyNotFound, KeyStore, TokenRefused, open_stores
 from bridge.stores.sqlite.keys import SqliteKeyStore
 from bridge.stores.sqlite.threaded import ThreadedKeyStore
 from tests.serving import API_KEY, OTHER_KEY, start_server
@@ -53,9 +59,27 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock):
+    """The blocking SQLite store, for what only SQLite has (its file, its threads)."""
     s = SqliteKeyStore(str(tmp_path / "callbridge.db"), clock=clock)
     yield s
     s.close()
+
+
+@pytest.fixture
+async def keys(storage: dict[str, str], tmp_path: Path, clock: Clock):
+    """The service's KeyStore on each backend, with the settable clock."""
+    stores = await open_stores(storage.get("storage.url") or f"sqlite://{tmp_path / 'callbridge.db'}")
+    stores.keys.clock = clock
+    yield stores.keys
+    await stores.close()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, pool: Any, storage: dict[str, str]):
+    """The real service (tests/conftest.py's), on each storage backend."""
+    srv = await start_server(tmp_path / "data", pool, **storage)
+    yield srv
+    await srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,96 +148,96 @@ def test_secret_is_stored_only_as_hash(tmp_path: Path, store: SqliteKeyStore) ->
         reopened.close()
 
 
-def test_config_keys_are_imported_idempotently_with_stable_ids(store: SqliteKeyStore) -> None:
-    store.ensure_keys([API_KEY, OTHER_KEY])
-    store.ensure_keys([API_KEY])
-    keys = {k.id: k for k in store.list_keys()}
-    assert set(keys) == {key_id_for(API_KEY), key_id_for(OTHER_KEY)}
-    assert all(k.name == "config" and k.balance is None and not k.revoked for k in keys.values())
-    assert store.active_key_count() == 2
+async def test_config_keys_are_imported_idempotently_with_stable_ids(keys: KeyStore) -> None:
+    await keys.ensure_keys([API_KEY, OTHER_KEY])
+    await keys.ensure_keys([API_KEY])
+    listed = {k.id: k for k in await keys.list_keys()}
+    assert set(listed) == {key_id_for(API_KEY), key_id_for(OTHER_KEY)}
+    assert all(k.name == "config" and k.balance is None and not k.revoked for k in listed.values())
+    assert await keys.active_key_count() == 2
     # revocation wins over config: importing the key again does not bring it back
-    assert store.revoke(key_id_for(API_KEY))
-    store.ensure_keys([API_KEY, OTHER_KEY])
-    assert store.get_key(key_id_for(API_KEY)).revoked
-    assert store.active_key_count() == 1
+    assert await keys.revoke(key_id_for(API_KEY))
+    await keys.ensure_keys([API_KEY, OTHER_KEY])
+    assert (await keys.get_key(key_id_for(API_KEY))).revoked
+    assert await keys.active_key_count() == 1
 
 
 @pytest.mark.parametrize("bad, why", [("short", "at least 16"), ("cbt_looks_like_a_temp_token", "cbt_"),
                                       ("aaaaaaaa.bbbbbbbb.cccccccc", "JWT")])
-def test_config_keys_that_could_never_authenticate_are_refused(store: SqliteKeyStore, bad: str, why: str) -> None:
+async def test_config_keys_that_could_never_authenticate_are_refused(keys: KeyStore, bad: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        store.ensure_keys([bad])
-    assert store.list_keys() == []
+        await keys.ensure_keys([bad])
+    assert await keys.list_keys() == []
 
 
-def test_revoke(store: SqliteKeyStore) -> None:
-    key, secret = store.create_key()
-    assert store.revoke(key.id) is True
-    assert store.revoke(key.id) is False  # already revoked
-    assert store.revoke("key_doesnotexist00") is False
-    found = store.verify_key(secret)
-    assert found is not None and found.revoked and found.revoked_at == store.clock()
-    assert store.active_key_count() == 0
+async def test_revoke(keys: KeyStore) -> None:
+    key, secret = await keys.create_key()
+    assert await keys.revoke(key.id) is True
+    assert await keys.revoke(key.id) is False  # already revoked
+    assert await keys.revoke("key_doesnotexist00") is False
+    found = await keys.verify_key(secret)
+    assert found is not None and found.revoked and found.revoked_at == keys.clock()
+    assert await keys.active_key_count() == 0
 
 
-def test_credits_adjustments(store: SqliteKeyStore) -> None:
-    key, _ = store.create_key()
-    assert store.get_key(key.id).balance is None  # unlimited by default
+async def test_credits_adjustments(keys: KeyStore) -> None:
+    key, _ = await keys.create_key()
+    assert (await keys.get_key(key.id)).balance is None  # unlimited by default
     with pytest.raises(ValueError, match="unlimited"):
-        store.add_credits(key.id, -5)
-    assert store.add_credits(key.id, 100) == 100  # crediting an unlimited key meters it
-    assert store.add_credits(key.id, -30) == 70
+        await keys.add_credits(key.id, -5)
+    assert await keys.add_credits(key.id, 100) == 100  # crediting an unlimited key meters it
+    assert await keys.add_credits(key.id, -30) == 70
     with pytest.raises(ValueError, match="below 0"):
-        store.add_credits(key.id, -71)
-    assert store.get_key(key.id).balance == 70
-    store.set_unlimited(key.id)
-    assert store.get_key(key.id).balance is None
+        await keys.add_credits(key.id, -71)
+    assert (await keys.get_key(key.id)).balance == 70
+    await keys.set_unlimited(key.id)
+    assert (await keys.get_key(key.id)).balance is None
     with pytest.raises(KeyNotFound):
-        store.add_credits("key_nope", 1)
+        await keys.add_credits("key_nope", 1)
     with pytest.raises(KeyNotFound):
-        store.set_unlimited("key_nope")
+        await keys.set_unlimited("key_nope")
 
 
 # --------------------------------------------------------------------------- KeyStore: temporary tokens
 
 
-def test_temp_token_is_single_use(store: SqliteKeyStore, clock: Clock) -> None:
-    key, _ = store.create_key()
-    token, expires_at = store.mint_temp_token(key.id, 60)
+async def test_temp_token_is_single_use(keys: KeyStore, clock: Clock) -> None:
+    key, _ = await keys.create_key()
+    token, expires_at = await keys.mint_temp_token(key.id, 60)
     assert token.startswith("cbt_") and expires_at == clock.now + 60
-    assert store.consume_temp_token(token) == key.id
+    assert await keys.consume_temp_token(token) == key.id
     with pytest.raises(TokenRefused) as e:
-        store.consume_temp_token(token)
+        await keys.consume_temp_token(token)
     assert e.value.code == "TOKEN_REUSED" and token not in e.value.message
 
 
-def test_temp_token_expires(store: SqliteKeyStore, clock: Clock) -> None:
-    key, _ = store.create_key()
-    token, _ = store.mint_temp_token(key.id, 60)
+async def test_temp_token_expires(keys: KeyStore, clock: Clock) -> None:
+    key, _ = await keys.create_key()
+    token, _ = await keys.mint_temp_token(key.id, 60)
     clock.now += 60.5
     with pytest.raises(TokenRefused) as e:
-        store.consume_temp_token(token)
+        await keys.consume_temp_token(token)
     assert e.value.code == "TOKEN_EXPIRED"
-    fresh, _ = store.mint_temp_token(key.id, 60)
+    fresh, _ = await keys.mint_temp_token(key.id, 60)
     clock.now += 59
-    assert store.consume_temp_token(fresh) == key.id  # just inside its lifetime
+    assert await keys.consume_temp_token(fresh) == key.id  # just inside its lifetime
 
 
-def test_temp_token_refused_when_unknown_or_key_revoked(store: SqliteKeyStore) -> None:
-    key, _ = store.create_key()
-    token, _ = store.mint_temp_token(key.id, 60)
+async def test_temp_token_refused_when_unknown_or_key_revoked(keys: KeyStore) -> None:
+    key, _ = await keys.create_key()
+    token, _ = await keys.mint_temp_token(key.id, 60)
     with pytest.raises(TokenRefused) as e:
-        store.consume_temp_token("cbt_" + "x" * 43)
+        await keys.consume_temp_token("cbt_" + "x" * 43)
     assert e.value.code == "INVALID_CREDENTIALS"
-    store.revoke(key.id)
+    await keys.revoke(key.id)
     with pytest.raises(TokenRefused) as e:
-        store.consume_temp_token(token)
+        await keys.consume_temp_token(token)
     assert e.value.code == "KEY_REVOKED"
     with pytest.raises(TokenRefused) as e:
-        store.mint_temp_token(key.id, 60)
+        await keys.mint_temp_token(key.id, 60)
     assert e.value.code == "KEY_REVOKED"
     with pytest.raises(KeyNotFound):
-        store.mint_temp_token("key_nope", 60)
+        await keys.mint_temp_token("key_nope", 60)
 
 
 def test_temp_token_consumed_once_under_concurrency(tmp_path: Path, store: SqliteKeyStore) -> None:
@@ -248,33 +272,33 @@ def test_temp_token_stored_only_as_hash(tmp_path: Path, store: SqliteKeyStore) -
 # --------------------------------------------------------------------------- KeyStore: reservations
 
 
-def test_reserve_and_settle(store: SqliteKeyStore) -> None:
-    key, _ = store.create_key(credits=1000)
-    store.reserve(key.id, "job_a", 600)
+async def test_reserve_and_settle(keys: KeyStore) -> None:
+    key, _ = await keys.create_key(credits=1000)
+    await keys.reserve(key.id, "job_a", 600)
     with pytest.raises(InsufficientCredits) as e:
-        store.reserve(key.id, "job_b", 600)
+        await keys.reserve(key.id, "job_b", 600)
     assert (e.value.balance, e.value.needed) == (400, 600)  # available = balance - held
-    store.reserve(key.id, "job_b", 400)
-    k = store.get_key(key.id)
+    await keys.reserve(key.id, "job_b", 400)
+    k = await keys.get_key(key.id)
     assert (k.balance, k.reserved, k.available) == (1000, 1000, 0)
 
-    store.settle("job_a", 100)  # the actual use is charged, not the 600 held
-    k = store.get_key(key.id)
+    await keys.settle("job_a", 100)  # the actual use is charged, not the 600 held
+    k = await keys.get_key(key.id)
     assert (k.balance, k.reserved) == (900, 400)
-    store.settle("job_a", 100)  # idempotent
-    store.settle("job_never_reserved", 50)  # no-op
-    assert store.get_key(key.id).balance == 900
-    store.settle("job_b", 5000)  # more than the balance: floored at 0, never negative
-    assert store.get_key(key.id).balance == 0 and store.open_reservations() == {}
+    await keys.settle("job_a", 100)  # idempotent
+    await keys.settle("job_never_reserved", 50)  # no-op
+    assert (await keys.get_key(key.id)).balance == 900
+    await keys.settle("job_b", 5000)  # more than the balance: floored at 0, never negative
+    assert (await keys.get_key(key.id)).balance == 0 and await keys.open_reservations() == {}
 
 
-def test_unmetered_owners_reserve_nothing(store: SqliteKeyStore) -> None:
-    unlimited, _ = store.create_key()
-    store.reserve(unlimited.id, "job_1", 10**9)
-    store.reserve("jwt:alice", "job_2", 10**9)
-    assert store.open_reservations() == {}
-    store.settle("job_1", 10)
-    assert store.get_key(unlimited.id).balance is None
+async def test_unmetered_owners_reserve_nothing(keys: KeyStore) -> None:
+    unlimited, _ = await keys.create_key()
+    await keys.reserve(unlimited.id, "job_1", 10**9)
+    await keys.reserve("jwt:alice", "job_2", 10**9)
+    assert await keys.open_reservations() == {}
+    await keys.settle("job_1", 10)
+    assert (await keys.get_key(unlimited.id)).balance is None
 
 
 def test_orphaned_reservations_are_settled_at_startup(tmp_path: Path, store: SqliteKeyStore) -> None:
@@ -294,23 +318,24 @@ def test_orphaned_reservations_are_settled_at_startup(tmp_path: Path, store: Sql
         reopened.close()
 
 
-async def test_bootstrap_key(tmp_path: Path, store: SqliteKeyStore) -> None:
+async def test_bootstrap_key(tmp_path: Path, keys: KeyStore) -> None:
     data_dir = tmp_path / "data"
-    secret = await bootstrap_key(ThreadedKeyStore(store), str(data_dir))
+    secret = await bootstrap_key(keys, str(data_dir))
     assert secret is not None
     path = data_dir / "api_key"
     assert path.read_text().strip() == secret
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    key = store.verify_key(secret)
+    key = await keys.verify_key(secret)
     assert key is not None and key.name == "default" and key.balance is None
-    assert await bootstrap_key(ThreadedKeyStore(store), str(data_dir)) is None  # an active key exists now
+    assert await bootstrap_key(keys, str(data_dir)) is None  # an active key exists now
 
 
 # --------------------------------------------------------------------------- Authenticator
 
 
-def _auth(store: SqliteKeyStore, **config: Any) -> Authenticator:
-    return Authenticator(ThreadedKeyStore(store), AuthConfig(**config))
+def _auth(store: SqliteKeyStore | KeyStore, **config: Any) -> Authenticator:
+    """Over the blocking SQLite store (the JWT rules, which never reach it) or any KeyStore."""
+    return Authenticator(ThreadedKeyStore(store) if isinstance(store, SqliteKeyStore) else store, AuthConfig(**config))
 
 
 async def _refused(auth: Authenticator, request: Any, code: str, **kw: Any) -> AuthError:
@@ -334,9 +359,9 @@ def test_construction_refuses_unusable_jwt_keys(tmp_path: Path, store: SqliteKey
         _auth(store, jwt_hs256_secret="too-short")
 
 
-async def test_credential_sources_and_kinds(store: SqliteKeyStore) -> None:
-    store.ensure_keys([API_KEY, OTHER_KEY])
-    auth = _auth(store, jwt_hs256_secret=HS_SECRET)
+async def test_credential_sources_and_kinds(keys: KeyStore) -> None:
+    await keys.ensure_keys([API_KEY, OTHER_KEY])
+    auth = _auth(keys, jwt_hs256_secret=HS_SECRET)
     api = Principal(owner=key_id_for(API_KEY), kind="api_key", key_id=key_id_for(API_KEY))
     assert await auth.authenticate(_request(api_key=API_KEY)) == api
     assert await auth.authenticate(_request({"Authorization": f"Bearer {API_KEY}"})) == api
@@ -350,10 +375,10 @@ async def test_credential_sources_and_kinds(store: SqliteKeyStore) -> None:
     assert "cbk_wrong" not in err.message
 
 
-async def test_temp_token_not_spent_where_not_allowed(store: SqliteKeyStore) -> None:
-    key, _ = store.create_key()
-    token, _ = store.mint_temp_token(key.id, 60)
-    auth = _auth(store)
+async def test_temp_token_not_spent_where_not_allowed(keys: KeyStore) -> None:
+    key, _ = await keys.create_key()
+    token, _ = await keys.mint_temp_token(key.id, 60)
+    auth = _auth(keys)
     await _refused(auth, _request({"Authorization": f"Bearer {token}"}), "TEMP_TOKEN_NOT_ALLOWED", allow_temp=False)
     assert await auth.authenticate(_request(token=token)) == Principal(owner=key.id, kind="temp_token", key_id=key.id)
     await _refused(auth, _request(token=token), "TOKEN_REUSED")
@@ -396,12 +421,12 @@ async def test_jwt_issuer_checked_when_configured(store: SqliteKeyStore) -> None
 
 
 @pytest.fixture
-async def jwt_server(tmp_path: Path, pool: Any, rsa_pem_path: str):
+async def jwt_server(tmp_path: Path, pool: Any, rsa_pem_path: str, storage: dict[str, str]):
     """The real service with API keys, HS256 and RS256 all accepted; no authentication backoff
     (the matrix sends dozens of refused credentials on purpose; the backoff is tested below)."""
     srv = await start_server(tmp_path / "data", pool, **{"auth.jwt_hs256_secret": HS_SECRET,
                                                          "auth.jwt_rs256_public_key": rsa_pem_path,
-                                                         "auth.failures_before_backoff": "0"})
+                                                         "auth.failures_before_backoff": "0", **storage})
     yield srv
     await srv.stop()
 
@@ -557,9 +582,9 @@ async def test_credits_reserved_at_start_and_settled_to_use(server: Any) -> None
     assert (k.balance, k.reserved) == (96, 0)  # charged ceil(3.67) = 4, not the 74 held
 
 
-async def test_serve_bootstraps_a_key_once(tmp_path: Path, pool: Any) -> None:
+async def test_serve_bootstraps_a_key_once(tmp_path: Path, pool: Any, storage: dict[str, str]) -> None:
     """With no key configured the service creates one, stores it in the data dir, and it works."""
-    srv = await start_server(tmp_path / "data", pool, **{"server.api_keys": ""})
+    srv = await start_server(tmp_path / "data", pool, **{"server.api_keys": "", **storage})
     try:
         secret = srv.service.generated_key
         assert secret is not None and (tmp_path / "data" / "api_key").read_text().strip() == secret
@@ -567,7 +592,7 @@ async def test_serve_bootstraps_a_key_once(tmp_path: Path, pool: Any) -> None:
             await _mint(s, srv, key=secret)
     finally:
         await srv.stop()
-    again = await start_server(tmp_path / "data", pool, **{"server.api_keys": ""})
+    again = await start_server(tmp_path / "data", pool, **{"server.api_keys": "", **storage})
     try:
         assert again.service.generated_key is None
     finally:
@@ -589,10 +614,14 @@ def _keys_cli(*argv: str) -> int:
     return DISPATCH[ns.command](ns)
 
 
-def test_keys_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str], storage: dict[str, str],
+                       monkeypatch: pytest.MonkeyPatch) -> None:
     from bridge.cli import UsageError
 
     data = str(tmp_path / "data")
+    url = storage.get("storage.url") or f"sqlite://{Path(data) / 'callbridge.db'}"
+    if storage:  # the commands read storage.url from the environment, as an operator's would
+        monkeypatch.setenv("CALLBRIDGE_STORAGE_URL", url)
     with pytest.raises(UsageError, match="no database"):
         _keys_cli("list", "--data-dir", data)  # a wrong --data-dir is not silently a new database
 
@@ -617,11 +646,14 @@ def test_keys_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # after the revoke line
     assert listed[0]["id"] == key_id and listed[0]["balance"] == 400 and listed[0]["revoked_at"] is not None
 
-    store = SqliteKeyStore(str(Path(data) / "callbridge.db"))
-    try:
-        assert store.verify_key(secret).revoked
-    finally:
-        store.close()
+    async def revoked() -> bool:
+        stores = await open_stores(url, create=False)
+        try:
+            return (await stores.keys.verify_key(secret)).revoked
+        finally:
+            await stores.close()
+
+    assert asyncio.run(revoked())
 
 
 async def test_plain_get_of_stream_url_does_not_spend_a_temp_token(server):

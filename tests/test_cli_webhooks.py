@@ -57,11 +57,12 @@ def one_line_error(err: str) -> str:
     return err
 
 
-async def test_cli_lifecycle_create_test_update_deliveries_redeliver_delete(tmp_path, pool, capsys):
+async def test_cli_lifecycle_create_test_update_deliveries_redeliver_delete(tmp_path, pool, capsys, storage):
+    """On each storage backend (the `storage` fixture): the CLI reads and changes the store."""
     output = Output(capsys)
     rx = await Receiver().start()
     # deliveries to a failing receiver go dead after 1 s, so redelivery has something to do
-    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.retry_period_s": "1"})
+    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.retry_period_s": "1", **storage})
     conn = ["--url", srv.url, "--api-key", API_KEY]
     try:
         assert await run_cli("webhooks", "create", rx.url, "--events", "call_started,final",
@@ -163,8 +164,8 @@ async def test_cli_lifecycle_create_test_update_deliveries_redeliver_delete(tmp_
         await srv.stop()
 
 
-async def test_cli_bad_input_and_other_keys(tmp_path, pool, capsys):
-    server = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK)
+async def test_cli_bad_input_and_other_keys(tmp_path, pool, capsys, storage):
+    server = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK, **storage)
     try:
         await _bad_input_and_other_keys(server, capsys)
     finally:

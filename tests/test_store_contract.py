@@ -403,26 +403,29 @@ async def test_outbox_chains_attempts_redelivery_and_pruning(stores: Stores) -> 
     assert await hooks.enqueue(rows) == 5
     assert await hooks.enqueue([]) == 0
 
-    heads, chains = await hooks.chain_heads(per_endpoint=10)
-    assert chains == 3 and [(d.endpoint_id, d.job_id, d.event_id) for d in heads] == [
+    heads, chains, lease_wait = await hooks.chain_heads(per_endpoint=10, node_id="n1")
+    assert chains == 3 and lease_wait is None and [(d.endpoint_id, d.job_id, d.event_id) for d in heads] == [
         ("we_1", "job_a", "evt_1"), ("we_2", "job_a", "evt_c1"), ("we_1", "job_b", "evt_b1")]  # interleaved
-    assert len((await hooks.chain_heads(per_endpoint=1))[0]) == 2  # capped per endpoint
-    head = await hooks.chain_head("we_1", "job_a")
+    assert len((await hooks.chain_heads(per_endpoint=1, node_id="n1")).heads) == 2  # capped per endpoint
+    head = await hooks.lease_head("we_1", "job_a", "n1", 60.0)
     assert head.event_id == "evt_1" and head.status is DeliveryStatus.PENDING and head.body == '{"seq": 1}'
+    assert head.lease_node == "n1"
 
     backoff_until = time.time() + 3600
-    await hooks.record_attempt(head.id, status=DeliveryStatus.PENDING, http_status=500, error="HTTP 500",
-                               next_attempt_at=backoff_until, at=40.0)
+    assert await hooks.record_attempt(head.id, "n1", status=DeliveryStatus.PENDING, http_status=500,
+                                      error="HTTP 500", next_attempt_at=backoff_until, at=40.0)
     retried = await hooks.get_delivery("we_1", head.id)
     assert (retried.attempts, retried.last_status, retried.next_attempt_at) == (1, 500, backoff_until)
+    assert retried.lease_node is None  # a recorded attempt ends the lease
     assert await hooks.retry_now("we_1") == 1  # due now, not in an hour
     assert (await hooks.get_delivery("we_1", head.id)).next_attempt_at < backoff_until
-    await hooks.record_attempt(head.id, status=DeliveryStatus.DELIVERED, http_status=200, error=None,
-                               next_attempt_at=0.0, at=41.0)
-    assert (await hooks.chain_head("we_1", "job_a")).event_id == "evt_2"  # strictly in order
-    second = await hooks.chain_head("we_1", "job_a")
-    await hooks.record_attempt(second.id, status=DeliveryStatus.DEAD, http_status=None, error="refused",
-                               next_attempt_at=0.0, at=42.0)
+    assert (await hooks.lease_head("we_1", "job_a", "n1", 60.0)).id == head.id
+    assert await hooks.record_attempt(head.id, "n1", status=DeliveryStatus.DELIVERED, http_status=200, error=None,
+                                      next_attempt_at=0.0, at=41.0)
+    second = await hooks.lease_head("we_1", "job_a", "n1", 60.0)
+    assert second.event_id == "evt_2"  # strictly in order
+    assert await hooks.record_attempt(second.id, "n1", status=DeliveryStatus.DEAD, http_status=None,
+                                      error="refused", next_attempt_at=0.0, at=42.0)
     assert await hooks.counts() == {"delivered": 1, "dead": 1, "pending": 3}
 
     newest = await hooks.list_deliveries("we_1", limit=2)
@@ -437,11 +440,70 @@ async def test_outbox_chains_attempts_redelivery_and_pruning(stores: Stores) -> 
     assert await hooks.redeliver("we_1", [head.id]) == 1 and await hooks.redeliver("we_1", []) == 0
     assert [d.event_id for d in await hooks.job_chain("job_a", "we_1")] == ["evt_1", "evt_2", "evt_3"]
 
-    await hooks.record_attempt(head.id, status=DeliveryStatus.DELIVERED, http_status=200, error=None,
+    assert (await hooks.lease_head("we_1", "job_a", "n1", 60.0)).id == head.id  # redelivered: the head again
+    await hooks.record_attempt(head.id, "n1", status=DeliveryStatus.DELIVERED, http_status=200, error=None,
                                next_attempt_at=0.0, at=43.0)
     assert await hooks.prune(older_than=100.0) == 1  # finished rows only; pending ones stay
     assert await hooks.delete_endpoint("we_1") is True
     assert await hooks.job_chain("job_a", "we_1") == [] and await hooks.counts() == {"pending": 1}
+
+
+async def test_a_chain_is_leased_by_one_node_at_a_time_head_first(stores: Stores) -> None:
+    """Row leases (bridge/stores/webhooks.py): only a chain's head is leased; another node skips a
+    chain with a live lease, cannot take it or record on it, and goes on once it is recorded,
+    released, or has run out; a late record of a node whose lease was taken over changes nothing."""
+    hooks = stores.webhooks
+    await hooks.create_endpoint(endpoint("we_1"))
+    await hooks.enqueue([("we_1", "job_a", "evt_a1", 1, "final", "{}", 10.0),
+                         ("we_1", "job_a", "evt_a2", 2, "final", "{}", 11.0),
+                         ("we_1", "job_b", "evt_b1", 1, "final", "{}", 12.0)])
+    a1 = await hooks.lease_head("we_1", "job_a", "n1", 600.0)
+    assert (a1.event_id, a1.lease_node) == ("evt_a1", "n1")
+    seen = await hooks.chain_heads(per_endpoint=10, node_id="n2")
+    assert [d.event_id for d in seen.heads] == ["evt_b1"] and seen.chains == 2  # job_a is n1's
+    assert 0 < seen.lease_wait_s <= 600.0
+    # a node's own lease never hides a chain from it (its previous run under the same id held it)
+    assert [d.event_id for d in (await hooks.chain_heads(per_endpoint=10, node_id="n1")).heads] == ["evt_a1",
+                                                                                                    "evt_b1"]
+    assert await hooks.lease_head("we_1", "job_a", "n2", 600.0) is None
+    ok = dict(status=DeliveryStatus.DELIVERED, http_status=200, error=None, next_attempt_at=0.0, at=50.0)
+    assert await hooks.record_attempt(a1.id, "n2", **ok) is False  # n2 never held it
+    assert (await hooks.get_delivery("we_1", a1.id)).attempts == 0
+    assert await hooks.record_attempt(a1.id, "n1", **ok) is True
+    a2 = await hooks.lease_head("we_1", "job_a", "n2", 600.0)  # the next head, now free
+    assert a2.event_id == "evt_a2" and await hooks.lease_head("we_1", "job_a", "n1", 600.0) is None
+    assert await hooks.release_leases("n2") == 1  # n2 stops gracefully: n1 goes on at once
+    assert (await hooks.lease_head("we_1", "job_a", "n1", 600.0)).id == a2.id
+
+    # n1 takes job_b and stalls past its lease (a lease of 0 s has run out at once): n2 takes it
+    # over, and n1's late result, whatever it was, does not overwrite n2's
+    b1 = await hooks.lease_head("we_1", "job_b", "n1", 0.0)
+    assert [d.event_id for d in (await hooks.chain_heads(per_endpoint=10, node_id="n2")).heads] == ["evt_b1"]
+    taken = await hooks.lease_head("we_1", "job_b", "n2", 600.0)
+    assert taken is not None and taken.id == b1.id and taken.lease_node == "n2"
+    failed = dict(status=DeliveryStatus.PENDING, http_status=500, error="HTTP 500", next_attempt_at=99.0, at=51.0)
+    assert await hooks.record_attempt(b1.id, "n1", **failed) is False
+    assert await hooks.record_attempt(b1.id, "n2", **ok) is True
+    row = await hooks.get_delivery("we_1", b1.id)
+    assert (row.status, row.attempts, row.last_status, row.lease_node) == (DeliveryStatus.DELIVERED, 1, 200, None)
+    assert await hooks.record_attempt(b1.id, "n1", **failed) is False  # nor after n2 recorded
+    assert (await hooks.get_delivery("we_1", b1.id)).status is DeliveryStatus.DELIVERED
+
+
+async def test_one_head_is_leased_by_one_of_many_racing_nodes(url: str) -> None:
+    """Two openings of one database (two nodes) race to lease one chain's head: one wins."""
+    a, b = await open_stores(url), await open_stores(url)
+    try:
+        await a.webhooks.create_endpoint(endpoint("we_1"))
+        await a.webhooks.enqueue([("we_1", "job_a", f"evt_{i}", i, "final", "{}", 10.0) for i in (1, 2)])
+        results = await asyncio.gather(*((a if i % 2 else b).webhooks.lease_head("we_1", "job_a", f"n{i}", 600.0)
+                                         for i in range(12)))
+        won = [r for r in results if r is not None]
+        assert len(won) == 1 and won[0].event_id == "evt_1", won
+        assert (await b.webhooks.get_delivery("we_1", won[0].id)).lease_node == won[0].lease_node
+    finally:
+        await a.close()
+        await b.close()
 
 
 # --------------------------------------------------------------------------- choosing the backend

@@ -71,14 +71,15 @@ async def test_operator_allowances(tmp_path, pool):
         await srv.stop()
 
 
-async def test_not_delivered_where_the_url_resolves_to_a_blocked_address_at_delivery(tmp_path, pool):
+async def test_not_delivered_where_the_url_resolves_to_a_blocked_address_at_delivery(tmp_path, pool, storage):
     """Endpoints registered while loopback was allowed (an IP literal and a name that resolves
     to loopback), then the operator turns the allowance off: the next job's events are not sent
     to them (the receiver is up and gets nothing), the delivery log says why, and an operator
-    endpoint from the config on the same receiver still gets everything."""
+    endpoint from the config on the same receiver still gets everything. On each storage
+    backend: the endpoints and their delivery log outlive the restart in the store."""
     data = tmp_path / "data"
     rx = await Receiver().start()
-    srv = await start_server(data, pool, **ALLOW_LOOPBACK)
+    srv = await start_server(data, pool, **ALLOW_LOOPBACK, **storage)
     try:
         async with aiohttp.ClientSession() as http:
             literal = await create_hook(http, srv, rx.url, secret=SECRET, events=["call_ended"])
@@ -91,7 +92,8 @@ async def test_not_delivered_where_the_url_resolves_to_a_blocked_address_at_deli
     rx.requests.clear()
     rx.hits.clear()
     operator = json.dumps([{"name": "ops", "url": rx.url, "secret": SECRET, "events": ["call_ended"]}])
-    srv = await start_server(data, pool, **{"webhooks.endpoints": operator, "webhooks.backoff_initial_s": "0.3"})
+    srv = await start_server(data, pool, **{"webhooks.endpoints": operator, "webhooks.backoff_initial_s": "0.3",
+                                            **storage})
     try:
         job_id, _ = await stream_speech(srv, EN[:1])
         await rx.wait_for(lambda r: r.ended(job_id))

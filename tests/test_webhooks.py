@@ -1,4 +1,9 @@
-"""Webhooks end to end: real service, real model, real HTTP receiver on loopback (docs/events.md)."""
+"""Webhooks end to end: real service, real model, real HTTP receiver on loopback (docs/events.md).
+
+The tests about what the outbox and the endpoint table keep (order, redelivery, restarts, endpoint
+changes, recovery after a crash) run on each storage backend (the `storage` fixture: SQLite and a
+real PostgreSQL); the scheduler's fairness, breakers and a SIGKILLed process stay on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ FAST_RETRY = {"webhooks.backoff_initial_s": "0.3", "webhooks.backoff_max_s": "2"
 
 
 @pytest.fixture
-async def server(tmp_path, pool):
-    """The real service, letting key-owned endpoints reach the receivers on 127.0.0.1."""
-    srv = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK)
+async def server(tmp_path, pool, storage):
+    """The real service on each storage backend, letting key-owned endpoints reach the receivers
+    on 127.0.0.1."""
+    srv = await start_server(tmp_path / "data", pool, **ALLOW_LOOPBACK, **storage)
     yield srv
     await srv.stop()
 
@@ -164,10 +170,10 @@ async def test_receiver_down_30s_and_service_restart_loses_nothing(tmp_path, poo
     assert all(d["status"] == "delivered" for d in log) and max(d["attempts"] for d in log) >= 2
 
 
-async def test_dead_after_retry_period_then_redeliver_in_order(tmp_path, pool):
+async def test_dead_after_retry_period_then_redeliver_in_order(tmp_path, pool, storage):
     rx = await Receiver().start()
     rx.status = 500
-    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.retry_period_s": "1"})
+    srv = await start_server(tmp_path / "data", pool, **{**FAST_RETRY, "webhooks.retry_period_s": "1", **storage})
     try:
         async with aiohttp.ClientSession() as http:
             hook = await create_hook(http, srv, rx.url, secret=SECRET, events=["final", "call_ended"])
@@ -269,10 +275,10 @@ async def test_crud_validation_isolation_and_partials_opt_in(server):
     assert "partial" in types and "usage" in types and types[0] == "call_started" and types[-1] == "call_ended"
 
 
-async def test_operator_endpoint_from_config_gets_every_key(tmp_path, pool):
+async def test_operator_endpoint_from_config_gets_every_key(tmp_path, pool, storage):
     rx = await Receiver().start()
     endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"]}])
-    srv = await start_server(tmp_path / "data", pool, **{"webhooks.endpoints": endpoints})
+    srv = await start_server(tmp_path / "data", pool, **{"webhooks.endpoints": endpoints, **storage})
     try:
         a, _ = await stream_speech(srv, EN[:1])
         b, _ = await stream_speech(srv, EN[1:], key=OTHER_KEY)
@@ -328,28 +334,27 @@ async def test_kill_9_mid_call_then_restart_delivers_saved_finals_and_the_end(tm
     assert all(h.verifies(SECRET) for h in rx.hits)
 
 
-async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path, pool):
+async def test_finals_saved_but_not_queued_before_a_crash_are_recovered(tmp_path, pool, storage):
     """The few milliseconds between a final's save and its outbox row: a job left live in the
     database with finals and no outbox rows (what kill -9 in that window leaves) gets them sent."""
     from bridge.jobs.model import Job, JobSource, JobStatus
-    from bridge.stores.sqlite.jobs import SqliteJobStore
-    from bridge.stores import DB_NAME
+    from bridge.stores import DB_NAME, open_stores
 
     data = tmp_path / "data"
     data.mkdir(parents=True)
-    store = SqliteJobStore(data / DB_NAME)
+    stores = await open_stores(storage.get("storage.url") or f"sqlite://{data / DB_NAME}")
     job = Job(id="job_crashed", owner="someone", status=JobStatus.LIVE, source=JobSource.SIP,
               created_at=time.time(), speakers=["caller", "agent"], duration_s=4.0)
-    store.create_job(job)
+    await stores.jobs.create_job(job)
     texts = ["Hello, thanks for calling.", "I have a question about my bill."]
     for i, t in enumerate(texts):
-        store.add_segment(job.id, {"text": t, "channel": i, "speaker": job.speakers[i], "start": 1.0 + i,
-                                   "end": 1.8 + i, "speech_final": True, "words": []})
-    store.close()
+        await stores.jobs.add_segment(job.id, {"text": t, "channel": i, "speaker": job.speakers[i],
+                                               "start": 1.0 + i, "end": 1.8 + i, "speech_final": True, "words": []})
+    await stores.close()
     rx = await Receiver().start()
     endpoints = json.dumps([{"name": "crm", "url": rx.url, "secret": SECRET, "events": ["final", "call_ended"],
                              "sources": ["sip"]}])
-    srv = await start_server(data, pool, **{"webhooks.endpoints": endpoints})
+    srv = await start_server(data, pool, **{"webhooks.endpoints": endpoints, **storage})
     try:
         await rx.wait_for(lambda r: r.ended(job.id))
     finally:
@@ -497,12 +502,12 @@ async def test_disabled_endpoint_gets_no_events_queued_until_enabled(server):
     assert by_hook[off["id"]] == [(second, "call_started"), (second, "call_ended")]
 
 
-async def test_delivery_off_queues_events_and_the_api_says_so(tmp_path, pool):
+async def test_delivery_off_queues_events_and_the_api_says_so(tmp_path, pool, storage):
     """webhooks.enabled = false: the API works, says delivery is off, events are queued and none
     is sent; the next start with delivery on sends them all."""
     data = tmp_path / "data"
     rx = await Receiver().start()  # up the whole time: anything sent would arrive
-    srv = await start_server(data, pool, **{**ALLOW_LOOPBACK, "webhooks.enabled": "false"})
+    srv = await start_server(data, pool, **{**ALLOW_LOOPBACK, "webhooks.enabled": "false", **storage})
     try:
         async with aiohttp.ClientSession() as http:
             hook = await create_hook(http, srv, rx.url, secret=SECRET, events=["final", "call_ended"])
@@ -521,7 +526,7 @@ async def test_delivery_off_queues_events_and_the_api_says_so(tmp_path, pool):
     assert [d["type"] for d in reversed(queued)] == ["final"] * len(finals(got)) + ["call_ended"]
     assert all(d["status"] == "pending" and d["attempts"] == 0 for d in queued)
     assert rx.requests == []
-    srv = await start_server(data, pool, **ALLOW_LOOPBACK)
+    srv = await start_server(data, pool, **ALLOW_LOOPBACK, **storage)
     try:
         await rx.wait_for(lambda r: r.ended(job_id))
         async with aiohttp.ClientSession() as http:

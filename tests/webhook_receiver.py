@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -43,6 +44,12 @@ class Receiver:
         self.hits: list[Hit] = []
         self.requests: list[Hit] = []
         self.status = 200
+        # a request `hold(hit)` picks is kept in `held`, unanswered, until `released` is set (a
+        # receiver slow for one job, or an attempt that hangs while its lease runs out); it is
+        # then answered with the `status` of that moment
+        self.hold: Callable[[Hit], bool] | None = None
+        self.held: list[Hit] = []
+        self.released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._arrived = asyncio.Event()
 
@@ -53,6 +60,11 @@ class Receiver:
     async def _hook(self, request: web.Request) -> web.Response:
         body = await request.read()
         hit = Hit(dict(request.headers), body, self.status)
+        if self.hold is not None and self.hold(hit):
+            self.held.append(hit)
+            self._arrived.set()
+            await self.released.wait()
+            hit.status, hit.at = self.status, time.monotonic()
         self.requests.append(hit)
         if self.status // 100 == 2:
             self.hits.append(hit)

@@ -1,10 +1,21 @@
 """The webhook dispatcher: a bus tap fills the durable outbox, a worker delivers it.
 
 Path of one event: `publish` -> tap (matches endpoints from an in-memory copy, never blocks)
--> pending list -> writer task (one SQLite transaction per batch) -> outbox row -> delivery
-worker -> signed POST. The worker attempts only the head of each (endpoint, job) chain, so a
-job's events reach an endpoint in order; different jobs and endpoints go out side by side,
-up to `webhooks.concurrency` attempts at once.
+-> pending list -> writer task (one transaction per batch) -> outbox row -> delivery worker ->
+signed POST. The worker attempts only the head of each (endpoint, job) chain, so a job's events
+reach an endpoint in order; different jobs and endpoints go out side by side, up to
+`webhooks.concurrency` attempts at once.
+
+A tap is called inside `publish` of this process only, never with an event another node
+published on a shared bus, so each node queues only its own events (CLUSTER.md: otherwise N
+nodes would queue N copies). A tap rather than a `local=True` subscription: it never lags or
+drops, and `flush` knows exactly what it has seen.
+
+Several nodes share one outbox (PostgreSQL): every node's worker delivers from it, and a chain is
+attempted by one node at a time under a lease on its head row, taken just before each attempt
+and ended by recording it (the protocol: bridge/stores/webhooks.py). A lease outlives one attempt
+(`timeout_s` + LEASE_MARGIN_S), so a live node never loses it mid-request; a dead node's leases
+run out and another node goes on; a stopping node hands its chains over at once.
 
 Fairness between keys: the pool is handed out round-robin over owners (the key an endpoint
 belongs to), at most `owner_concurrency` attempts per owner and `endpoint_concurrency` per
@@ -60,7 +71,9 @@ log = get_logger("bridge.webhooks")
 
 USER_AGENT = "callbridge-webhooks/1"
 MAX_ERROR_TEXT = 300
-IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (e.g. redelivered by the CLI)
+IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (redelivered by the CLI, queued by another node)
+LEASE_MARGIN_S = 30.0  # a chain's lease lasts one attempt's timeout plus this (database writes, a busy loop)
+DEFAULT_NODE = "local"  # one node; in a cluster the service passes its stable node id (Service.node_id)
 PRUNE_EVERY_S = 3600.0
 CHAIN_BURST = 50  # a chain delivered back to back gives its slot up after this many, for fairness
 PING_UNREACHABLE = "unreachable"  # what a key learns of a ping that got no HTTP answer, whatever the cause
@@ -83,8 +96,11 @@ def _body(d: dict[str, Any]) -> str:
 
 class WebhookDispatcher:
     def __init__(self, bus: EventBus, store: WebhookStore, jobs: JobStore, config: WebhooksConfig, *,
-                 credits_per_minute: float = 0.0, metrics: Any = None) -> None:
+                 credits_per_minute: float = 0.0, metrics: Any = None, node_id: str = DEFAULT_NODE,
+                 lease_s: float | None = None) -> None:
         self.bus = bus
+        self.node_id = node_id  # the owner of this dispatcher's leases; stable across restarts
+        self.lease_s = config.timeout_s + LEASE_MARGIN_S if lease_s is None else lease_s
         self.store = store
         self.jobs = jobs
         self.config = config
@@ -142,8 +158,9 @@ class WebhookDispatcher:
             await asyncio.sleep(0.005)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Flush the outbox, give attempts in flight `grace_s`, then cancel the rest (they stay
-        pending and go out after the next start; receivers dedupe on X-Event-Id)."""
+        """Flush the outbox, give attempts in flight `grace_s`, then cancel the rest and end this
+        node's leases (their rows stay pending and go out at another node, or after the next
+        start; receivers dedupe on X-Event-Id)."""
         self._closing = True
         self._wrote.set()
         if self._writer is not None:
@@ -161,6 +178,12 @@ class WebhookDispatcher:
             for t in list(self._in_flight.values()):
                 t.cancel()
             await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        try:  # attempts cut short were not recorded: their chains go on at another node now, not in lease_s
+            released = await self.store.release_leases(self.node_id)
+            if released:
+                log.info("webhook_leases_released", node_id=self.node_id, count=released)
+        except Exception as e:  # noqa: BLE001 - the leases run out by themselves
+            log.error("webhook_lease_release_failed", node_id=self.node_id, error=repr(e))
         for session in (self._session, self._operator_session):
             if session is not None:
                 await session.close()
@@ -285,11 +308,14 @@ class WebhookDispatcher:
             wait_s = IDLE_POLL_S
             if free > 0:
                 try:
-                    heads, self.pending_chains = await self.store.chain_heads(2 * self.config.endpoint_concurrency)
+                    heads, self.pending_chains, lease_wait_s = await self.store.chain_heads(
+                        2 * self.config.endpoint_concurrency, self.node_id)
                 except Exception as e:  # noqa: BLE001
                     log.error("webhook_outbox_read_failed", error=repr(e))
-                    heads = []
+                    heads, lease_wait_s = [], None
                     wait_s = 1.0
+                if lease_wait_s is not None:  # another node's chain: look again when its lease runs out
+                    wait_s = min(wait_s, lease_wait_s)
                 wait_s = min(wait_s, self._start_due(heads, free, time.time()))
             if time.time() - self._last_prune > PRUNE_EVERY_S:
                 self._last_prune = time.time()
@@ -437,18 +463,21 @@ class WebhookDispatcher:
         return {"delivered": error is None, "event_id": event_id, "http_status": http_status, "error": error,
                 "ms": round((time.time() - started) * 1000)}
 
-    async def _drain_chain(self, ep: Endpoint, d: Delivery | None) -> None:
-        """Deliver a chain's head, and while that succeeds its next rows, without going back to
-        the scan of every chain (one indexed read per event); stop at a failure or a burst."""
+    async def _drain_chain(self, ep: Endpoint, head: Delivery) -> None:
+        """Lease the chain's head and deliver it, and while that succeeds its next rows, without
+        going back to the scan of every chain (one indexed UPDATE per event); stop at a failure,
+        a burst, or when another node holds the chain (it leased the head since the scan)."""
         for _ in range(CHAIN_BURST):
-            if d is None or d.next_attempt_at > time.time() or self._closing:
+            if self._closing:
                 return
+            d = await self.store.lease_head(head.endpoint_id, head.job_id, self.node_id, self.lease_s)
+            if d is None or d.next_attempt_at > time.time():
+                return  # a lease on a head not due yet is this node's to use when it is due
             if not await self._attempt(ep, d):
                 return
             ep = self._endpoints.get(ep.id) or ep
             if not ep.enabled or self._breaker(ep.id).state is not BreakerState.CLOSED:
                 return
-            d = await self.store.chain_head(d.endpoint_id, d.job_id)
 
     async def _attempt(self, ep: Endpoint, d: Delivery) -> bool:
         """One attempt, recorded; True when delivered."""
@@ -469,12 +498,15 @@ class WebhookDispatcher:
             log.warning("webhook_breaker_" + breaker.state.value, job_id=d.job_id, webhook_id=ep.id, owner=ep.owner,
                         consecutive_failures=breaker.consecutive_failures, error=error,
                         retry_in_s=round(breaker.retry_at - now, 1) if breaker.state is BreakerState.OPEN else None)
-        await self.store.record_attempt(d.id, status=status, http_status=http_status, error=error,
-                                        next_attempt_at=next_at, at=now)
+        held = await self.store.record_attempt(d.id, self.node_id, status=status, http_status=http_status,
+                                               error=error, next_attempt_at=next_at, at=now)
         if self.metrics is not None:
             self.metrics.webhook_attempts.labels(result).inc()
         fields = dict(job_id=d.job_id, webhook_id=ep.id, delivery_id=d.id, event_type=d.type, seq=d.seq,
                       attempt=d.attempts + 1, http_status=http_status, ms=round((now - started) * 1000))
+        if not held:  # this attempt outlived its lease and another node has the row: its result stands
+            log.warning("webhook_lease_lost", node_id=self.node_id, result=result, error=error, **fields)
+            return False
         if result == "delivered":
             log.debug("webhook_delivered", **fields)
         elif result == "dead":

@@ -94,6 +94,8 @@ class Delivery:
     last_status: int | None = None
     last_error: str | None = None
     delivered_at: float | None = None
+    lease_node: str | None = None  # the node attempting it now (see bridge/stores/webhooks.py)
+    lease_until: float | None = None  # the store's clock; not part of the API's view
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "endpoint_id": self.endpoint_id, "job_id": self.job_id, "event_id": self.event_id,

@@ -133,6 +133,7 @@ CREATE INDEX live_sessions_owner ON live_sessions (owner);
 CREATE INDEX live_sessions_node ON live_sessions (node_id);
 ALTER TABLE webhook_deliveries ADD COLUMN lease_node TEXT COLLATE "C";
 ALTER TABLE webhook_deliveries ADD COLUMN lease_until DOUBLE PRECISION;
+CREATE INDEX webhook_deliveries_leased ON webhook_deliveries (endpoint_id, job_id) WHERE lease_node IS NOT NULL;
 """
 
 MIGRATIONS = check_sequence([

@@ -2,8 +2,13 @@
 shared pool (pool.py); the tables are defined by the migrations (migrations.py). A delivery's id
 is an identity column, increasing in insertion order as chains require.
 
-One dispatcher per database is assumed, as with SQLite: `chain_heads` does not claim rows yet
-(several nodes delivering from one outbox need row leases, FOR UPDATE SKIP LOCKED: a later step).
+Several nodes deliver from this one outbox with row leases (the protocol is in
+bridge/stores/webhooks.py). A lease is taken by a conditional UPDATE ... RETURNING whose lease
+test is on the row being updated: when two nodes race for one head, the second waits on the row
+lock and PostgreSQL re-checks that test against the first node's committed lease (READ
+COMMITTED's re-check of the target row), so it updates nothing. Lease times are the server's
+clock (now(): the transaction's start, and every method here is one short transaction), never a
+node's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridge.stores.postgres.pool import Pool
-from bridge.stores.webhooks import NewDelivery
+from bridge.stores.webhooks import ChainHeads, NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
 __all__ = ["PgWebhookStore"]
@@ -34,7 +39,13 @@ def _row_delivery(r: dict[str, Any]) -> Delivery:
                     seq=r["seq"], type=r["type"], body=r["body"], status=DeliveryStatus(r["status"]),
                     attempts=r["attempts"], created_at=r["created_at"], next_attempt_at=r["next_attempt_at"],
                     last_attempt_at=r["last_attempt_at"], last_status=r["last_status"],
-                    last_error=r["last_error"], delivered_at=r["delivered_at"])
+                    last_error=r["last_error"], delivered_at=r["delivered_at"], lease_node=r["lease_node"],
+                    lease_until=r["lease_until"])
+
+
+_NOW = "EXTRACT(EPOCH FROM now())::float8"
+# A pending row leased by another node whose lease has not run out.
+_FOREIGN_LEASE = f"lease_node IS NOT NULL AND lease_node <> %(node)s AND lease_until > {_NOW}"
 
 
 class PgWebhookStore:
@@ -124,33 +135,59 @@ class PgWebhookStore:
                 " status, next_attempt_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)", batch)
         return len(batch)
 
-    async def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]:
-        """As the SQLite store's: capped per endpoint, interleaved across endpoints."""
+    async def chain_heads(self, per_endpoint: int, node_id: str) -> ChainHeads:
+        """As the SQLite store's: capped per endpoint, interleaved across endpoints, without the
+        chains another node holds a live lease on."""
+        args = {"node": node_id, "per": per_endpoint}
         async with self._pool.tx() as db:
+            chains = await (await db.execute(
+                f"SELECT COUNT(*) AS chains, MIN(leased_until) - {_NOW} AS wait FROM (SELECT MAX(CASE WHEN"
+                f" {_FOREIGN_LEASE} THEN lease_until END) AS leased_until FROM webhook_deliveries"
+                " WHERE status = 'pending' GROUP BY endpoint_id, job_id) c", args)).fetchone()
             rows = await (await db.execute(
                 "SELECT * FROM (SELECT d.*, ROW_NUMBER() OVER (PARTITION BY d.endpoint_id"
-                " ORDER BY d.next_attempt_at, d.id) AS rn, COUNT(*) OVER () AS chains"
+                " ORDER BY d.next_attempt_at, d.id) AS rn"
                 " FROM webhook_deliveries d JOIN (SELECT MIN(id) AS id FROM webhook_deliveries"
-                " WHERE status = 'pending' GROUP BY endpoint_id, job_id) h ON d.id = h.id"
+                " WHERE status = 'pending' GROUP BY endpoint_id, job_id"
+                f" HAVING NOT bool_or(COALESCE({_FOREIGN_LEASE}, FALSE))) h ON d.id = h.id"
                 " JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled) heads"
-                " WHERE rn <= %s ORDER BY rn, next_attempt_at, id", (per_endpoint,))).fetchall()
-        return [_row_delivery(r) for r in rows], (int(rows[0]["chains"]) if rows else 0)
+                " WHERE rn <= %(per)s ORDER BY rn, next_attempt_at, id", args)).fetchall()
+        wait = chains["wait"]
+        return ChainHeads([_row_delivery(r) for r in rows], int(chains["chains"]),
+                          None if wait is None else max(0.0, float(wait)))
 
-    async def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None:
+    async def lease_head(self, endpoint_id: str, job_id: str, node_id: str, lease_s: float) -> Delivery | None:
+        """The head's own lease and status are tested on the updated row (re-checked after a
+        concurrent claim commits); the chain-wide test covers a row redelivered in front of a
+        head another node is attempting."""
+        args = {"node": node_id, "lease": lease_s, "ep": endpoint_id, "job": job_id}
         async with self._pool.tx() as db:
             r = await (await db.execute(
-                "SELECT * FROM webhook_deliveries WHERE status = 'pending' AND endpoint_id = %s"
-                " AND job_id = %s ORDER BY id LIMIT 1", (endpoint_id, job_id))).fetchone()
+                f"UPDATE webhook_deliveries SET lease_node = %(node)s, lease_until = {_NOW} + %(lease)s"
+                " WHERE id = (SELECT MIN(id) FROM webhook_deliveries WHERE status = 'pending'"
+                " AND endpoint_id = %(ep)s AND job_id = %(job)s) AND status = 'pending'"
+                f" AND NOT COALESCE({_FOREIGN_LEASE}, FALSE)"
+                " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries o WHERE o.status = 'pending'"
+                " AND o.endpoint_id = %(ep)s AND o.job_id = %(job)s AND o.lease_node IS NOT NULL"
+                f" AND o.lease_node <> %(node)s AND o.lease_until > {_NOW}) RETURNING *", args)).fetchone()
         return _row_delivery(r) if r else None
 
-    async def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
-                             error: str | None, next_attempt_at: float, at: float) -> None:
+    async def record_attempt(self, delivery_id: int, node_id: str, *, status: DeliveryStatus,
+                             http_status: int | None, error: str | None, next_attempt_at: float,
+                             at: float) -> bool:
         async with self._pool.tx() as db:
-            await db.execute(
+            cur = await db.execute(
                 "UPDATE webhook_deliveries SET status = %s, attempts = attempts + 1, last_attempt_at = %s,"
                 " last_status = %s, last_error = %s, next_attempt_at = %s,"
-                " delivered_at = CASE WHEN %s::text = 'delivered' THEN %s ELSE delivered_at END WHERE id = %s",
-                (status.value, at, http_status, error, next_attempt_at, status.value, at, delivery_id))
+                " delivered_at = CASE WHEN %s::text = 'delivered' THEN %s ELSE delivered_at END,"
+                " lease_node = NULL, lease_until = NULL WHERE id = %s AND lease_node = %s",
+                (status.value, at, http_status, error, next_attempt_at, status.value, at, delivery_id, node_id))
+            return cur.rowcount > 0
+
+    async def release_leases(self, node_id: str) -> int:
+        async with self._pool.tx() as db:
+            return (await db.execute("UPDATE webhook_deliveries SET lease_node = NULL, lease_until = NULL"
+                                     " WHERE lease_node = %s", (node_id,))).rowcount
 
     async def list_deliveries(self, endpoint_id: str, status: str | None = None, job_id: str | None = None,
                               limit: int = 50, before: int | None = None) -> list[Delivery]:

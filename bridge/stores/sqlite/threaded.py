@@ -19,7 +19,7 @@ from bridge.stores.sqlite.jobs import SqliteJobStore
 from bridge.stores.sqlite.keys import SqliteKeyStore
 from bridge.stores.sqlite.nodes import SqliteNodeStore
 from bridge.stores.sqlite.webhooks import SqliteWebhookStore
-from bridge.stores.webhooks import NewDelivery
+from bridge.stores.webhooks import ChainHeads, NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
 __all__ = ["ThreadedJobStore", "ThreadedKeyStore", "ThreadedNodeStore", "ThreadedWebhookStore"]
@@ -172,16 +172,20 @@ class ThreadedWebhookStore:
     async def enqueue(self, rows: Iterable[NewDelivery]) -> int:
         return await _run(self.blocking.enqueue, list(rows))
 
-    async def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]:
-        return await _run(self.blocking.chain_heads, per_endpoint)
+    async def chain_heads(self, per_endpoint: int, node_id: str) -> ChainHeads:
+        return await _run(self.blocking.chain_heads, per_endpoint, node_id)
 
-    async def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None:
-        return await _run(self.blocking.chain_head, endpoint_id, job_id)
+    async def lease_head(self, endpoint_id: str, job_id: str, node_id: str, lease_s: float) -> Delivery | None:
+        return await _run(self.blocking.lease_head, endpoint_id, job_id, node_id, lease_s)
 
-    async def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
-                             error: str | None, next_attempt_at: float, at: float) -> None:
-        await _run(self.blocking.record_attempt, delivery_id, status=status, http_status=http_status, error=error,
-                   next_attempt_at=next_attempt_at, at=at)
+    async def record_attempt(self, delivery_id: int, node_id: str, *, status: DeliveryStatus,
+                             http_status: int | None, error: str | None, next_attempt_at: float,
+                             at: float) -> bool:
+        return await _run(self.blocking.record_attempt, delivery_id, node_id, status=status,
+                          http_status=http_status, error=error, next_attempt_at=next_attempt_at, at=at)
+
+    async def release_leases(self, node_id: str) -> int:
+        return await _run(self.blocking.release_leases, node_id)
 
     async def list_deliveries(self, endpoint_id: str, status: str | None = None, job_id: str | None = None,
                               limit: int = 50, before: int | None = None) -> list[Delivery]:

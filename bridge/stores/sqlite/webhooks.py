@@ -1,6 +1,10 @@
 """Webhook endpoints and the delivery outbox in SQLite: the blocking implementation behind
-bridge.stores.WebhookStore (whose docstring says what a chain is), with its own connection to
-the same database file. The service reaches it through ThreadedWebhookStore.
+bridge.stores.WebhookStore (whose docstring says what a chain and a lease are), with its own
+connection to the same database file. The service reaches it through ThreadedWebhookStore.
+
+Leases follow the same protocol as PostgreSQL's, on this host's clock: SQLite serves one node, but
+the protocol is the contract (tests/test_store_contract.py runs it on both backends). Each
+conditional UPDATE runs under BEGIN IMMEDIATE, so its check and write are one step.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from bridge.stores.sqlite import migrations
 from bridge.stores.sqlite.db import Tx, connect
-from bridge.stores.webhooks import NewDelivery
+from bridge.stores.webhooks import ChainHeads, NewDelivery
 from bridge.webhooks.model import Delivery, DeliveryStatus, Endpoint
 
 __all__ = ["SqliteWebhookStore"]
@@ -32,7 +36,12 @@ def _row_delivery(r: sqlite3.Row) -> Delivery:
                     seq=r["seq"], type=r["type"], body=r["body"], status=DeliveryStatus(r["status"]),
                     attempts=r["attempts"], created_at=r["created_at"], next_attempt_at=r["next_attempt_at"],
                     last_attempt_at=r["last_attempt_at"], last_status=r["last_status"],
-                    last_error=r["last_error"], delivered_at=r["delivered_at"])
+                    last_error=r["last_error"], delivered_at=r["delivered_at"], lease_node=r["lease_node"],
+                    lease_until=r["lease_until"])
+
+
+# A pending row of the chain leased by another node whose lease has not run out (params: node, now).
+_FOREIGN_LEASE = "lease_node IS NOT NULL AND lease_node != ? AND lease_until > ?"
 
 
 class SqliteWebhookStore:
@@ -127,38 +136,59 @@ class SqliteWebhookStore:
                 " status, next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?)", rows)
         return len(rows)
 
-    def chain_heads(self, per_endpoint: int) -> tuple[list[Delivery], int]:
-        """The oldest pending row of each (endpoint, job) chain of an enabled endpoint: at most
-        `per_endpoint` per endpoint, soonest due first, interleaved across endpoints (every
-        endpoint's first, then every second, ...); and how many chains are pending in all.
+    def chain_heads(self, per_endpoint: int, node_id: str) -> ChainHeads:
+        """The oldest pending row of each (endpoint, job) chain of an enabled endpoint that no
+        other node holds a live lease on: at most `per_endpoint` per endpoint, soonest due first,
+        interleaved across endpoints (every endpoint's first, then every second, ...); how many
+        chains are pending in all; and when the soonest foreign lease runs out.
 
         Capped per endpoint, not overall: one key's thousand stuck chains must not crowd
         another key's fresh event out of the scheduler's view."""
+        now = time.time()
         with self._lock:
+            chains = self._db.execute(
+                "SELECT COUNT(*) AS chains, MIN(leased_until) AS soonest FROM (SELECT MAX(CASE WHEN"
+                f" {_FOREIGN_LEASE} THEN lease_until END) AS leased_until FROM webhook_deliveries"
+                " WHERE status = 'pending' GROUP BY endpoint_id, job_id)", (node_id, now)).fetchone()
             rows = self._db.execute(
                 "SELECT * FROM (SELECT d.*, ROW_NUMBER() OVER (PARTITION BY d.endpoint_id"
-                " ORDER BY d.next_attempt_at, d.id) AS rn, COUNT(*) OVER () AS chains"
-                " FROM webhook_deliveries d JOIN (SELECT MIN(id) AS id FROM webhook_deliveries"
-                " WHERE status = 'pending' GROUP BY endpoint_id, job_id) h ON d.id = h.id"
+                " ORDER BY d.next_attempt_at, d.id) AS rn"
+                " FROM webhook_deliveries d JOIN (SELECT MIN(id) AS id,"
+                f" MAX(CASE WHEN {_FOREIGN_LEASE} THEN 1 ELSE 0 END) AS leased FROM webhook_deliveries"
+                " WHERE status = 'pending' GROUP BY endpoint_id, job_id) h ON d.id = h.id AND h.leased = 0"
                 " JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled = 1)"
-                " WHERE rn <= ? ORDER BY rn, next_attempt_at, id", (per_endpoint,)).fetchall()
-        return [_row_delivery(r) for r in rows], (rows[0]["chains"] if rows else 0)
+                " WHERE rn <= ? ORDER BY rn, next_attempt_at, id", (node_id, now, per_endpoint)).fetchall()
+        soonest = chains["soonest"]
+        return ChainHeads([_row_delivery(r) for r in rows], chains["chains"],
+                          None if soonest is None else max(0.0, soonest - now))
 
-    def chain_head(self, endpoint_id: str, job_id: str) -> Delivery | None:
-        """The oldest pending row of one chain (an index seek, for a chain being drained)."""
-        with self._lock:
-            r = self._db.execute("SELECT * FROM webhook_deliveries WHERE status = 'pending' AND endpoint_id = ?"
-                                 " AND job_id = ? ORDER BY id LIMIT 1", (endpoint_id, job_id)).fetchone()
+    def lease_head(self, endpoint_id: str, job_id: str, node_id: str, lease_s: float) -> Delivery | None:
+        """Lease the chain's head (see bridge/stores/webhooks.py), or None."""
+        now = time.time()
+        with self._lock, Tx(self._db):
+            r = self._db.execute(
+                "UPDATE webhook_deliveries SET lease_node = ?, lease_until = ? WHERE id = (SELECT MIN(id)"
+                " FROM webhook_deliveries WHERE status = 'pending' AND endpoint_id = ? AND job_id = ?)"
+                " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND endpoint_id = ?"
+                f" AND job_id = ? AND {_FOREIGN_LEASE}) RETURNING *",
+                (node_id, now + lease_s, endpoint_id, job_id, endpoint_id, job_id, node_id, now)).fetchone()
         return _row_delivery(r) if r else None
 
-    def record_attempt(self, delivery_id: int, *, status: DeliveryStatus, http_status: int | None,
-                       error: str | None, next_attempt_at: float, at: float) -> None:
+    def record_attempt(self, delivery_id: int, node_id: str, *, status: DeliveryStatus, http_status: int | None,
+                       error: str | None, next_attempt_at: float, at: float) -> bool:
         with self._lock, Tx(self._db):
-            self._db.execute(
+            return self._db.execute(
                 "UPDATE webhook_deliveries SET status = ?, attempts = attempts + 1, last_attempt_at = ?,"
                 " last_status = ?, last_error = ?, next_attempt_at = ?,"
-                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
-                (status.value, at, http_status, error, next_attempt_at, status.value, at, delivery_id))
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END,"
+                " lease_node = NULL, lease_until = NULL WHERE id = ? AND lease_node = ?",
+                (status.value, at, http_status, error, next_attempt_at, status.value, at, delivery_id,
+                 node_id)).rowcount > 0
+
+    def release_leases(self, node_id: str) -> int:
+        with self._lock, Tx(self._db):
+            return self._db.execute("UPDATE webhook_deliveries SET lease_node = NULL, lease_until = NULL"
+                                    " WHERE lease_node = ?", (node_id,)).rowcount
 
     def list_deliveries(self, endpoint_id: str, status: str | None = None, job_id: str | None = None,
                         limit: int = 50, before: int | None = None) -> list[Delivery]:
