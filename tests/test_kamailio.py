@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.serving import start_server
-from tests.test_service_process import free_port
+from tests.serving import API_KEY, start_server
+from tests.test_service_process import Serve, free_port
 from tests.test_sip_service import CALLER, _state, _udp_exchange, leg_text, peer, speech_wav
 
 from bench import corpus
@@ -105,3 +107,93 @@ async def test_kamailio_spreads_calls_over_workers_and_refuses_when_full(tmp_pat
             os.killpg(kam.pid, signal.SIGTERM)  # kamailio forks children into its own session
             await asyncio.wait_for(kam.wait(), 10)
         await srv.stop()
+
+
+async def _sip_jobs(node) -> list[dict]:
+    """A node's SIP jobs, over its REST API (each node has its own SQLite here)."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        async with http.get(node.url + "/v1/jobs") as r:
+            assert r.status == 200
+            return [j for j in (await r.json())["jobs"] if j["source"] == "sip"]
+
+
+async def _node_sip_port(node) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(node.url + "/healthz") as r:
+            return (await r.json())["sip"]["port"]
+
+
+async def test_kamailio_spreads_calls_over_nodes_and_fails_over_when_one_stops(tmp_path):
+    """The cluster list (config/kamailio/dispatcher-cluster.list: one line per node's SIP port)
+    with the shipped config in front of two `callbridge serve` processes: two concurrent calls
+    are answered on different nodes; after one node stops (SIGTERM), the next calls are all
+    answered by the other, whether Kamailio's OPTIONS probe has taken the node out already or
+    the INVITE times out and fails over."""
+    rtp = 30000 + random.randrange(0, 300) * 100
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_SIP_ENABLED": "true", "CALLBRIDGE_SIP_PORT": "0",
+           "CALLBRIDGE_SIP_WORKERS": "1"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    kam = None
+    async with Serve(tmp_path / "a" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp)}) as a, \
+            Serve(tmp_path / "b" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp + 100)}) as b:
+        try:
+            port = free_port()
+            nodes = [await _node_sip_port(a), await _node_sip_port(b)]
+            cfg = local_config(tmp_path, port, nodes, maxload=4)
+            run = tmp_path / "run"
+            run.mkdir()
+            kam = await asyncio.create_subprocess_exec(
+                "kamailio", "-f", str(cfg), "-Y", str(run), "-P", str(run / "kamailio.pid"), "-DD", "-E", "-m", "32",
+                "-M", "4", stdout=asyncio.subprocess.DEVNULL, stderr=open(tmp_path / "kamailio.log", "wb"),
+                start_new_session=True)
+            await kamailio_ready(kam, port)
+            wav = speech_wav(tmp_path / "c.wav", CALLER, tail=1.0)
+
+            async def call(i: int):
+                # the second once the first is answered (alg 10 counts answered calls)
+                async def answered() -> bool:
+                    return len(await _sip_jobs(a)) + len(await _sip_jobs(b)) >= i
+
+                await _state(answered, 30, f"{i} calls answered")
+                return await peer("call", f"sip:n{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
+
+            results = await asyncio.gather(call(0), call(1))
+            assert [info["sip_code"] for _, info, _ in results] == [200, 200], [err for _, _, err in results]
+            on_a, on_b = await _sip_jobs(a), await _sip_jobs(b)
+            assert len(on_a) == 1 and len(on_b) == 1, (on_a, on_b)
+
+            async def all_ended() -> bool:
+                return all(j["status"] != "live" for j in await _sip_jobs(a) + await _sip_jobs(b))
+
+            await _state(all_ended, 30, "jobs ended")
+            for j in await _sip_jobs(a) + await _sip_jobs(b):
+                assert j["status"] == "completed", j
+
+            assert b.proc is not None
+            b.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(b.proc.wait(), 60) == 0
+            for i in (2, 3):
+                rc, info, err = await peer("call", f"sip:n{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
+                assert rc == 0 and info["sip_code"] == 200, err
+            assert len(await _sip_jobs(a)) == 3
+
+            async def ended_on_a() -> bool:
+                return all(j["status"] != "live" for j in await _sip_jobs(a))
+
+            await _state(ended_on_a, 30, "jobs ended")
+            for j in await _sip_jobs(a):
+                assert j["status"] == "completed", j
+                text = " ".join(s["text"] for s in (await _transcript(a, j["id"])) if s.get("text"))
+                assert corpus.wer(CALLER, text) <= 0.15, text
+        finally:
+            if kam is not None and kam.returncode is None:
+                os.killpg(kam.pid, signal.SIGTERM)
+                await asyncio.wait_for(kam.wait(), 10)
+
+
+async def _transcript(node, job_id: str) -> list[dict]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        async with http.get(f"{node.url}/v1/jobs/{job_id}") as r:
+            assert r.status == 200, await r.text()
+            return (await r.json())["segments"]
