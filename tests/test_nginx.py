@@ -178,3 +178,29 @@ async def _until(pred, timeout: float, what: str) -> None:
     while not await pred():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         await asyncio.sleep(0.05)
+
+
+async def test_behind_nginx_the_auth_backoff_counts_each_client_not_the_proxy(tmp_path):
+    """With nginx in `server.trusted_proxies`, a client that keeps sending bad credentials is
+    throttled (429) by its own address, from X-Forwarded-For, while another client behind the
+    same proxy still gets in; addresses the client itself put left of it are not believed.
+    (Without the setting every client is nginx's one address: one guesser blocks everyone.)"""
+    (tmp_path / "a").mkdir()
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_TRUSTED_PROXIES": "127.0.0.1/32",
+           "CALLBRIDGE_AUTH_FAILURES_BEFORE_BACKOFF": "2"}
+    async with Serve(tmp_path / "a" / "data", env) as a, nginx(tmp_path, [a.port]) as front:
+        async with aiohttp.ClientSession() as http:
+            async def jobs(key: str, client: str) -> int:
+                # the client's own proxy chain: nginx appends the address it saw (here loopback)
+                async with http.get(front + "/v1/jobs", headers={"Authorization": f"Bearer {key}",
+                                                                 "X-Forwarded-For": client}) as r:
+                    return r.status
+
+            bad = "cbk_test_not_a_valid_key_0000000000"
+            codes = [await jobs(bad, "198.51.100.7") for _ in range(4)]
+            assert codes[:2] == [401, 401] and codes[-1] == 429, codes
+            # the same client naming another address to the left of its own is still itself
+            assert await jobs(API_KEY, "203.0.113.9, 198.51.100.7") == 429
+            # another client behind the same proxy is not blocked
+            assert await jobs(API_KEY, "198.51.100.8") == 200
+            assert await jobs(bad, "198.51.100.8") == 401
