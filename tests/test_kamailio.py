@@ -25,10 +25,14 @@ CFG = ROOT / "config" / "kamailio" / "kamailio.cfg"
 pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="Debian kamailio not installed")
 
 
-def local_config(tmp: Path, port: int, worker_ports: list[int], maxload: int) -> Path:
-    """The shipped config with this test's port and worker list substituted (nothing else changed)."""
+def local_config(tmp: Path, port: int, worker_ports: list[int], maxload: int,
+                 priorities: list[int] | None = None) -> Path:
+    """The shipped config with this test's port and destination list substituted (nothing else
+    changed). `priorities`: per destination; the call-load algorithm breaks ties by them."""
+    prio = priorities or [0] * len(worker_ports)
     lst = tmp / "dispatcher.list"
-    lst.write_text("".join(f"1 sip:127.0.0.1:{p} 0 0 duid=w{i};maxload={maxload}\n" for i, p in enumerate(worker_ports)))
+    lst.write_text("".join(f"1 sip:127.0.0.1:{p} 0 {prio[i]} duid=w{i};maxload={maxload}\n"
+                           for i, p in enumerate(worker_ports)))
     text = CFG.read_text()
     text = text.replace('"!LISTEN_PORT!5060!g"', f'"!LISTEN_PORT!{port}!g"')
     text = text.replace('"!DISPATCHER_LIST!config/kamailio/dispatcher.list!g"', f'"!DISPATCHER_LIST!{lst}!g"')
@@ -123,24 +127,27 @@ async def _node_sip_port(node) -> int:
             return (await r.json())["sip"]["port"]
 
 
-async def test_kamailio_spreads_calls_over_nodes_and_fails_over_when_one_stops(tmp_path):
+async def test_kamailio_spreads_calls_over_nodes_and_fails_over(tmp_path):
     """The cluster list (config/kamailio/dispatcher-cluster.list: one line per node's SIP port)
-    with the shipped config in front of two `callbridge serve` processes: two concurrent calls
-    are answered on different nodes; after one node stops (SIGTERM), the next calls are all
-    answered by the other, whether Kamailio's OPTIONS probe has taken the node out already or
-    the INVITE times out and fails over."""
+    with the shipped config in front of two `callbridge serve` processes. Node A really holds
+    one call although the list says 4 (a node's own answer is the truth: a worker may be down):
+    the first two calls go one to each node; the third goes to A first (equal load, and A has
+    the higher priority in the list), A's dispatcher answers 503, and Kamailio fails over to B. Then B stops (SIGTERM)
+    and the next calls are all answered by A, whether the OPTIONS probe has taken B out already
+    or an INVITE to B times out and fails over."""
     rtp = 30000 + random.randrange(0, 300) * 100
     env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_SIP_ENABLED": "true", "CALLBRIDGE_SIP_PORT": "0",
            "CALLBRIDGE_SIP_WORKERS": "1"}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     kam = None
-    async with Serve(tmp_path / "a" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp)}) as a, \
+    async with Serve(tmp_path / "a" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp),
+                                               "CALLBRIDGE_SIP_CALLS_PER_WORKER": "1"}) as a, \
             Serve(tmp_path / "b" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp + 100)}) as b:
         try:
             port = free_port()
             nodes = [await _node_sip_port(a), await _node_sip_port(b)]
-            cfg = local_config(tmp_path, port, nodes, maxload=4)
+            cfg = local_config(tmp_path, port, nodes, maxload=4, priorities=[10, 0])
             run = tmp_path / "run"
             run.mkdir()
             kam = await asyncio.create_subprocess_exec(
@@ -148,20 +155,21 @@ async def test_kamailio_spreads_calls_over_nodes_and_fails_over_when_one_stops(t
                 "-M", "4", stdout=asyncio.subprocess.DEVNULL, stderr=open(tmp_path / "kamailio.log", "wb"),
                 start_new_session=True)
             await kamailio_ready(kam, port)
-            wav = speech_wav(tmp_path / "c.wav", CALLER, tail=1.0)
+            wav = speech_wav(tmp_path / "c.wav", CALLER, tail=2.0)
 
             async def call(i: int):
-                # the second once the first is answered (alg 10 counts answered calls)
+                # each once the ones before are answered (alg 10 counts answered calls)
                 async def answered() -> bool:
                     return len(await _sip_jobs(a)) + len(await _sip_jobs(b)) >= i
 
                 await _state(answered, 30, f"{i} calls answered")
                 return await peer("call", f"sip:n{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
 
-            results = await asyncio.gather(call(0), call(1))
-            assert [info["sip_code"] for _, info, _ in results] == [200, 200], [err for _, _, err in results]
+            results = await asyncio.gather(call(0), call(1), call(2))
+            assert [info["sip_code"] for _, info, _ in results] == [200, 200, 200], [err for _, _, err in results]
             on_a, on_b = await _sip_jobs(a), await _sip_jobs(b)
-            assert len(on_a) == 1 and len(on_b) == 1, (on_a, on_b)
+            assert len(on_a) == 1 and len(on_b) == 2, (on_a, on_b)
+            assert (await _dispatcher_stats(a))["rejected"], "the third call did not try node A first"
 
             async def all_ended() -> bool:
                 return all(j["status"] != "live" for j in await _sip_jobs(a) + await _sip_jobs(b))
@@ -173,7 +181,7 @@ async def test_kamailio_spreads_calls_over_nodes_and_fails_over_when_one_stops(t
             assert b.proc is not None
             b.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(b.proc.wait(), 60) == 0
-            for i in (2, 3):
+            for i in (3, 4):
                 rc, info, err = await peer("call", f"sip:n{i}@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
                 assert rc == 0 and info["sip_code"] == 200, err
             assert len(await _sip_jobs(a)) == 3
@@ -190,6 +198,12 @@ async def test_kamailio_spreads_calls_over_nodes_and_fails_over_when_one_stops(t
             if kam is not None and kam.returncode is None:
                 os.killpg(kam.pid, signal.SIGTERM)
                 await asyncio.wait_for(kam.wait(), 10)
+
+
+async def _dispatcher_stats(node) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(node.url + "/healthz") as r:
+            return (await r.json())["sip"]["dispatcher"]
 
 
 async def _transcript(node, job_id: str) -> list[dict]:
