@@ -44,7 +44,8 @@ def local_config(tmp: Path, port: int, node_ports: list[int]) -> Path:
     main = tmp / "nginx.conf"
     main.write_text(f"daemon off;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
                     "events { worker_connections 256; }\n"
-                    f"http {{\n  access_log {tmp}/access.log;\n  client_body_temp_path {tmp}/body;\n"
+                    "http {\n  log_format up '$request_uri $status addr=$upstream_addr status=$upstream_status';\n"
+                    f"  access_log {tmp}/access.log up;\n  client_body_temp_path {tmp}/body;\n"
                     f"  proxy_temp_path {tmp}/proxy;\n  include {tmp}/callbridge.conf;\n}}\n")
     return main
 
@@ -204,3 +205,48 @@ async def test_behind_nginx_the_auth_backoff_counts_each_client_not_the_proxy(tm
             # another client behind the same proxy is not blocked
             assert await jobs(API_KEY, "198.51.100.8") == 200
             assert await jobs(bad, "198.51.100.8") == 401
+
+
+async def test_a_draining_node_gets_no_new_sessions(tmp_path):
+    """A node draining (SIGTERM while it still finalizes a long session's backlog) answers 503
+    before the upgrade; nginx moves each new session to the other node (its access log shows
+    the draining node's 503 followed by the other's 101), and the drained session completes."""
+    env = {"CALLBRIDGE_API_KEYS": API_KEY}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    short = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)])
+    backlog = np.concatenate([np.concatenate([speech(EN[i % 2]), sil(0.8)]) for i in range(12)]).tobytes()
+    async with Serve(tmp_path / "a" / "data", env) as a, Serve(tmp_path / "b" / "data", env) as b, \
+            nginx(tmp_path, [a.port, b.port]) as front:
+        # a long session straight to node B, sent faster than B decodes it: B's drain has to
+        # finalize all of it, so B stays draining (and listening) for a while
+        async with StreamClient(b.url, api_key=API_KEY, sample_rate=SR) as long:
+            for i in range(0, len(backlog), 64000):
+                await long.send_audio(backlog[i:i + 64000])
+            assert b.proc is not None
+            b.proc.send_signal(signal.SIGTERM)
+
+            async def b_draining() -> bool:
+                async with aiohttp.ClientSession() as http, http.get(b.url + "/healthz") as r:
+                    return r.status == 503 and (await r.json())["status"] == "draining"
+
+            await _until(b_draining, 30, "node B draining")
+            jobs = []
+            for _ in range(3):
+                async with StreamClient(front, api_key=API_KEY, sample_rate=SR) as s:
+                    await send_paced(s, short.tobytes(), SR * 2, speed=None)
+                    await s.end()
+                    evs = await collect(s)
+                assert corpus.wer(EN[0], text_of(finals(evs))) < 0.15, text_of(finals(evs))
+                jobs.append(s.job_id)
+            assert await b_draining(), "node B stopped draining before the sessions were done"
+            assert set(jobs) <= set(await stream_jobs(a))
+            log = (tmp_path / "access.log").read_text()
+            tried_b = [ln for ln in log.splitlines() if ln.startswith("/v1/transcription/stream")
+                       and f"127.0.0.1:{b.port}" in ln]
+            # "addr=B, A status=503, 101": B refused the handshake, A took it
+            assert tried_b and all(ln.endswith(f"addr=127.0.0.1:{b.port}, 127.0.0.1:{a.port} status=503, 101")
+                                   for ln in tried_b), log
+            evs = [e async for e in long]
+        assert evs[-1]["type"] == "completed" and evs[-1]["server_shutdown"], evs[-1]
+        assert await asyncio.wait_for(b.proc.wait(), 60) == 0
