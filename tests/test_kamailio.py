@@ -12,13 +12,16 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
 from tests.serving import API_KEY, start_server
 from tests.test_service_process import Serve, free_port
 from tests.test_sip_service import CALLER, _state, _udp_exchange, leg_text, peer, speech_wav
+from tests.test_stream_api import EN, SR, sil, speech
 
 from bench import corpus
+from bridge.client.stream import StreamClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "config" / "kamailio" / "kamailio.cfg"
@@ -194,6 +197,62 @@ async def test_kamailio_spreads_calls_over_nodes_and_fails_over(tmp_path):
                 assert j["status"] == "completed", j
                 text = " ".join(s["text"] for s in (await _transcript(a, j["id"])) if s.get("text"))
                 assert corpus.wer(CALLER, text) <= 0.15, text
+        finally:
+            if kam is not None and kam.returncode is None:
+                os.killpg(kam.pid, signal.SIGTERM)
+                await asyncio.wait_for(kam.wait(), 10)
+
+
+async def test_kamailio_takes_a_draining_node_out_by_its_options_answer(tmp_path):
+    """Node B drains (SIGTERM while it finalizes a long stream's backlog, so it keeps listening):
+    its dispatcher answers Kamailio's OPTIONS probe 503, Kamailio marks it inactive, and the next
+    call goes to node A without B even seeing the INVITE, although B has the higher priority."""
+    rtp = 30000 + random.randrange(0, 300) * 100
+    env = {"CALLBRIDGE_API_KEYS": API_KEY, "CALLBRIDGE_SIP_ENABLED": "true", "CALLBRIDGE_SIP_PORT": "0",
+           "CALLBRIDGE_SIP_WORKERS": "1", "CALLBRIDGE_LIMITS_DRAIN_TIMEOUT_S": "60"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    backlog = np.concatenate([np.concatenate([speech(EN[i % 2]), sil(0.8)]) for i in range(12)]).tobytes()
+    kam = None
+    async with Serve(tmp_path / "a" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp)}) as a, \
+            Serve(tmp_path / "b" / "data", {**env, "CALLBRIDGE_SIP_RTP_PORT_START": str(rtp + 100)}) as b:
+        try:
+            port = free_port()
+            cfg = local_config(tmp_path, port, [await _node_sip_port(a), await _node_sip_port(b)], maxload=4,
+                               priorities=[0, 10])
+            run = tmp_path / "run"
+            run.mkdir()
+            kam = await asyncio.create_subprocess_exec(
+                "kamailio", "-f", str(cfg), "-Y", str(run), "-P", str(run / "kamailio.pid"), "-DD", "-E", "-m", "32",
+                "-M", "4", stdout=asyncio.subprocess.DEVNULL, stderr=open(tmp_path / "kamailio.log", "wb"),
+                start_new_session=True)
+            await kamailio_ready(kam, port)
+            wav = speech_wav(tmp_path / "c.wav", CALLER, tail=1.0)
+            async with StreamClient(b.url, api_key=API_KEY, sample_rate=SR) as long:
+                for i in range(0, len(backlog), 64000):
+                    await long.send_audio(backlog[i:i + 64000])
+                assert b.proc is not None
+                b.proc.send_signal(signal.SIGTERM)
+
+                async def probed_while_draining() -> bool:
+                    st = await _dispatcher_stats(b)
+                    if not st["draining"]:
+                        return False
+                    seen.setdefault("options", st["options"])
+                    return st["options"] >= seen["options"] + 2  # a probe answered 503 after the drain began
+
+                seen: dict[str, int] = {}
+                await _state(probed_while_draining, 30, "Kamailio probing node B while it drains")
+                invites_b = (await _dispatcher_stats(b))["invites"]
+                rc, info, err = await peer("call", f"sip:d@127.0.0.1:{port}", "--play", str(wav), "--timeout", "30")
+                assert rc == 0 and info["sip_code"] == 200, err
+                st = await _dispatcher_stats(b)
+                assert st["draining"], "node B stopped draining before the call: no proof"
+                assert st["invites"] == invites_b, "Kamailio still sent the INVITE to the draining node"
+                assert len(await _sip_jobs(a)) == 1
+                evs = [e async for e in long]
+            assert evs[-1]["type"] == "completed" and evs[-1]["server_shutdown"], evs[-1]
+            assert await asyncio.wait_for(b.proc.wait(), 90) == 0
         finally:
             if kam is not None and kam.returncode is None:
                 os.killpg(kam.pid, signal.SIGTERM)
