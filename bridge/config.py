@@ -68,6 +68,8 @@ class ServerConfig:
     data_dir: str = _f("./data", "SQLite database, recordings and the generated API key", nonempty=True)
     api_keys: tuple[str, ...] = _f((), "accepted API keys, at least 16 characters each; empty: `serve` creates "
                                        "one in data_dir", api_keys=True)
+    trusted_proxies: tuple[str, ...] = _f((), "CIDRs of reverse proxies (nginx) whose X-Forwarded-For names the "
+                                              "client (authentication backoff); empty: the peer address", cidrs=True)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A pjsua2 process holds at most 4 calls, so `callbridge serve` runs several and this proxy spreads
 new calls over them, the way Kamailio's dispatcher module does in production (call-load
 algorithm with a max load per worker, 503 when everything is full, failover on 408/486/500/503
-only when another worker can take the call, OPTIONS answered locally).
+only when another worker can take the call, OPTIONS answered locally: 503 while draining or with
+no worker running, so a front door probing the nodes takes this one out).
 
 `Dispatcher` composes the parts, each in its own module:
 - sip/transport.py: the UDP and TCP listeners, framing, TCP limits, sending;
@@ -268,13 +269,29 @@ class Dispatcher:
             self.proxy.on_ack(msg, origin, via)
         elif method == "OPTIONS" and msg.to_tag is None:
             self._n["options"] += 1
-            self.proxy.reply(msg, origin, via, 200, None, [("Allow", ALLOW), ("Accept", "application/sdp")])
+            self._on_options(msg, origin, via)
         elif method == "BYE" or msg.to_tag is not None:
             self.proxy.on_in_dialog(msg, origin, via)
         elif method in _KNOWN_NOT_ALLOWED:
             self.proxy.reply(msg, origin, via, 405, None, [("Allow", ALLOW)])
         else:
             self.proxy.reply(msg, origin, via, 501, None, [("Allow", ALLOW)])
+
+    def _on_options(self, msg: SipMessage, origin: Origin, via: Via) -> None:
+        """A front door (Kamailio's dispatcher module) probes each node with OPTIONS and takes out
+        one that does not answer 2xx: so a node that would refuse every INVITE (draining, or no
+        worker running) says so here, 503 with the same Retry-After and Warning as its INVITE
+        refusal, and new calls go to the other nodes instead of each failing over from here.
+        A node merely full still answers 200: that is per call, and failover handles it."""
+        headers = [("Allow", ALLOW), ("Accept", "application/sdp")]
+        if self.draining:
+            self.proxy.reply(msg, origin, via, 503, None, [*headers, ("Retry-After", str(self.retry_after_draining)),
+                                                           _warning(399, "The service is shutting down")])
+        elif not any(w.alive for w in self.workers):
+            self.proxy.reply(msg, origin, via, 503, None, [*headers, ("Retry-After", str(self.retry_after_full)),
+                                                           _warning(399, self.pool.full_reason(1))])
+        else:
+            self.proxy.reply(msg, origin, via, 200, None, headers)
 
     @staticmethod
     def _check_request(msg: SipMessage) -> None:

@@ -343,6 +343,29 @@ async def test_options_gets_200_and_register_gets_405(make_rig) -> None:
     await rig.workers[0].silent(0.1)
 
 
+async def test_options_gets_503_while_draining_or_without_workers_so_a_front_door_takes_the_node_out(make_rig) -> None:
+    """Kamailio's dispatcher probes nodes with OPTIONS: a node that refuses every INVITE says so
+    there (503, Retry-After, the same Warning), and answers 200 again once it can take calls."""
+    rig = await make_rig(2)
+    rig.d.draining = True
+    rig.caller.send(request("OPTIONS", rig.caller.port, call_id="opt-drain"), rig.addr)
+    resp = await rig.caller.expect(503)
+    assert resp.get("Retry-After") == "30" and "shutting down" in resp.get("Warning")
+    rig.d.draining = False
+    rig.d.set_alive(0, False)
+    rig.caller.send(request("OPTIONS", rig.caller.port, call_id="opt-one"), rig.addr)
+    await rig.caller.expect(200)  # one worker left: the node still takes calls
+    rig.d.set_alive(1, False)
+    rig.caller.send(request("OPTIONS", rig.caller.port, call_id="opt-none"), rig.addr)
+    resp = await rig.caller.expect(503)
+    assert resp.get("Retry-After") == "5" and "no SIP worker is running" in resp.get("Warning")
+    rig.d.set_alive(1, True)
+    rig.caller.send(request("OPTIONS", rig.caller.port, call_id="opt-back"), rig.addr)
+    await rig.caller.expect(200)
+    for w in rig.workers:
+        await w.silent(0.1)
+
+
 async def test_cancel_goes_to_the_invites_worker(make_rig) -> None:
     rig = await make_rig(2)
     rig.d.set_load(0, 3)  # worker 1 takes the call

@@ -3,6 +3,8 @@ and the one loader for untrusted JSON (bridge/json_input.py, re-exported here)."
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +23,41 @@ log = get_logger("bridge.api.http")
 
 
 def client_source(request: web.Request) -> str:
-    """Who is on the other end, for the authentication backoff (bridge.backoff.source_of)."""
-    return source_of(request.remote)
+    """Who is on the other end, for the authentication backoff (bridge.backoff.source_of): the
+    peer, or behind a trusted reverse proxy (`server.trusted_proxies`) the client it names."""
+    trusted = service_of(request).config.server.trusted_proxies
+    return source_of(client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def client_address(remote: str | None, forwarded_for: list[str], trusted: tuple[str, ...]) -> str | None:
+    """The client's address: `remote` unless it is a trusted proxy; then X-Forwarded-For read from
+    the right (each proxy appends the address it saw), skipping trusted proxies, so the first
+    untrusted address is the client. Entries left of it are whatever the client sent: never
+    believed. Behind nginx every client would otherwise be nginx's one address, and ten bad
+    credentials from anyone would block everyone (bridge/backoff.py)."""
+    nets = _networks(trusted)
+
+    def is_trusted(addr: str | None) -> bool:
+        try:
+            ip = ipaddress.ip_address((addr or "").split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in nets)
+
+    if not nets or not is_trusted(remote):
+        return remote
+    hops = [h.strip() for line in forwarded_for for h in line.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
 
 
 _REASON_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
