@@ -50,4 +50,7 @@ async def start_server(data_dir: Path, pool: Any, **overrides: Any) -> RunningSe
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if service.heartbeat is not None and not config.cluster.advertise_url:
+        service.heartbeat.url = f"http://127.0.0.1:{port}"  # known once bound: what other nodes forward to
+        await service.heartbeat.beat()
     return RunningServer(service, runner, port)

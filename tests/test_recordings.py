@@ -135,3 +135,44 @@ async def test_a_recording_recovered_after_a_crash_is_shelved(tmp_path, other_fs
         assert read_wav(saved.audio_path)[0].size == 16000
     finally:
         await stores.close()
+
+
+async def test_a_live_calls_audio_is_forwarded_from_the_node_recording_it(tmp_path, pool):
+    """Node B asked for the audio of a call live on node A forwards to A (only A knows what it has
+    flushed), with the caller's credentials and Range; a forwarded request is never forwarded again."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = await start_server(tmp_path / "a", pool, **{"storage.url": db, "credits.usage_interval_s": "0.2"})
+    b = await start_server(tmp_path / "b", pool, **{"storage.url": db})
+    try:
+        _, pcm = _speech()
+        async with StreamClient(a.url, api_key=API_KEY, interim_results=False) as s:
+            await s.send_audio(pcm[:32000 * 2])  # 2 s
+            path = a.service.recordings.live_path(s.job_id)
+
+            async def flushed() -> bool:
+                return path.exists() and path.stat().st_size >= 44 + 32000 * 2
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await flushed():
+                assert asyncio.get_running_loop().time() < deadline, "node A never flushed its recording"
+                await asyncio.sleep(0.1)
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+                async with http.get(f"{b.url}/v1/jobs/{s.job_id}/audio") as r:
+                    assert r.status == 200 and r.headers["Content-Type"] == "audio/wav"
+                    assert r.headers["X-Callbridge-Node"] == a.service.node_id  # read by A, through B
+                    body = await r.read()
+                async with http.get(f"{b.url}/v1/jobs/{s.job_id}/audio", headers={"Range": "bytes=0-43"}) as r:
+                    assert r.status == 206 and await r.read() == body[:44]
+                async with http.get(f"{b.url}/v1/jobs/{s.job_id}/audio",
+                                    headers={"Authorization": "Bearer cbk_wrong_00000000000000000000000"}) as r:
+                    assert r.status == 401  # node B checks the caller before forwarding anything
+                # a request already forwarded once is answered from B's own view (no loop)
+                async with http.get(f"{b.url}/v1/jobs/{s.job_id}/audio",
+                                    headers={"X-Callbridge-Forwarded-By": "node_x"}) as r:
+                    assert r.status == 200  # this host can read A's file: same machine
+                    assert r.headers["X-Callbridge-Node"] == b.service.node_id
+            assert body[:4] == b"RIFF" and len(body) >= 44 + 32000 * 2
+            assert body[44:44 + 32000 * 2] == pcm[:32000 * 2]  # the audio A recorded, as B served it
+    finally:
+        await b.stop()
+        await a.stop()

@@ -14,6 +14,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from bridge.api.http import bad_request, http_error, json_error, limit_param, read_json, require_principal, service_of
@@ -297,15 +298,61 @@ async def transcript(request: web.Request) -> web.Response:
     return web.Response(body=body.encode("utf-8") if isinstance(body, str) else body, headers=headers)
 
 
+# Set on a request one node forwards to another, so a forwarded request is never forwarded again.
+FORWARDED_HEADER = "X-Callbridge-Forwarded-By"
+NODE_HEADER = "X-Callbridge-Node"  # on audio answers: the node that read the file
+_PASSED_REQUEST = ("Authorization", "Range", "If-Range")
+_PASSED_RESPONSE = (NODE_HEADER, "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "Content-Disposition",
+                    "Cache-Control", "Last-Modified", "ETag")
+
+
 async def audio(request: web.Request) -> web.StreamResponse:
-    """GET /v1/jobs/{id}/audio: the WAV (one channel per leg); Range requests work for players."""
-    _, job = await _load(request)
+    """GET /v1/jobs/{id}/audio: the WAV (one channel per leg); Range requests work for players.
+    A live job's recording is on the disk of the node that runs the call (bridge/recordings.py):
+    another node forwards the request there (its `cluster.advertise_url`)."""
+    svc, job = await _load(request)
+    if job.status is JobStatus.LIVE and job.node_id and job.node_id != svc.node_id \
+            and FORWARDED_HEADER not in request.headers:
+        forwarded = await _audio_from_owner(request, svc, job)
+        if forwarded is not None:
+            return forwarded
     if not await asyncio.to_thread(_has_audio, job):
         return json_error(404, "NOT_FOUND", f"job {job.id} has no recorded audio")
     disposition = "attachment" if _truthy(request.query.get("download")) else "inline"
     return web.FileResponse(job.audio_path, headers={  # type: ignore[arg-type]
-        "Content-Type": "audio/wav", "Cache-Control": "no-store",
+        "Content-Type": "audio/wav", "Cache-Control": "no-store", NODE_HEADER: svc.node_id,
         "Content-Disposition": f'{disposition}; filename="{job.id}.wav"'})
+
+
+async def _audio_from_owner(request: web.Request, svc: Any, job: Job) -> web.StreamResponse | None:
+    """Stream a live job's recording from the node that records it (only it knows what it has
+    flushed), with the caller's own credentials (every node reads the same keys) and Range,
+    answering what that node answers. None when that node is gone (its row expired): the caller
+    reads the file if it can (a recovered recording), else says there is none."""
+    node = next((n for n in await svc.stores.nodes.list_nodes() if n.id == job.node_id), None)
+    if node is None or not node.url:
+        return None
+    headers = {h: request.headers[h] for h in _PASSED_REQUEST if h in request.headers}
+    headers[FORWARDED_HEADER] = svc.node_id
+    url = f"{node.url.rstrip('/')}/v1/jobs/{job.id}/audio"
+    timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=30)
+    resp: web.StreamResponse | None = None
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with http.get(url, params=request.query, headers=headers, allow_redirects=False) as upstream:
+                resp = web.StreamResponse(status=upstream.status, headers={
+                    h: upstream.headers[h] for h in _PASSED_RESPONSE if h in upstream.headers})
+                await resp.prepare(request)
+                async for chunk in upstream.content.iter_chunked(64 * 1024):
+                    await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        log.warning("audio_forward_failed", job_id=job.id, node_id=job.node_id, url=url, error=repr(e))
+        if resp is not None and resp.prepared:
+            return resp  # cut short mid-body: the client sees a short read, as from a failed node
+        return json_error(502, "UPSTREAM_ERROR", f"job {job.id} is live on node {job.node_id}, which did not "
+                                                 f"answer: {type(e).__name__}")
 
 
 def add_routes(app: web.Application) -> None:
