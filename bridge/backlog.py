@@ -5,7 +5,10 @@ database that is down or restarting (PostgreSQL failover, a network cut) must ne
 captions nor lose what the client already saw. So a write that fails for any reason but a full
 disk (which ends the call: bridge/storage.py) is queued here and retried with backoff until it
 lands, and every later write queues behind it, so they land in the order they were made (a job's
-`finish` after its last segment, a settlement after the job's end). `/healthz` reports the
+`finish` after its last segment, a settlement after the job's end). Only failures of reaching the
+database are retried (`transient`); a write the database refuses (its job deleted meanwhile, a
+constraint) would fail forever and hold every later write behind it: it raises on its first try
+and is dropped, logged as `write_dropped`, when it fails that way on a retry. `/healthz` reports the
 backlog (status `degraded` while it is not empty); the service waits for it when it stops.
 
 The queue lives in memory: writes still queued when the process dies are lost, as is anything a
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from bridge.logs import get_logger
 from bridge.storage import is_storage_full
 
-__all__ = ["WriteBacklog"]
+__all__ = ["WriteBacklog", "transient"]
 
 log = get_logger("bridge.backlog")
 
@@ -32,6 +35,20 @@ RETRY_MAX_S = 5.0
 # How long a write may take before it is left to the background; a write cut off here may still
 # commit, so the stores' writes are idempotent (add_segment finds a final it already holds).
 FIRST_TRY_S = 3.0
+RETRY_TRY_S = 10.0  # a retry on a connection a network cut left hanging gives up after this
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure to reach the database, worth retrying: a timeout, a connection error, or the
+    drivers' OperationalError / InterfaceError (sqlite3's and psycopg's, whose pool timeout is
+    one too), told by class name so this module needs neither driver. Anything else (KeyError for
+    a job deleted meanwhile, an IntegrityError, a ValueError) is the database's answer."""
+    if isinstance(exc, (asyncio.TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and not is_storage_full(exc):
+        return True
+    return any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(exc).__mro__) \
+        and not is_storage_full(exc)
 
 
 @dataclass
@@ -46,8 +63,9 @@ class WriteBacklog:
     """One FIFO of deferred writes for the whole service (event loop only)."""
 
     def __init__(self, retry_first_s: float = RETRY_FIRST_S, retry_max_s: float = RETRY_MAX_S,
-                 first_try_s: float = FIRST_TRY_S) -> None:
+                 first_try_s: float = FIRST_TRY_S, retry_try_s: float = RETRY_TRY_S) -> None:
         self.first_try_s = first_try_s
+        self.retry_try_s = retry_try_s
         self.retry_first_s = retry_first_s
         self.retry_max_s = retry_max_s
         self._q: deque[_Write] = deque()
@@ -56,6 +74,7 @@ class WriteBacklog:
         self._idle.set()
         self.deferred_total = 0  # writes that had to wait, since start
         self.retried_total = 0  # attempts after the first
+        self.dropped_total = 0  # queued writes the database refused on a retry (logged)
         self.last_error: str | None = None
         self.since: float | None = None  # when the oldest queued write was queued
 
@@ -69,15 +88,16 @@ class WriteBacklog:
                 "last_error": self.last_error}
 
     async def write(self, job_id: str, what: str, make: Callable[[], Awaitable[object]]) -> bool:
-        """Make the write now, or queue it: True if it landed now. A full disk is raised (the
-        caller ends the call); anything else queues it. Queued writes are never overtaken."""
+        """Make the write now, or queue it: True if it landed now. A full disk, or any answer of
+        the database that is not `transient`, is raised (the caller ends the call, or logs it);
+        a transient failure queues it. Queued writes are never overtaken."""
         if not self._q:
             try:
                 # bounded, so an unreachable database holds a call's events for at most this long once
                 await asyncio.wait_for(make(), self.first_try_s)
                 return True
-            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - all but a full disk are retried
-                if is_storage_full(e):
+            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - only transient ones are retried
+                if not transient(e):
                     raise
                 self.last_error = f"{type(e).__name__}: {e}"[:300]
                 log.warning("write_deferred", job_id=job_id, what=what, error=self.last_error)
@@ -97,10 +117,17 @@ class WriteBacklog:
             await asyncio.sleep(delay)
             try:
                 self.retried_total += 1
-                await head.make()
-            except Exception as e:  # noqa: BLE001
+                await asyncio.wait_for(head.make(), self.retry_try_s)
+            except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001
+                if not transient(e):  # the database answered, and will answer so again: drop it
+                    self._q.popleft()
+                    self.dropped_total += 1
+                    self.since = self._q[0].queued_at if self._q else None
+                    log.error("write_dropped", job_id=head.job_id, what=head.what, error=repr(e)[:300])
+                    delay = 0.0
+                    continue
                 self.last_error = f"{type(e).__name__}: {e}"[:300]
-                delay = min(self.retry_max_s, delay * 2)
+                delay = min(self.retry_max_s, max(delay, self.retry_first_s) * 2)
                 continue
             self._q.popleft()
             self.since = self._q[0].queued_at if self._q else None

@@ -68,6 +68,17 @@ class Recordings:
     def live_path(self, job_id: str) -> Path:
         return self.live_dir / f"{job_id}.wav"
 
+    def locate(self, job_id: str, path: str | None) -> str | None:
+        """Where the job's recording is (blocking): the path the job names, or, if that is gone,
+        the archive's file of the same name: a recording shelved whose new path had not reached the
+        database when the node stopped (the move comes first, bridge/calls.py)."""
+        if path and os.path.isfile(path):
+            return path
+        archived = self.archive_dir / f"{job_id}.wav"
+        if self.moves and archived.is_file():
+            return str(archived)
+        return path
+
     async def shelve(self, job_id: str, path: str | None) -> str | None:
         """Move a closed recording to the archive; returns its new path, or None when it stays
         where it is (no archive configured, no file, or the move failed: then the local file is

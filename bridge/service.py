@@ -128,7 +128,8 @@ class Service:
                             recordings=self.recordings)
         cluster = self.config.cluster
         self.heartbeat = Heartbeat(self.stores.nodes, recovery, node_id=self.node_id, url=advertise_url(self.config),
-                                   interval_s=cluster.heartbeat_s, ttl_s=cluster.node_ttl_s)
+                                   interval_s=cluster.heartbeat_s, ttl_s=cluster.node_ttl_s,
+                                   on_taken_over=self._end_calls_taken_over)
         await self.heartbeat.beat()  # alive before failing our old jobs: no survivor takes them over too
         self.heartbeat.start()  # beating from here: the model load below may take longer than the TTL
         # Only this node's live jobs: another node's live calls on a shared database go on (docs/cluster.md).
@@ -184,6 +185,13 @@ class Service:
                 raise
             self.ingresses.append(ingress)
 
+    def _end_calls_taken_over(self) -> None:
+        """Another node took this one for dead (it could not reach the database for a TTL) and
+        failed its live jobs, settled them and sent their webhooks: end their calls, whose ends
+        the store no longer takes (the first ending wins), rather than let them run on unbilled."""
+        for call in list(self.calls.calls.values()):
+            call.request_stop("this node was taken over by another (its heartbeat expired)")
+
     def _trim_when_idle(self) -> None:
         """The last live call ended: give the allocator's free pages back once the service stays idle
         (what the busiest moment needed stays resident otherwise; bridge/allocator.py)."""
@@ -226,15 +234,17 @@ class Service:
         self.ready = False
         for ingress in self.ingresses:  # what the drain left (peer connections, SIP workers)
             await ingress.stop()
-        if self.heartbeat is not None:  # before the webhooks stop: no take-over runs past here
-            try:  # a job the drain left live keeps the row: it expires and a survivor fails the job
-                await self.heartbeat.stop(leave=not left)
-            except Exception as e:  # noqa: BLE001 - the row expires by itself
-                log.error("node_not_removed", node_id=self.node_id, error=repr(e))
         if self.sessions is not None:  # credit releases of INVITEs the SIP stop gave up
             await self.sessions.aclose()
         # the writes of ended calls that wait for the database (their finals, ends and settlements)
-        await self.backlog.flush(self.config.limits.drain_timeout_s)
+        unwritten = await self.backlog.flush(self.config.limits.drain_timeout_s)
+        if self.heartbeat is not None:  # before the webhooks stop: no take-over runs past here
+            # A job the drain left live, or one whose end never reached the database, keeps the row:
+            # it expires and a survivor fails the job, settles it and sends its webhooks.
+            try:
+                await self.heartbeat.stop(leave=not left and not unwritten)
+            except Exception as e:  # noqa: BLE001 - the row expires by itself
+                log.error("node_not_removed", node_id=self.node_id, error=repr(e))
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
         if self._trimmer is not None:

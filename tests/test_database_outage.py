@@ -149,3 +149,35 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_an_outage_longer_than_the_ttl_takes_no_live_node_over(tmp_path, pool, own_pg):
+    """Every node's beats fail while the database is away, so when it returns every row is older
+    than the TTL; the first node back must not take the others over (they are alive and mid-call):
+    a node looks for dead ones only after its own beats have landed for a TTL without a gap."""
+    url = own_pg.new_database()
+    fast = {"storage.url": url, "cluster.heartbeat_s": "0.2", "cluster.node_ttl_s": "1"}
+    a = await start_server(tmp_path / "a", pool, **fast, **{"cluster.node_id": "node-a"})
+    b = await start_server(tmp_path / "b", pool, **fast, **{"cluster.node_id": "node-b"})
+    try:
+        async with StreamClient(b.url, api_key=API_KEY, interim_results=False) as s:
+            received = [await _say(s, _utterance(SENTENCES[0]))]
+            await asyncio.to_thread(own_pg.halt)
+            await asyncio.sleep(2.5)  # the outage itself: longer than the TTL (1 s) by design
+            await asyncio.to_thread(own_pg.resume)
+
+            async def both_beating_for_a_ttl():
+                return all(n.service.heartbeat.may_reap(time.time()) for n in (a, b))
+
+            await _until(both_beating_for_a_ttl, 60, "both nodes to beat for a TTL again")
+            await asyncio.sleep(0.5)  # a few more looks by each node, now allowed to take over
+            assert a.service.heartbeat.taken_over == [] and b.service.heartbeat.taken_over == []
+            received.append(await _say(s, _utterance(SENTENCES[1])))
+            job = await b.service.store.get_job(s.job_id)
+            assert job.status.value == "live" and job.node_id == "node-b"
+        job = await b.service.store.get_job(s.job_id)
+        assert job.status.value == "completed"
+        assert [g.text for g in await b.service.store.segments(s.job_id)] == [f["text"] for f in received]
+    finally:
+        await b.stop()
+        await a.stop()

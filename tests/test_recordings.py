@@ -176,3 +176,27 @@ async def test_a_live_calls_audio_is_forwarded_from_the_node_recording_it(tmp_pa
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_recording_shelved_before_its_new_path_was_saved_is_still_found(tmp_path, pool):
+    """The move comes before the database write of the new path; a node that stopped between the
+    two leaves a job naming its old, local path: the API and the recovery find the archived file."""
+    archive = tmp_path / "archive"
+    srv = await start_server(tmp_path / "data", pool, **{"storage.recordings_dir": str(archive)})
+    try:
+        rec = srv.service.recordings
+        job = Job(id="job_moved", owner=(await srv.service.keys.verify_key(API_KEY)).id, source=JobSource.STREAM,
+                  speakers=["caller"], audio_path=str(rec.live_path("job_moved")))
+        await srv.service.store.create_job(job)
+        w = WavRecorder(archive / "job_moved.wav", channels=1)
+        w.write_frames([np.ones(8000, np.int16)])
+        w.close()
+        async with aiohttp.ClientSession(srv.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            async with http.get("/v1/jobs/job_moved") as r:
+                assert (await r.json())["audio_path"] == "/v1/jobs/job_moved/audio"
+            async with http.get("/v1/jobs/job_moved/audio") as r:
+                assert r.status == 200 and await r.read() == (archive / "job_moved.wav").read_bytes()
+        await recover_recordings(srv.service.store, ["job_moved"], rec)
+        assert (await srv.service.store.get_job("job_moved")).audio_path == str(archive / "job_moved.wav")
+    finally:
+        await srv.stop()

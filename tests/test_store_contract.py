@@ -114,6 +114,7 @@ async def test_jobs_create_get_update_finish_delete(stores: Stores) -> None:
     await jobs.finish_job(job.id, JobStatus.FAILED, 3.0, error={"code": "INTERNAL", "message": "x"}, ended_at=99.0)
     with pytest.raises(KeyError):
         await jobs.finish_job("job_missing", JobStatus.COMPLETED, 1.0)
+    await jobs.finish_job(job.id, JobStatus.COMPLETED, 9.0)  # a late end (a taken-over node's call): no effect
     got = await jobs.get_job(job.id)
     assert (got.status, got.duration_s, got.ended_at, got.error) == (JobStatus.FAILED, 3.0, 99.0,
                                                                       {"code": "INTERNAL", "message": "x"})

@@ -104,6 +104,7 @@ async def _load(request: web.Request) -> tuple[Any, Job]:
     job = await svc.store.get_job(job_id, principal.owner)
     if job is None:
         raise _not_found(job_id)
+    job.audio_path = await asyncio.to_thread(svc.recordings.locate, job.id, job.audio_path)
     return svc, _with_live_timing(svc, job)
 
 

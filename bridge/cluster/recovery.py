@@ -39,7 +39,13 @@ async def recover_recordings(store: JobStore, job_ids: Sequence[str], recordings
     keeps its path and the duration of its last final."""
     for job_id in job_ids:
         job = await store.get_job(job_id)
-        if job is None or not job.audio_path:
+        if job is None:
+            continue
+        found = await asyncio.to_thread(recordings.locate, job_id, job.audio_path)
+        if found != job.audio_path:  # shelved before the crash, its new path not saved
+            await store.update_job(job_id, audio_path=found)
+            job.audio_path = found
+        if not job.audio_path:
             continue
         try:
             seconds = await asyncio.to_thread(repair_wav, job.audio_path)

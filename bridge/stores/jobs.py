@@ -42,7 +42,9 @@ class JobStore(Protocol):
 
     async def finish_job(self, job_id: str, status: JobStatus | str, duration_s: float,
                          error: dict[str, Any] | None = None, ended_at: float | None = None) -> None:
-        """Set the final status; KeyError if the job does not exist."""
+        """Set the final status of a live job; KeyError if the job does not exist. The first ending
+        wins: a job already ended (failed by a take-over of its node, docs/cluster.md, while the
+        node's call went on) keeps its ending, so a late finish cannot bring it back."""
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
         """Change speakers / metadata / audio_path / duration_s / config (ValueError for any other

@@ -146,10 +146,12 @@ class PgJobStore:
                          error: dict[str, Any] | None = None, ended_at: float | None = None) -> None:
         async with self._pool.tx() as db:
             cur = await db.execute(
-                "UPDATE jobs SET status = %s, duration_s = %s, error = %s, ended_at = %s WHERE id = %s",
+                "UPDATE jobs SET status = %s, duration_s = %s, error = %s, ended_at = %s"
+                " WHERE id = %s AND status = 'live'",
                 (JobStatus(status).value, float(duration_s), json.dumps(error) if error else None,
                  ended_at if ended_at is not None else time.time(), job_id))
-            if cur.rowcount == 0:
+            if cur.rowcount == 0 and await (await db.execute("SELECT 1 FROM jobs WHERE id = %s", (job_id,))
+                                            ).fetchone() is None:
                 raise KeyError(job_id)
 
     async def update_job(self, job_id: str, **fields: Any) -> None:

@@ -137,10 +137,10 @@ class SqliteJobStore:
                    error: dict[str, Any] | None = None, ended_at: float | None = None) -> None:
         with self._lock, self._tx():
             cur = self._db.execute(
-                "UPDATE jobs SET status = ?, duration_s = ?, error = ?, ended_at = ? WHERE id = ?",
+                "UPDATE jobs SET status = ?, duration_s = ?, error = ?, ended_at = ? WHERE id = ? AND status = 'live'",
                 (JobStatus(status).value, float(duration_s), json.dumps(error) if error else None,
                  ended_at if ended_at is not None else time.time(), job_id))
-            if cur.rowcount == 0:
+            if cur.rowcount == 0 and self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 raise KeyError(job_id)
 
     def update_job(self, job_id: str, **fields: Any) -> None:
