@@ -30,7 +30,7 @@ from bridge.auth import Authenticator, bootstrap_key
 from bridge.audio.wav import repair_wav
 from bridge.calls import CallRegistry, job_credits
 from bridge.config import Config
-from bridge.events.bus import InProcessBus
+from bridge.events.registry import open_bus
 from bridge.ingress.base import Ingress
 from bridge.ingress.registry import INGRESSES
 from bridge.jobs.model import JobSource
@@ -53,7 +53,8 @@ class Service:
         self.config = config
         self.data_dir = Path(config.server.data_dir)
         self.recordings_dir = self.data_dir / "recordings"
-        self.bus = InProcessBus()
+        # from bus.url (bridge/events/registry.py); connected in start()
+        self.bus = open_bus(config.bus.url, max_buffer=config.bus.buffer_events)
         self.calls = CallRegistry()
         self.metrics = Metrics(self)
         # one free-space check for every ingress (streams, WebRTC offers, SIP INVITEs) and /healthz
@@ -107,6 +108,7 @@ class Service:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings_dir.mkdir(parents=True, exist_ok=True)
+        await self.bus.start()  # a shared bus that cannot be reached: BusUnavailable, one line from `serve`
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
         self.stores = await open_stores(store_url(self.config))
@@ -214,6 +216,7 @@ class Service:
             await self.sessions.aclose()
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
+        await self.bus.close()  # after the webhooks: the calls' last events go out to the other nodes
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._own_pool and self.pool is not None:

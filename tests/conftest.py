@@ -52,3 +52,17 @@ def pg_server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on loopback for the whole session (tests/redisd.py); fails, never skips,
+    when the binary is missing. Tests that stop Redis start their own RedisServer."""
+    from tests.redisd import RedisServer
+
+    srv = RedisServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()

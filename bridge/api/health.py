@@ -8,28 +8,33 @@ import time
 from aiohttp import web
 
 from bridge.api.http import service_of
+from bridge.config import mask_url_password
 from bridge.metrics import CONTENT_TYPE
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 once the model is loaded (and, when SIP is on, listening), as the protocol says; 503
     while starting or draining. `degraded` (still 200: the service is up and its REST API works,
-    e.g. DELETE to free space) means new sessions are refused because the data directory is
-    (nearly) full; `disk` says how full. `capacity` is the decode headroom (bridge/admission.py):
+    e.g. DELETE to free space) means one of two things, each with its section: new sessions are
+    refused because the data directory is (nearly) full (`disk` says how full), or the shared
+    event bus cannot be reached (`bus`: sessions go on, their events wait in a bounded buffer and
+    other nodes' dashboards see this node's calls again when it is back). `capacity` is the decode headroom (bridge/admission.py):
     legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
     svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
+    bus = svc.bus.health()
     if svc.draining:
         status = "draining"
     elif not (svc.ready and sip_ok):
         status = "starting"
     else:
-        status = "degraded" if disk.low else "ok"
+        status = "degraded" if disk.low or not bus.connected else "ok"
     body = {"status": status, "model": svc.model_path, "live_sessions": len(svc.calls.calls),
             "uptime_s": round(time.time() - svc.started_at, 1), "disk": disk.to_dict(),
             "sip": svc.sip.stats() if svc.sip is not None else {"enabled": False, "unavailable": svc.sip_unavailable},
-            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None}
+            "capacity": svc.admission.headroom().to_dict() if svc.admission is not None else None,
+            "bus": {**bus.to_dict(), "url": mask_url_password(bus.url)}}
     return web.json_response(body, status=200 if status in ("ok", "degraded") else 503)
 
 
