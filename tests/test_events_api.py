@@ -1,4 +1,8 @@
-"""Dashboard sockets end to end: real server on loopback, real model, real streams (docs/events.md)."""
+"""Dashboard sockets end to end: real server on loopback, real model, real streams (docs/events.md).
+
+The single-node tests run on the in-process bus and on the Redis bus (a real redis-server); the
+cross-node ones run two services in this process on one PostgreSQL database and one Redis: a
+dashboard on node B follows a call on node A."""
 
 from __future__ import annotations
 
@@ -16,11 +20,38 @@ import pytest
 from bench import corpus
 from bridge.api import events as events_api
 from bridge.client.stream import StreamClient
-from tests.serving import API_KEY, OTHER_KEY, start_server
+from tests.serving import API_KEY, OTHER_KEY, RunningServer, start_server
 from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT = 60.0  # bound on any one wait for a frame
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def server(request, tmp_path, pool):
+    """The real service on the in-process bus, then on a Redis bus (one node: its events make the
+    round trip through Redis to no one, and must reach its own subscribers once)."""
+    ov = {"bus.url": request.getfixturevalue("redis_server").url} if request.param == "redis" else {}
+    srv = await start_server(tmp_path / "data", pool, **ov)
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def two_nodes(tmp_path, pool, pg_server, redis_server):
+    """Nodes A and B: two services on one PostgreSQL database and one Redis, each its own data dir.
+    Both start before any call (a starting node fails the live jobs it finds: one node per
+    database until node ownership of jobs lands)."""
+    db = pg_server.new_database()
+    nodes: list[RunningServer] = []
+    try:
+        for name in ("a", "b"):
+            nodes.append(await start_server(tmp_path / f"data_{name}", pool, **{"storage.url": db,
+                                                                                  "bus.url": redis_server.url}))
+        yield nodes[0], nodes[1]
+    finally:
+        for n in nodes:
+            await n.stop()
 
 
 def ws_base(server) -> str:
@@ -249,3 +280,58 @@ async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, 
     finally:
         slow.close()
         await srv.stop()
+
+
+# --------------------------------------------------------------------------- across nodes
+
+
+async def test_dashboard_on_another_node_catches_up_then_follows_live(two_nodes):
+    """The call runs on A; B reads its earlier finals from the shared store, then its live events
+    from Redis: each final once, in seq order, then call_ended, and /v1/events on B saw it all."""
+    a, b = two_nodes
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{ws_base(b)}/v1/events", headers=AUTH) as everything_on_b:
+        async with StreamClient(a.url, api_key=API_KEY) as s:
+            it = s.__aiter__()
+            await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
+            before = await next_final(it)
+            async with http.ws_connect(f"{ws_base(b)}/v1/calls/{s.job_id}/events", headers=AUTH) as dash:
+                first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
+                reader = asyncio.ensure_future(read_until_ended(dash, s.job_id))
+                await send_paced(s, np.concatenate([speech(EN[1]), sil(1.2)]).tobytes(), SR * 2)
+                await s.end()
+                after = [ev async for ev in it]
+                seen = [first] + await asyncio.wait_for(reader, WAIT)
+                close = await asyncio.wait_for(dash.receive(), WAIT)
+            assert close.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and dash.close_code == 1000
+        live_on_b = await read_until_ended(everything_on_b, s.job_id)
+    stream_finals = finals(before + after)
+    assert len(stream_finals) >= 2 and corpus.wer(" ".join(EN), text_of(stream_finals)) < 0.2
+    # per-job socket on B: the store's final first, then the live ones, each exactly once, in order
+    assert first["type"] == "final" and first["text"] == stream_finals[0]["text"]
+    assert [(e["text"], e["start"], e["end"]) for e in finals(seen)] == \
+        [(e["text"], e["start"], e["end"]) for e in stream_finals]
+    assert seen[-1]["type"] == "call_ended" and seen[-1]["status"] == "completed"
+    seqs = [e.get("seq") for e in seen]
+    assert None not in seqs and seqs == sorted(set(seqs))  # B learned A's seqs (the store's final's too)
+    # owner-wide socket on B: A's whole call, live, in publish order
+    kinds = [e["type"] for e in live_on_b]
+    assert kinds[0] == "call_started" and kinds[-1] == "call_ended" and "usage" in kinds
+    assert {e["job_id"] for e in live_on_b} == {s.job_id}
+    assert [e["seq"] for e in live_on_b] == sorted({e["seq"] for e in live_on_b})
+    assert [e["text"] for e in finals(live_on_b)] == [e["text"] for e in stream_finals]
+    assert a.service.bus.health().connected and b.service.bus.received >= len(live_on_b)
+
+
+async def test_finished_call_of_another_node_reads_from_the_shared_store(two_nodes):
+    a, b = two_nodes
+    async with StreamClient(a.url, api_key=API_KEY) as s:
+        await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
+        await s.end()
+        streamed = [ev async for ev in s]
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{ws_base(b)}/v1/calls/{s.job_id}/events", headers=AUTH) as ws:
+            evs = await read_until_ended(ws)
+    assert [e["text"] for e in evs[:-1]] == [e["text"] for e in finals(streamed)] and finals(streamed)
+    assert evs[-1]["type"] == "call_ended" and evs[-1]["status"] == "completed"
+    assert evs[-1]["credits_used"] == s.completed["credits_used"]
