@@ -267,13 +267,25 @@ def _schemas() -> dict[str, Any]:
                                              "description": "on a temporary refusal: seconds until a retry may be "
                                                             "admitted (the Retry-After header says the same)"}}}}},
         "Health": {"type": "object", "required": ["status", "model", "live_sessions", "uptime_s", "disk", "sip",
-                                                  "capacity"], "properties": {
+                                                  "capacity", "bus"], "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded", "starting", "draining"],
-                       "description": "`degraded` (with 200): up, REST works, new sessions refused for lack of disk"},
+                       "description": "`degraded` (with 200): up, REST works; new sessions refused for lack of "
+                                      "disk (`disk`), or the shared event bus unreachable (`bus`)"},
             "model": {"type": ["string", "null"]},
             "live_sessions": {"type": "integer"}, "uptime_s": num, "disk": _ref("Disk"),
             "sip": {"oneOf": [_ref("SipOff"), _ref("SipStats")]},
-            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}}},
+            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}, "bus": _ref("Bus")}},
+        "Bus": {"type": "object", "description": "the event bus (docs/events.md): in-process, or Redis shared by "
+                                                 "every node", "required": ["url", "connected", "buffered", "dropped",
+                                                                            "dropped_partials"], "properties": {
+            "url": {"type": "string", "description": "bus.url, password masked"},
+            "connected": {"type": "boolean", "description": "false: Redis cannot be reached (status degraded)"},
+            "buffered": {"type": "integer", "description": "events waiting to be sent to Redis"},
+            "dropped": {"type": "integer", "description": "events given up because the buffer was full"},
+            "dropped_partials": {"type": "integer", "description": "of `dropped`, partials (dropped first)"},
+            "node_id": text, "sent": {"type": "integer"}, "received": {"type": "integer",
+                                                                       "description": "other nodes' events"},
+            "disconnects": {"type": "integer"}}},
         "Disk": {"type": "object", "description": "the data directory's free space (bridge/storage.py)",
                  "required": ["status", "free_bytes", "total_bytes", "min_free_bytes"], "properties": {
                      "status": {"type": "string", "enum": ["ok", "low", "full"],
