@@ -20,6 +20,7 @@ import pytest
 from bench import corpus
 from bridge.api import events as events_api
 from bridge.client.stream import StreamClient
+from bridge.events.types import Final, Partial
 from tests.serving import API_KEY, OTHER_KEY, RunningServer, start_server
 from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
 
@@ -335,3 +336,37 @@ async def test_finished_call_of_another_node_reads_from_the_shared_store(two_nod
     assert [e["text"] for e in evs[:-1]] == [e["text"] for e in finals(streamed)] and finals(streamed)
     assert evs[-1]["type"] == "call_ended" and evs[-1]["status"] == "completed"
     assert evs[-1]["credits_used"] == s.completed["credits_used"]
+
+
+async def test_live_events_published_before_the_store_read_are_not_sent_after_its_finals(server, monkeypatch):
+    """The race the join must win: between the socket's subscribe and its store read, the call
+    publishes a partial and then the final that supersedes it (saved first, so the store read has
+    it). The final goes out once, from the store, with its seq; the partial it supersedes is not
+    sent after it (seqs only go up)."""
+    svc = server.service
+    async with StreamClient(server.url, api_key=API_KEY) as s:
+        await s.send_audio(sil(0.2))
+        job = await svc.store.get_job(s.job_id)
+        real_segments = svc.store.segments
+        raced = asyncio.Event()
+
+        async def segments_after_the_race(job_id: str):
+            if job_id == s.job_id and not raced.is_set():  # the socket has subscribed, not yet read
+                raced.set()
+                final = Final("one two three", (), 0, "caller", 0.5, 1.5, True)
+                svc.bus.publish(job.id, Partial("one two", 0, "caller", 0.5, 1.2), owner=job.owner, source="stream")
+                await svc.store.add_segment(job.id, final.to_dict())  # saved before published, as a Call does
+                svc.bus.publish(job.id, final, owner=job.owner, source="stream")
+            return await real_segments(job_id)
+
+        monkeypatch.setattr(svc.store, "segments", segments_after_the_race)
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{ws_base(server)}/v1/calls/{s.job_id}/events", headers=AUTH) as dash:
+            first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
+            await s.end()
+            rest = await read_until_ended(dash, s.job_id)
+    assert raced.is_set() and first["type"] == "final" and first["text"] == "one two three" and "seq" in first
+    seen = [first] + rest
+    assert [e["type"] for e in seen if e["type"] in ("partial", "final")] == ["final"]  # once, no stale partial
+    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+    assert seen[-1]["type"] == "call_ended"
