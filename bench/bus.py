@@ -5,11 +5,11 @@
    receives it. In-process: publisher and subscriber on one InProcessBus. Redis: two RedisBus
    "nodes" in this process on one redis-server on loopback (started here, tests/redisd.py):
    A's writer task, Redis, B's reader task. Same process, same clock; p50/p95/max.
-2. Messages per call: one real stream session (the real model, a `--seconds` monologue of the
-   corpus, paced in real time) on the service; every envelope it publishes is counted by type
+2. Messages per call: one real stream session (the real model, `--seconds` of corpus sentences
+   with `--pause` s between them, paced in real time) on the service; every envelope it publishes is counted by type
    and sized as the Redis bus encodes it. Messages/s per call = count / audio seconds.
 
-    python -m bench.bus [--events 3000] [--seconds 30]
+    python -m bench.bus [--events 3000] [--seconds 60] [--pause 1.0]
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ async def latency_phase(n: int) -> list[list[str]]:
     return rows
 
 
-async def messages_phase(seconds: float) -> tuple[list[list[str]], str]:
-    pcm, _ = corpus.monologue(seconds)
+async def messages_phase(seconds: float, pause_s: float) -> tuple[list[list[str]], str]:
+    pcm, _ = corpus.monologue(seconds, pause_s=pause_s)
     audio_s = len(pcm) / corpus.SAMPLE_RATE
     with tempfile.TemporaryDirectory() as tmp:
         async with running_service(Path(tmp) / "data", **ADMIT_ALL, **{"model.pool_size": "1"}) as (svc, url):
@@ -102,7 +102,8 @@ async def messages_phase(seconds: float) -> tuple[list[list[str]], str]:
     total = sum(counts.values())
     all_bytes = sum(sum(v) for v in sizes.values())
     rows.append(["all", str(total), f"{total / audio_s:.2f}", f"{all_bytes / total:.0f}"])
-    note = (f"One stream session, {audio_s:.1f} s of corpus monologue paced in real time, usage every "
+    note = (f"One stream session, {audio_s:.1f} s of corpus sentences with {pause_s:g} s pauses paced in real "
+            f"time, usage every "
             f"{usage_interval:g} s; {all_bytes / audio_s / 1024:.2f} KiB/s per call on the stream as encoded.")
     return rows, note
 
@@ -115,7 +116,7 @@ async def bench(args: argparse.Namespace) -> None:
                ["Redis: two RedisBus nodes in one process on a loopback redis-server (XADD by A's writer, "
                 "XREAD by B's reader); in-process: one InProcessBus. Same clock."])
     if args.seconds > 0:
-        rows, note = await messages_phase(args.seconds)
+        rows, note = await messages_phase(args.seconds, args.pause)
         emit_table("bus_messages", "Event bus messages per call (a real stream session)",
                    ["type", "events", "per audio second", "bytes each (encoded)"], rows, [note])
 
@@ -123,7 +124,9 @@ async def bench(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=3000, help="finals timed per bus")
-    ap.add_argument("--seconds", type=float, default=30.0, help="audio of the stream session (0: skip it)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="audio of the stream session (0: skip it)")
+    ap.add_argument("--pause", type=float, default=1.0, help="silence between the session's sentences (s): over "
+                                                            "recognizer.endpointing_ms, each sentence is a final")
     asyncio.run(bench(ap.parse_args(argv)))
 
 

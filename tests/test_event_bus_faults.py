@@ -25,6 +25,12 @@ async def health(http: aiohttp.ClientSession, srv) -> dict:
         return await r.json()
 
 
+async def metric(http: aiohttp.ClientSession, srv, name: str) -> float:
+    async with http.get(srv.url + "/metrics") as r:
+        text = await r.text()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
 async def health_until(http: aiohttp.ClientSession, srv, status: str) -> dict:
     """Poll /healthz until its status is `status` (WAIT is a hang guard, not a speed bound)."""
     async with asyncio.timeout(WAIT):
@@ -72,6 +78,7 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 redis.stop()  # SIGTERM by PID, under the live session
                 down = await health_until(http, a, "degraded")
                 assert down["bus"]["connected"] is False and down["disk"]["status"] == "ok"
+                assert await metric(http, a, "callbridge_bus_connected") == 0
                 # the session keeps transcribing and its finals keep coming, while A buffers them
                 await send_paced(s, np.concatenate([speech(EN[1]), sil(1.2)]).tobytes(), SR * 2)
                 got += await next_final(it)
@@ -84,6 +91,7 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 got += [ev async for ev in it]
                 seen_on_b = await read_until_ended(on_b, s.job_id)
             after = await health(http, a)
+            assert await metric(http, a, "callbridge_bus_connected") == 1
         stream_finals = finals(got)
         assert s.completed is not None and len(stream_finals) >= 3
         assert corpus.wer(" ".join([EN[0], EN[1], EN[0]]), text_of(stream_finals)) < 0.25

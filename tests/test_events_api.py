@@ -338,11 +338,13 @@ async def test_finished_call_of_another_node_reads_from_the_shared_store(two_nod
     assert evs[-1]["credits_used"] == s.completed["credits_used"]
 
 
-async def test_live_events_published_before_the_store_read_are_not_sent_after_its_finals(server, monkeypatch):
+@pytest.mark.parametrize("published", [True, False], ids=["final published", "final saved, not yet published"])
+async def test_live_events_published_before_the_store_read_are_not_sent_after_its_finals(server, monkeypatch,
+                                                                                         published):
     """The race the join must win: between the socket's subscribe and its store read, the call
-    publishes a partial and then the final that supersedes it (saved first, so the store read has
-    it). The final goes out once, from the store, with its seq; the partial it supersedes is not
-    sent after it (seqs only go up)."""
+    publishes a partial and then saves the final that supersedes it, and publishes that final
+    before the store read returns (its seq is known) or after (it is not). The final goes out
+    once, from the store; the partial it supersedes is not sent after it (seqs only go up)."""
     svc = server.service
     async with StreamClient(server.url, api_key=API_KEY) as s:
         await s.send_audio(sil(0.2))
@@ -356,7 +358,14 @@ async def test_live_events_published_before_the_store_read_are_not_sent_after_it
                 final = Final("one two three", (), 0, "caller", 0.5, 1.5, True)
                 svc.bus.publish(job.id, Partial("one two", 0, "caller", 0.5, 1.2), owner=job.owner, source="stream")
                 await svc.store.add_segment(job.id, final.to_dict())  # saved before published, as a Call does
-                svc.bus.publish(job.id, final, owner=job.owner, source="stream")
+                if published:
+                    svc.bus.publish(job.id, final, owner=job.owner, source="stream")
+                    return await real_segments(job_id)
+                segs = await real_segments(job_id)
+                # published once the socket's handler next waits: after it read the store and the seqs
+                asyncio.get_running_loop().call_soon(
+                    lambda: svc.bus.publish(job.id, final, owner=job.owner, source="stream"))
+                return segs
             return await real_segments(job_id)
 
         monkeypatch.setattr(svc.store, "segments", segments_after_the_race)
@@ -365,8 +374,9 @@ async def test_live_events_published_before_the_store_read_are_not_sent_after_it
             first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
             await s.end()
             rest = await read_until_ended(dash, s.job_id)
-    assert raced.is_set() and first["type"] == "final" and first["text"] == "one two three" and "seq" in first
+    assert raced.is_set() and first["type"] == "final" and first["text"] == "one two three"
+    assert ("seq" in first) is published  # a seq is known once the final was published
     seen = [first] + rest
     assert [e["type"] for e in seen if e["type"] in ("partial", "final")] == ["final"]  # once, no stale partial
-    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+    assert [e["seq"] for e in seen if "seq" in e] == sorted(e["seq"] for e in seen if "seq" in e)
     assert seen[-1]["type"] == "call_ended"

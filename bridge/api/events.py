@@ -12,7 +12,10 @@ events of a job on another node arrive later than its finals reach the store, so
 may also hold events published before the last final the store read: by seq, a live event not
 above the highest seq already sent (catch-up finals whose seq is known, or earlier live events)
 was sent already or is superseded, and is dropped; `call_ended` always goes out (a job failed by
-another node after its owner died is numbered by that node).
+another node after its owner died is numbered by that node). A catch-up final whose seq is not
+known here (saved but not yet published when the store was read, or published while this node
+could not read the bus) still supersedes the live partials of its audio: a partial that starts
+before the end of the finals sent on its channel is dropped.
 
 A slow subscriber never slows recognition: its subscription is bounded (`SUBSCRIBER_QUEUE`);
 partials are dropped first, and when even a final does not fit, the socket gets an `error`
@@ -190,10 +193,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         seqs = index.jobs.get(job_id, {})
         sent: set[tuple] = set()
         last = after or 0  # the highest seq the client has: live events up to it are not sent
+        covered: dict[int, float] = {}  # per channel, where the finals sent so far end
         for g in segs:
             d = g.final_event()
             k = _key(d)
             sent.add(k)
+            covered[k[0]] = max(covered.get(k[0], 0.0), k[2])
             seq = seqs.get(k)
             if seq is not None:
                 last = max(last, seq)
@@ -216,6 +221,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if ev.type not in LIVE_TYPES or (env.seq <= last and not ended):
                 continue  # sent already (from the store or live), superseded, or before ?after=
             d = env.to_dict()
+            if ev.type is EventType.PARTIAL and round(ev.start, 3) < covered.get(ev.channel, 0.0):
+                continue  # of an utterance the store's finals already hold (their seq unknown here)
             if ev.type is EventType.FINAL:
                 k = _key(d)
                 if k in sent:
