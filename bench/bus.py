@@ -10,12 +10,15 @@
    and sized as the Redis bus encodes it. Messages/s per call = count / audio seconds.
 
     python -m bench.bus [--events 3000] [--seconds 60] [--pause 1.0]
+
+The latency table notes the machine's load average: on a busy machine its figures are upper bounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -23,13 +26,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import redis.asyncio as aioredis
 
 from bench import corpus
 from bench.drive import stream_at_pace
 from bench.report import emit_table
 from bench.service import ADMIT_ALL, BENCH_KEY, running_service
 from bridge.events.bus import EventBus, InProcessBus
-from bridge.events.redisbus import RedisBus
+from bridge.events.redisbus import STREAM, RedisBus
 from bridge.events.types import Final, Word
 from bridge.events.wire import encode_envelope
 from bridge.logs import configure_logging
@@ -58,7 +62,7 @@ async def latency(pub: EventBus, sub_bus: EventBus, n: int) -> list[float]:
     return out
 
 
-async def latency_phase(n: int) -> list[list[str]]:
+async def latency_phase(n: int) -> tuple[list[list[str]], str]:
     rows = []
     mem = InProcessBus()
     results = {"in-process": await latency(mem, mem, n)}
@@ -69,6 +73,9 @@ async def latency_phase(n: int) -> list[list[str]]:
         await a.start()
         await b.start()
         results["Redis (node A -> node B)"] = await latency(a, b, n)
+        client = aioredis.Redis.from_url(srv.url)
+        entries, used = await client.xlen(STREAM), await client.memory_usage(STREAM, samples=0)
+        await client.aclose()
     finally:
         await a.close()
         await b.close()
@@ -76,14 +83,14 @@ async def latency_phase(n: int) -> list[list[str]]:
     for name, xs in results.items():
         rows.append([name, str(len(xs)), f"{_pct(xs, 0.5) * 1e3:.3f}", f"{_pct(xs, 0.95) * 1e3:.3f}",
                      f"{max(xs) * 1e3:.3f}"])
-    return rows
+    return rows, f"Redis memory of the stream: {used / entries:.0f} bytes per entry ({entries} such finals)."
 
 
 async def messages_phase(seconds: float, pause_s: float) -> tuple[list[list[str]], str]:
     pcm, _ = corpus.monologue(seconds, pause_s=pause_s)
     audio_s = len(pcm) / corpus.SAMPLE_RATE
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_service(Path(tmp) / "data", **ADMIT_ALL, **{"model.pool_size": "1"}) as (svc, url):
+        async with running_service(Path(tmp) / "data", **ADMIT_ALL, **{"model.pool_size": "1", "sip.enabled": "false"}) as (svc, url):
             from bridge.client.stream import StreamClient
 
             sub = svc.bus.subscribe(None, maxsize=1_000_000)
@@ -110,11 +117,12 @@ async def messages_phase(seconds: float, pause_s: float) -> tuple[list[list[str]
 
 async def bench(args: argparse.Namespace) -> None:
     configure_logging("console", "warning")
-    rows = await latency_phase(args.events)
+    rows, memory = await latency_phase(args.events)
+    load = "load average %.1f %.1f %.1f on %d CPUs" % (*os.getloadavg(), os.cpu_count() or 0)
     emit_table("bus_latency", f"Event bus: publish -> subscriber on another node, one final at a time "
                               f"({args.events} events)", ["bus", "events", "p50 ms", "p95 ms", "max ms"], rows,
                ["Redis: two RedisBus nodes in one process on a loopback redis-server (XADD by A's writer, "
-                "XREAD by B's reader); in-process: one InProcessBus. Same clock."])
+                "XREAD by B's reader); in-process: one InProcessBus. Same clock. " + memory, f"Machine: {load}."])
     if args.seconds > 0:
         rows, note = await messages_phase(args.seconds, args.pause)
         emit_table("bus_messages", "Event bus messages per call (a real stream session)",
