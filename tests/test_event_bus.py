@@ -265,3 +265,25 @@ async def test_full_buffer_drops_partials_first_then_the_oldest():
         assert h["connected"] is False and h["buffered"] == 4 and h["dropped"] == 4 and h["dropped_partials"] == 3
     finally:
         await bus.close()
+
+
+def test_bus_url_from_file_env_and_flag_checked_and_masked(tmp_path):
+    import argparse
+
+    from bridge.config import ConfigError, add_config_flags, config_from_args, load_config
+
+    assert load_config(env={}).bus.url == ""  # the in-process bus by default
+    f = tmp_path / "cb.toml"
+    f.write_text('[bus]\nurl = "redis://10.0.0.5:6379/0"\nbuffer_events = 500\n')
+    c = load_config(env={}, config_file=str(f))
+    assert (c.bus.url, c.bus.buffer_events) == ("redis://10.0.0.5:6379/0", 500)
+    c = load_config(env={"CALLBRIDGE_BUS_URL": "redis://:pw@h:1/2"}, config_file=str(f))
+    assert c.bus.url == "redis://:pw@h:1/2" and c.to_dict()["bus"]["url"] == "redis://:****@h:1/2"
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    c = config_from_args(p.parse_args(["--bus-url", "rediss://u:pw@h:1/0"]), env={"CALLBRIDGE_BUS_URL": "redis://x"})
+    assert c.bus.url == "rediss://u:pw@h:1/0"  # the flag wins
+    with pytest.raises(ConfigError, match=r"bus\.url has unknown scheme 'nats'.*\(from flag --bus-url\)"):
+        config_from_args(p.parse_args(["--bus-url", "nats://h:4222"]), env={})
+    with pytest.raises(ConfigError, match=r"bus\.url must look like redis://.*CALLBRIDGE_BUS_URL"):
+        load_config(env={"CALLBRIDGE_BUS_URL": "localhost:6379"})

@@ -14,8 +14,10 @@ above the highest seq already sent (catch-up finals whose seq is known, or earli
 was sent already or is superseded, and is dropped; `call_ended` always goes out (a job failed by
 another node after its owner died is numbered by that node). A catch-up final whose seq is not
 known here (saved but not yet published when the store was read, or published while this node
-could not read the bus) still supersedes the live partials of its audio: a partial that starts
-before the end of the finals sent on its channel is dropped.
+could not read the bus) still supersedes the live partials of its utterance: a partial starts
+where its utterance starts, at or before its final's first word, and a later utterance (or the
+next piece of one cut at the length cap) starts after it, so a live partial that starts no later
+than the latest catch-up final on its channel is dropped.
 
 A slow subscriber never slows recognition: its subscription is bounded (`SUBSCRIBER_QUEUE`);
 partials are dropped first, and when even a final does not fit, the socket gets an `error`
@@ -193,12 +195,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         seqs = index.jobs.get(job_id, {})
         sent: set[tuple] = set()
         last = after or 0  # the highest seq the client has: live events up to it are not sent
-        covered: dict[int, float] = {}  # per channel, where the finals sent so far end
+        began: dict[int, float] = {}  # per channel, the start of the latest final sent from the store
         for g in segs:
             d = g.final_event()
             k = _key(d)
             sent.add(k)
-            covered[k[0]] = max(covered.get(k[0], 0.0), k[2])
+            began[k[0]] = max(began.get(k[0], -1.0), k[1])
             seq = seqs.get(k)
             if seq is not None:
                 last = max(last, seq)
@@ -221,7 +223,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if ev.type not in LIVE_TYPES or (env.seq <= last and not ended):
                 continue  # sent already (from the store or live), superseded, or before ?after=
             d = env.to_dict()
-            if ev.type is EventType.PARTIAL and round(ev.start, 3) < covered.get(ev.channel, 0.0):
+            if ev.type is EventType.PARTIAL and round(ev.start, 3) <= began.get(ev.channel, -1.0):
                 continue  # of an utterance the store's finals already hold (their seq unknown here)
             if ev.type is EventType.FINAL:
                 k = _key(d)

@@ -70,10 +70,13 @@ class RedisBus(InProcessBus):
         self.max_buffer = max(1, max_buffer)
         self._redis: Any = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                                     socket_timeout=SOCKET_TIMEOUT_S,
-                                                    retry=Retry(NoBackoff(), 0))  # our loops retry
+                                                    # one immediate retry: a pooled connection that a
+                                                    # Redis restart left stale fails once; then our loops
+                                                    retry=Retry(NoBackoff(), 1))
         self._backoff = EqualJitterBackoff(cap=backoff_cap_s, base=backoff_base_s)
         self._buffer: deque[Envelope] = deque()
         self._inflight: list[Envelope] = []  # the batch being sent: first in line, kept on failure
+        self._partials_buffered = False  # whether _buffer may hold partials (skips a useless scan)
         self._wake = asyncio.Event()
         self._last_id = "0-0"
         self._remote_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -136,16 +139,19 @@ class RedisBus(InProcessBus):
             if env.event.type is EventType.PARTIAL:
                 self._drop(env)
                 return
-            kept = deque(e for e in self._buffer if e.event.type is not EventType.PARTIAL)
-            for _ in range(len(self._buffer) - len(kept)):
-                self._drop(None)
-            self._buffer = kept
+            if self._partials_buffered:  # once per filling: while full, partials are not let in
+                kept = deque(e for e in self._buffer if e.event.type is not EventType.PARTIAL)
+                for _ in range(len(self._buffer) - len(kept)):
+                    self._drop(None)
+                self._buffer = kept
+                self._partials_buffered = False
             if self.buffered >= self.max_buffer:
                 if not self._buffer:
                     self._drop(env)
                     return
                 self._drop(self._buffer.popleft())
         self._buffer.append(env)
+        self._partials_buffered |= env.event.type is EventType.PARTIAL
         self._wake.set()
 
     def _drop(self, env: Envelope | None) -> None:
