@@ -247,14 +247,22 @@ class RawSubscriber:
         self.sock.close()
 
 
-async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch):
+@pytest.mark.parametrize("where", ["same node", "other node"])
+async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch, request, where):
+    """On the call's node (in-process bus), and on another node reading the call off Redis: the
+    same cut-off, and the call does not notice either."""
     monkeypatch.setattr(events_api, "SUBSCRIBER_QUEUE", 8)
     monkeypatch.setattr(events_api, "SEND_BUFFER_BYTES", 4096)
     # a socket send that blocks would hold the publisher for an hour: the stream can only complete
     # inside the hang guard below if nothing waits on the slow subscriber
     monkeypatch.setattr(events_api, "CLOSE_TIMEOUT_S", 3600.0)
-    srv = await start_server(tmp_path / "data", pool, **{"credits.usage_interval_s": "0.01"})
-    slow = RawSubscriber(srv.port, "/v1/events")
+    ov = {"credits.usage_interval_s": "0.01"}
+    if where == "other node":
+        ov.update({"storage.url": request.getfixturevalue("pg_server").new_database(),
+                   "bus.url": request.getfixturevalue("redis_server").url})
+    srv = await start_server(tmp_path / "data", pool, **ov)
+    watcher = await start_server(tmp_path / "data_b", pool, **ov) if where == "other node" else srv
+    slow = RawSubscriber(watcher.port, "/v1/events")
     try:
         await slow.connect()  # ... and then never reads while the call runs
         pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1]), sil(1.2)])
@@ -278,8 +286,11 @@ async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, 
         assert code == 4008 and reason.startswith("subscriber too slow:") and "events behind" in reason
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SUBSCRIBER_TOO_SLOW"
         assert "call_ended" not in [f["type"] for f in frames]  # cut off while the call was running
+        assert {f["job_id"] for f in frames[:-1]} == {s.job_id}
     finally:
         slow.close()
+        if watcher is not srv:
+            await watcher.stop()
         await srv.stop()
 
 
