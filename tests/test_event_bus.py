@@ -228,12 +228,12 @@ async def test_redis_down_buffers_in_order_and_recovers_without_restart():
         b_sub, a_local = b.subscribe("job_x"), a.subscribe("job_x")
         a.publish("job_x", _final("before", 0.0))
         assert (await take(b_sub, 1))[0].event.text == "before"
-        srv.stop()  # SIGTERM by PID
+        await asyncio.to_thread(srv.stop)  # SIGTERM by PID (the loop runs on)
         await until(lambda: not a.health().connected and not b.health().connected, "both see Redis gone")
         during = [a.publish("job_x", _final(f"during {i}", i + 1.0)) for i in range(50)]
         assert [e.event.text for e in await take(a_local, 51)][1:] == [e.event.text for e in during]  # local: at once
         assert a.health().buffered == 50 and a.health().dropped == 0
-        srv.start()  # same port, empty (no persistence)
+        await asyncio.to_thread(srv.start)  # same port, empty (no persistence)
         await until(lambda: a.health().connected and b.health().connected, "both reconnected")
         after = a.publish("job_x", CallEnded("completed", 60.0, 1.0))
         got = await take(b_sub, 51)

@@ -75,7 +75,7 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 it = s.__aiter__()
                 await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
                 got = await next_final(it)
-                redis.stop()  # SIGTERM by PID, under the live session
+                await asyncio.to_thread(redis.stop)  # SIGTERM by PID, under the live session (the loop runs on)
                 down = await health_until(http, a, "degraded")
                 assert down["bus"]["connected"] is False and down["disk"]["status"] == "ok"
                 assert await metric(http, a, "callbridge_bus_connected") == 0
@@ -83,7 +83,7 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 await send_paced(s, np.concatenate([speech(EN[1]), sil(1.2)]).tobytes(), SR * 2)
                 got += await next_final(it)
                 assert (await health(http, a))["bus"]["buffered"] > 0
-                redis.start()  # same port, empty
+                await asyncio.to_thread(redis.start)  # same port, empty
                 await health_until(http, a, "ok")
                 await health_until(http, b, "ok")
                 await send_paced(s, np.concatenate([speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
