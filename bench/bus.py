@@ -32,6 +32,7 @@ from bench import corpus
 from bench.drive import stream_at_pace
 from bench.report import emit_table
 from bench.service import ADMIT_ALL, BENCH_KEY, running_service
+from bridge.client.stream import StreamClient
 from bridge.events.bus import EventBus, InProcessBus
 from bridge.events.redisbus import STREAM, RedisBus
 from bridge.events.types import Final, Word
@@ -90,9 +91,8 @@ async def messages_phase(seconds: float, pause_s: float) -> tuple[list[list[str]
     pcm, _ = corpus.monologue(seconds, pause_s=pause_s)
     audio_s = len(pcm) / corpus.SAMPLE_RATE
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_service(Path(tmp) / "data", **ADMIT_ALL, **{"model.pool_size": "1", "sip.enabled": "false"}) as (svc, url):
-            from bridge.client.stream import StreamClient
-
+        overrides = {**ADMIT_ALL, "model.pool_size": "1", "sip.enabled": "false"}
+        async with running_service(Path(tmp) / "data", **overrides) as (svc, url):
             sub = svc.bus.subscribe(None, maxsize=1_000_000)
             async with StreamClient(url, api_key=BENCH_KEY) as s:
                 await stream_at_pace(s, pcm.astype(np.int16).tobytes(), corpus.SAMPLE_RATE, 1.5, seconds * 4 + 60)

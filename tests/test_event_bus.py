@@ -4,15 +4,18 @@ on one Redis see each other's events in order per job, and each node its own exa
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from bridge.config import BUS_SCHEMES, ConfigError, add_config_flags, config_from_args, load_config
 from bridge.events.bus import Envelope, EventBus, InProcessBus
 from bridge.events.redisbus import STREAM, BusUnavailable, RedisBus
-from bridge.events.registry import BusConfigError, open_bus
-from bridge.events.types import CallEnded, CallStarted, Dtmf, Final, Partial, Usage, Word, event_from_dict
+from bridge.events.registry import BUSES, BusConfigError, open_bus
+from bridge.events.types import (EVENT_CLASSES, CallEnded, CallStarted, Dtmf, Final, Partial, Usage, Word,
+                                 event_from_dict)
 from bridge.events.wire import decode_envelope, encode_envelope
 from tests.redisd import RedisServer, free_port
 
@@ -129,8 +132,6 @@ def test_every_event_type_round_trips(event):
 
 
 def test_every_event_type_is_covered_and_junk_is_refused():
-    from bridge.events.types import EVENT_CLASSES
-
     assert {type(e) for e in EVERY_EVENT} == set(EVENT_CLASSES.values())
     for junk in (b"not json", b"[]", b'{"job_id": "j"}', b'{"job_id": "j", "seq": 1, "event": {"type": "nope"}}',
                  b'{"job_id": "j", "seq": 1, "event": {"type": "usage", "bogus": 1}}'):
@@ -142,9 +143,6 @@ def test_every_event_type_is_covered_and_junk_is_refused():
 
 
 def test_registry_opens_a_bus_by_url_scheme(redis_server):
-    from bridge.config import BUS_SCHEMES
-    from bridge.events.registry import BUSES
-
     assert set(BUSES) == set(BUS_SCHEMES)
     assert type(open_bus("")) is InProcessBus and type(open_bus("memory://")) is InProcessBus
     assert type(open_bus(redis_server.url)) is RedisBus and type(open_bus("rediss://h:1/0")) is RedisBus
@@ -194,11 +192,12 @@ async def test_two_nodes_see_each_other_in_order_per_job_and_their_own_once(two_
     assert sorted(remote_taps) == sorted([(e.job_id, e.seq) for e in published] + [("job_b1", 1)])  # remote too
     assert local_taps == [("job_b1", 1)]
     # A's own events reached A once (at publish), although A's reader read them back from Redis
-    await until(lambda: a.received == 1 and b.received == len(published), "both readers caught up")
+    await until(lambda: a.received == 1 and b.received == len(published) and a.sent == len(published),
+                "both readers caught up, A's writer has its last reply")
     assert [(e.node_id, e.job_id, e.seq) for e in await take(a_all, len(published) + 1)] == \
         [(e.node_id, e.job_id, e.seq) for e in published] + [("node_b", "job_b1", 1)]
     assert a_all._q.qsize() == 0 and b_local._q.qsize() == 0
-    assert a.health().connected and a.health().buffered == 0 and a.sent == len(published)
+    assert a.health().connected and a.health().buffered == 0
 
 
 async def test_a_resent_entry_is_delivered_once(two_nodes, redis_server):
@@ -238,7 +237,8 @@ async def test_redis_down_buffers_in_order_and_recovers_without_restart():
         after = a.publish("job_x", CallEnded("completed", 60.0, 1.0))
         got = await take(b_sub, 51)
         assert got == during + [after]  # the outage's events, in order, then the later one
-        assert a.health().buffered == 0 and a.disconnects == 1
+        await until(lambda: a.health().buffered == 0, "A's writer has its last reply")
+        assert a.disconnects == 1 and a.sent == 52
     finally:
         await a.close()
         await b.close()
@@ -268,10 +268,6 @@ async def test_full_buffer_drops_partials_first_then_the_oldest():
 
 
 def test_bus_url_from_file_env_and_flag_checked_and_masked(tmp_path):
-    import argparse
-
-    from bridge.config import ConfigError, add_config_flags, config_from_args, load_config
-
     assert load_config(env={}).bus.url == ""  # the in-process bus by default
     f = tmp_path / "cb.toml"
     f.write_text('[bus]\nurl = "redis://10.0.0.5:6379/0"\nbuffer_events = 500\n')

@@ -90,7 +90,9 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 await s.end()
                 got += [ev async for ev in it]
                 seen_on_b = await read_until_ended(on_b, s.job_id)
-            after = await health(http, a)
+            async with asyncio.timeout(WAIT):  # B has every event: A's writer gets its last reply soon
+                while (after := await health(http, a))["bus"]["buffered"]:
+                    await asyncio.sleep(0.05)
             assert await metric(http, a, "callbridge_bus_connected") == 1
         stream_finals = finals(got)
         assert s.completed is not None and len(stream_finals) >= 3

@@ -17,9 +17,10 @@ async def healthz(request: web.Request) -> web.Response:
     while starting or draining. `degraded` (still 200: the service is up and its REST API works,
     e.g. DELETE to free space) means one of two things, each with its section: new sessions are
     refused because the data directory is (nearly) full (`disk` says how full), or the shared
-    event bus cannot be reached (`bus`: sessions go on, their events wait in a bounded buffer and
-    other nodes' dashboards see this node's calls again when it is back). `capacity` is the decode headroom (bridge/admission.py):
-    legs free and whether sessions are admitted (a node at capacity is healthy, and says so here)."""
+    event bus cannot be reached (`bus`: sessions go on, their events wait in a bounded buffer,
+    and other nodes' dashboards see this node's calls again once it is back). `capacity` is the
+    decode headroom (bridge/admission.py): legs free and whether sessions are admitted (a node at
+    capacity is healthy, and says so here)."""
     svc = service_of(request)
     sip_ok = svc.sip is None or svc.sip.listening
     disk = await asyncio.to_thread(svc.storage.state)
