@@ -41,6 +41,7 @@ ENGINES = ("whisper.cpp",)  # bridge.recognizer.engines.ENGINES (not imported: n
 LOG_FORMATS = ("console", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 STORE_SCHEMES = ("sqlite", "postgresql", "postgres")  # bridge.stores.registry.BACKENDS (not imported: config is the base layer)
+BUS_SCHEMES = ("memory", "redis", "rediss")  # bridge.events.registry.BUSES (not imported: same reason)
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,15 @@ class ClusterConfig:
     heartbeat_s: float = _f(2.0, "seconds between this node's heartbeats (and looks for dead nodes)", gt=0)
     node_ttl_s: float = _f(10.0, "a node whose last heartbeat is older than this is dead: a live node fails its "
                                  "live jobs", gt=0)
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    url: str = _f("", "event bus URL: empty or memory:// = in-process (one node); redis://[:PASSWORD@]HOST:PORT/DB "
+                      "(rediss:// for TLS) = a Redis stream every node shares (needs callbridge[cluster])",
+                  bus_url=True)
+    buffer_events: int = _f(100000, "events kept for the shared bus while it cannot be reached; then partials "
+                                    "are dropped first", min=1)
 
 
 @dataclass(frozen=True)
@@ -244,6 +254,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     recognizer: RecognizerConfig = field(default_factory=RecognizerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -268,8 +279,8 @@ class Config:
                     v = [_mask(k) for k in v] if (mask_keys and f.name == "api_keys") else list(v)
                 elif mask_keys and f.name in ("jwt_hs256_secret", "turn_credential") and v:
                     v = _mask(v)
-                elif mask_keys and sec.name == "storage" and f.name == "url":
-                    v = _mask_url_password(v)
+                elif mask_keys and sec.name in ("storage", "bus") and f.name == "url":
+                    v = mask_url_password(v)
                 values[f.name] = v
             out[sec.name] = values
         return out
@@ -279,13 +290,26 @@ def _mask(key: str) -> str:
     return key[:4] + "…" if len(key) >= 12 else "****"
 
 
-def _mask_url_password(url: str) -> str:
-    """scheme://user:secret@host/db -> scheme://user:****@host/db (a database URL may carry one)."""
+def mask_url_password(url: str) -> str:
+    """scheme://user:secret@host/db -> scheme://user:****@host/db (a database or Redis URL may carry
+    one; redis://:secret@host has an empty user)."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if not (sep and at and ":" in creds):
         return url
     return f"{scheme}://{creds.split(':', 1)[0]}:****@{host}"
+
+
+def _bus_url_problem(url: str) -> str | None:
+    """Why `url` cannot be bus.url, or None; the bus checks the rest when it connects."""
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or (not rest and scheme.lower() != "memory"):
+        return f"must look like redis://HOST:PORT/DB or memory://, got {mask_url_password(url)!r}"
+    if scheme.lower() not in BUS_SCHEMES:
+        return f"has unknown scheme {scheme!r}; known: {', '.join(BUS_SCHEMES)}"
+    return None
 
 
 def _store_url_problem(url: str) -> str | None:
@@ -306,6 +330,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "storage": StorageConfig,
     "cluster": ClusterConfig,
+    "bus": BusConfig,
     "model": ModelConfig,
     "recognizer": RecognizerConfig,
     "limits": LimitsConfig,
@@ -329,6 +354,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "data_dir": ("server", "data_dir"),
     "model": ("model", "name"),
     "database_url": ("storage", "url"),
+    "bus_url": ("bus", "url"),
 }
 # Short environment names (mirroring a flag), read before the full ones, which win: see the docstring.
 ENV_ALIASES: dict[str, tuple[str, str]] = {
@@ -414,6 +440,10 @@ def _convert(section: str, key: str, value: Any, source: str, from_string: bool)
                 raise bad(f"key {i} of {len(value)}: {problem}")
     if meta.get("store_url"):
         problem = _store_url_problem(value)
+        if problem:
+            raise bad(problem)
+    if meta.get("bus_url"):
+        problem = _bus_url_problem(value)
         if problem:
             raise bad(problem)
     if meta.get("nonempty") and not value.strip():
@@ -556,6 +586,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME_OR_PATH", help="model name or path (default tiny.en)")
     parser.add_argument("--database-url", metavar="URL", help="storage.url: sqlite:///PATH or "
                         "postgresql://USER@HOST/DB (default: data-dir/callbridge.db)")
+    parser.add_argument("--bus-url", metavar="URL", help="event bus: redis://HOST:PORT/DB for a cluster "
+                                                         "(default: in-process)")
 
 
 def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:

@@ -61,6 +61,13 @@ class _LiveCollector:
         yield GaugeMetricFamily("callbridge_legs_active", "Live call legs (one recognizer each)", value=svc.calls.legs)
         yield GaugeMetricFamily("callbridge_ready", "1 once the model is loaded", value=1 if svc.ready else 0)
         yield GaugeMetricFamily("callbridge_draining", "1 while shutting down", value=1 if svc.draining else 0)
+        bus = svc.bus.health()
+        yield GaugeMetricFamily("callbridge_bus_connected", "1 while the event bus is reachable (always, in-process)",
+                                value=1 if bus.connected else 0)
+        yield GaugeMetricFamily("callbridge_bus_buffered", "Events waiting to be sent to the shared bus",
+                                value=bus.buffered)
+        yield GaugeMetricFamily("callbridge_bus_dropped", "Events the shared bus buffer gave up (full), partials "
+                                "included", value=bus.dropped)
         if svc.webhooks is not None:
             wh = svc.webhooks.stats()
             yield GaugeMetricFamily("callbridge_webhook_pending_chains",

@@ -30,7 +30,7 @@ from bridge.backlog import WriteBacklog
 from bridge.calls import CallRegistry
 from bridge.cluster import Heartbeat, Recovery, advertise_url, load_node_id
 from bridge.config import Config
-from bridge.events.bus import InProcessBus
+from bridge.events.registry import open_bus
 from bridge.ingress.base import Ingress
 from bridge.ingress.registry import INGRESSES
 from bridge.jobs.model import JobSource
@@ -56,7 +56,8 @@ class Service:
         self.recordings_dir = self.data_dir / "recordings"  # live recordings, on this node's disk
         archive = config.storage.recordings_dir
         self.recordings = Recordings(self.recordings_dir, Path(archive) if archive else None)
-        self.bus = InProcessBus()
+        # from bus.url (bridge/events/registry.py); connected in start(), with this node's id
+        self.bus = open_bus(config.bus.url, max_buffer=config.bus.buffer_events)
         self.calls = CallRegistry()
         self.backlog = WriteBacklog()  # store writes waiting for an unreachable database (bridge/backlog.py)
         self.metrics = Metrics(self)
@@ -113,9 +114,11 @@ class Service:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.recordings.prepare()
+        self.node_id = load_node_id(self.config)  # before any store or bus use: jobs, sessions, events carry it
+        self.bus.node_id = self.node_id
+        await self.bus.start()  # a shared bus that cannot be reached: BusUnavailable, one line from `serve`
         if self.storage.state().free_bytes < self.storage.emergency_bytes:
             self.storage.release()  # a (nearly) full disk: spend the emergency reserve on the recovery below
-        self.node_id = load_node_id(self.config)  # before any store use: jobs and sessions carry it
         self.stores = await open_stores(store_url(self.config))  # applies pending schema migrations
         for version, name in self.stores.migrated:
             log.info("schema_migrated", version=version, name=name)
@@ -247,6 +250,7 @@ class Service:
                 log.error("node_not_removed", node_id=self.node_id, error=repr(e))
         if self.webhooks is not None:  # after the calls: their last events are in the outbox
             await self.webhooks.stop()
+        await self.bus.close()  # after the webhooks: the calls' last events go out to the other nodes
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self._own_pool and self.pool is not None:

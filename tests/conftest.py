@@ -62,3 +62,17 @@ def storage(request) -> dict[str, str]:
     if request.param == "sqlite":
         return {}
     return {"storage.url": request.getfixturevalue("pg_server").new_database()}
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on loopback for the whole session (tests/redisd.py); fails, never skips,
+    when the binary is missing. Tests that stop Redis start their own RedisServer."""
+    from tests.redisd import RedisServer
+
+    srv = RedisServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()

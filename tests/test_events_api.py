@@ -1,4 +1,8 @@
-"""Dashboard sockets end to end: real server on loopback, real model, real streams (docs/events.md)."""
+"""Dashboard sockets end to end: real server on loopback, real model, real streams (docs/events.md).
+
+The single-node tests run on the in-process bus and on the Redis bus (a real redis-server); the
+cross-node ones run two services in this process on one PostgreSQL database and one Redis: a
+dashboard on node B follows a call on node A."""
 
 from __future__ import annotations
 
@@ -16,11 +20,39 @@ import pytest
 from bench import corpus
 from bridge.api import events as events_api
 from bridge.client.stream import StreamClient
-from tests.serving import API_KEY, OTHER_KEY, start_server
+from bridge.events.types import Final, Partial
+from tests.serving import API_KEY, OTHER_KEY, RunningServer, start_server
 from tests.test_stream_api import EN, SR, send_paced, sil, speech, text_of
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT = 60.0  # bound on any one wait for a frame
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def server(request, tmp_path, pool):
+    """The real service on the in-process bus, then on a Redis bus (one node: its events make the
+    round trip through Redis to no one, and must reach its own subscribers once)."""
+    ov = {"bus.url": request.getfixturevalue("redis_server").url} if request.param == "redis" else {}
+    srv = await start_server(tmp_path / "data", pool, **ov)
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def two_nodes(tmp_path, pool, pg_server, redis_server):
+    """Nodes A and B: two services on one PostgreSQL database and one Redis, each its own data dir.
+    Both start before any call (a starting node fails the live jobs it finds: one node per
+    database until node ownership of jobs lands)."""
+    db = pg_server.new_database()
+    nodes: list[RunningServer] = []
+    try:
+        for name in ("a", "b"):
+            nodes.append(await start_server(tmp_path / f"data_{name}", pool, **{"storage.url": db,
+                                                                                  "bus.url": redis_server.url}))
+        yield nodes[0], nodes[1]
+    finally:
+        for n in nodes:
+            await n.stop()
 
 
 def ws_base(server) -> str:
@@ -215,14 +247,22 @@ class RawSubscriber:
         self.sock.close()
 
 
-async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch):
+@pytest.mark.parametrize("where", ["same node", "other node"])
+async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, monkeypatch, request, where):
+    """On the call's node (in-process bus), and on another node reading the call off Redis: the
+    same cut-off, and the call does not notice either."""
     monkeypatch.setattr(events_api, "SUBSCRIBER_QUEUE", 8)
     monkeypatch.setattr(events_api, "SEND_BUFFER_BYTES", 4096)
     # a socket send that blocks would hold the publisher for an hour: the stream can only complete
     # inside the hang guard below if nothing waits on the slow subscriber
     monkeypatch.setattr(events_api, "CLOSE_TIMEOUT_S", 3600.0)
-    srv = await start_server(tmp_path / "data", pool, **{"credits.usage_interval_s": "0.01"})
-    slow = RawSubscriber(srv.port, "/v1/events")
+    ov = {"credits.usage_interval_s": "0.01"}
+    if where == "other node":
+        ov.update({"storage.url": request.getfixturevalue("pg_server").new_database(),
+                   "bus.url": request.getfixturevalue("redis_server").url})
+    srv = await start_server(tmp_path / "data", pool, **ov)
+    watcher = await start_server(tmp_path / "data_b", pool, **ov) if where == "other node" else srv
+    slow = RawSubscriber(watcher.port, "/v1/events")
     try:
         await slow.connect()  # ... and then never reads while the call runs
         pcm = np.concatenate([sil(0.3), speech(EN[0]), sil(1.2), speech(EN[1]), sil(1.2)])
@@ -246,6 +286,108 @@ async def test_slow_subscriber_is_cut_off_and_stream_unaffected(tmp_path, pool, 
         assert code == 4008 and reason.startswith("subscriber too slow:") and "events behind" in reason
         assert frames[-1]["type"] == "error" and frames[-1]["code"] == "SUBSCRIBER_TOO_SLOW"
         assert "call_ended" not in [f["type"] for f in frames]  # cut off while the call was running
+        assert {f["job_id"] for f in frames[:-1]} == {s.job_id}
     finally:
         slow.close()
+        if watcher is not srv:
+            await watcher.stop()
         await srv.stop()
+
+
+# --------------------------------------------------------------------------- across nodes
+
+
+async def test_dashboard_on_another_node_catches_up_then_follows_live(two_nodes):
+    """The call runs on A; B reads its earlier finals from the shared store, then its live events
+    from Redis: each final once, in seq order, then call_ended, and /v1/events on B saw it all."""
+    a, b = two_nodes
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{ws_base(b)}/v1/events", headers=AUTH) as everything_on_b:
+        async with StreamClient(a.url, api_key=API_KEY) as s:
+            it = s.__aiter__()
+            await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
+            before = await next_final(it)
+            async with http.ws_connect(f"{ws_base(b)}/v1/calls/{s.job_id}/events", headers=AUTH) as dash:
+                first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
+                reader = asyncio.ensure_future(read_until_ended(dash, s.job_id))
+                await send_paced(s, np.concatenate([speech(EN[1]), sil(1.2)]).tobytes(), SR * 2)
+                await s.end()
+                after = [ev async for ev in it]
+                seen = [first] + await asyncio.wait_for(reader, WAIT)
+                close = await asyncio.wait_for(dash.receive(), WAIT)
+            assert close.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and dash.close_code == 1000
+        live_on_b = await read_until_ended(everything_on_b, s.job_id)
+    stream_finals = finals(before + after)
+    assert len(stream_finals) >= 2 and corpus.wer(" ".join(EN), text_of(stream_finals)) < 0.2
+    # per-job socket on B: the store's final first, then the live ones, each exactly once, in order
+    assert first["type"] == "final" and first["text"] == stream_finals[0]["text"]
+    assert [(e["text"], e["start"], e["end"]) for e in finals(seen)] == \
+        [(e["text"], e["start"], e["end"]) for e in stream_finals]
+    assert seen[-1]["type"] == "call_ended" and seen[-1]["status"] == "completed"
+    seqs = [e.get("seq") for e in seen]
+    assert None not in seqs and seqs == sorted(set(seqs))  # B learned A's seqs (the store's final's too)
+    # owner-wide socket on B: A's whole call, live, in publish order
+    kinds = [e["type"] for e in live_on_b]
+    assert kinds[0] == "call_started" and kinds[-1] == "call_ended" and "usage" in kinds
+    assert {e["job_id"] for e in live_on_b} == {s.job_id}
+    assert [e["seq"] for e in live_on_b] == sorted({e["seq"] for e in live_on_b})
+    assert [e["text"] for e in finals(live_on_b)] == [e["text"] for e in stream_finals]
+    assert a.service.bus.health().connected and b.service.bus.received >= len(live_on_b)
+
+
+async def test_finished_call_of_another_node_reads_from_the_shared_store(two_nodes):
+    a, b = two_nodes
+    async with StreamClient(a.url, api_key=API_KEY) as s:
+        await send_paced(s, np.concatenate([sil(0.3), speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
+        await s.end()
+        streamed = [ev async for ev in s]
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{ws_base(b)}/v1/calls/{s.job_id}/events", headers=AUTH) as ws:
+            evs = await read_until_ended(ws)
+    assert [e["text"] for e in evs[:-1]] == [e["text"] for e in finals(streamed)] and finals(streamed)
+    assert evs[-1]["type"] == "call_ended" and evs[-1]["status"] == "completed"
+    assert evs[-1]["credits_used"] == s.completed["credits_used"]
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["final published", "final saved, not yet published"])
+async def test_live_events_published_before_the_store_read_are_not_sent_after_its_finals(server, monkeypatch,
+                                                                                         published):
+    """The race the join must win: between the socket's subscribe and its store read, the call
+    publishes a partial and then saves the final that supersedes it, and publishes that final
+    before the store read returns (its seq is known) or after (it is not). The final goes out
+    once, from the store; the partial it supersedes is not sent after it (seqs only go up)."""
+    svc = server.service
+    async with StreamClient(server.url, api_key=API_KEY) as s:
+        await s.send_audio(sil(0.2))
+        job = await svc.store.get_job(s.job_id)
+        real_segments = svc.store.segments
+        raced = asyncio.Event()
+
+        async def segments_after_the_race(job_id: str):
+            if job_id == s.job_id and not raced.is_set():  # the socket has subscribed, not yet read
+                raced.set()
+                final = Final("one two three", (), 0, "caller", 0.5, 1.5, True)
+                svc.bus.publish(job.id, Partial("one two", 0, "caller", 0.5, 1.2), owner=job.owner, source="stream")
+                await svc.store.add_segment(job.id, final.to_dict())  # saved before published, as a Call does
+                if published:
+                    svc.bus.publish(job.id, final, owner=job.owner, source="stream")
+                    return await real_segments(job_id)
+                segs = await real_segments(job_id)
+                # published once the socket's handler next waits: after it read the store and the seqs
+                asyncio.get_running_loop().call_soon(
+                    lambda: svc.bus.publish(job.id, final, owner=job.owner, source="stream"))
+                return segs
+            return await real_segments(job_id)
+
+        monkeypatch.setattr(svc.store, "segments", segments_after_the_race)
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{ws_base(server)}/v1/calls/{s.job_id}/events", headers=AUTH) as dash:
+            first = json.loads((await asyncio.wait_for(dash.receive(), WAIT)).data)
+            await s.end()
+            rest = await read_until_ended(dash, s.job_id)
+    assert raced.is_set() and first["type"] == "final" and first["text"] == "one two three"
+    assert ("seq" in first) is published  # a seq is known once the final was published
+    seen = [first] + rest
+    assert [e["type"] for e in seen if e["type"] in ("partial", "final")] == ["final"]  # once, no stale partial
+    assert [e["seq"] for e in seen if "seq" in e] == sorted(e["seq"] for e in seen if "seq" in e)
+    assert seen[-1]["type"] == "call_ended"

@@ -7,7 +7,17 @@ Both are WebSockets of JSON text frames, each an event dict with `job_id` (and `
 
 Catch-up without gaps or doubles: the handler subscribes to the bus BEFORE it reads the store, so
 a final is either in the store read, in the subscription, or both; live finals already sent from
-the store are dropped (same channel, start, end and text).
+the store are dropped (same channel, start, end and text). With a shared bus (RedisBus) the live
+events of a job on another node arrive later than its finals reach the store, so the subscription
+may also hold events published before the last final the store read: by seq, a live event not
+above the highest seq already sent (catch-up finals whose seq is known, or earlier live events)
+was sent already or is superseded, and is dropped; `call_ended` always goes out (a job failed by
+another node after its owner died is numbered by that node). A catch-up final whose seq is not
+known here (saved but not yet published when the store was read, or published while this node
+could not read the bus) still supersedes the live partials of its utterance: a partial starts
+where its utterance starts, at or before its final's first word, and a later utterance (or the
+next piece of one cut at the length cap) starts after it, so a live partial that starts no later
+than the latest catch-up final on its channel is dropped.
 
 A slow subscriber never slows recognition: its subscription is bounded (`SUBSCRIBER_QUEUE`);
 partials are dropped first, and when even a final does not fit, the socket gets an `error`
@@ -75,7 +85,7 @@ def _seq_index(bus: EventBus) -> _SeqIndex:
     idx = _SEQ_INDEXES.get(bus)
     if idx is None:
         idx = _SEQ_INDEXES[bus] = _SeqIndex()
-        bus.add_tap(idx)
+        bus.add_tap(idx, remote=True)  # seqs of other nodes' finals too: any node serves any job
     return idx
 
 
@@ -184,11 +194,16 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         segs = await svc.store.segments(job_id)
         seqs = index.jobs.get(job_id, {})
         sent: set[tuple] = set()
+        last = after or 0  # the highest seq the client has: live events up to it are not sent
+        began: dict[int, float] = {}  # per channel, the start of the latest final sent from the store
         for g in segs:
             d = g.final_event()
             k = _key(d)
             sent.add(k)
+            began[k[0]] = max(began.get(k[0], -1.0), k[1])
             seq = seqs.get(k)
+            if seq is not None:
+                last = max(last, seq)
             if after is not None and seq is not None and seq <= after:
                 continue
             d["job_id"] = job_id
@@ -204,16 +219,21 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if sub.overflowed:
                 return
             ev = env.event
-            if ev.type not in LIVE_TYPES or (after is not None and env.seq <= after):
-                continue
+            ended = ev.type is EventType.CALL_ENDED
+            if ev.type not in LIVE_TYPES or (env.seq <= last and not ended):
+                continue  # sent already (from the store or live), superseded, or before ?after=
             d = env.to_dict()
+            if ev.type is EventType.PARTIAL and round(ev.start, 3) <= began.get(ev.channel, -1.0):
+                continue  # of an utterance the store's finals already hold (their seq unknown here)
             if ev.type is EventType.FINAL:
                 k = _key(d)
                 if k in sent:
                     sent.discard(k)  # published after our store read: already sent
+                    last = max(last, env.seq)  # and what was published before it is superseded
                     continue
             await feed.send(d)
-            if ev.type is EventType.CALL_ENDED:
+            last = max(last, env.seq)
+            if ended:
                 return
 
     try:

@@ -267,15 +267,16 @@ def _schemas() -> dict[str, Any]:
                                              "description": "on a temporary refusal: seconds until a retry may be "
                                                             "admitted (the Retry-After header says the same)"}}}}},
         "Health": {"type": "object", "required": ["status", "model", "live_sessions", "uptime_s", "disk", "sip",
-                                                  "capacity"], "properties": {
+                                                  "capacity", "bus"], "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded", "starting", "draining"],
                        "description": "`degraded` (with 200): up, REST works; new sessions refused for lack of "
-                                      "disk, or store writes waiting for an unreachable database (`database`)"},
+                                      "disk (`disk`), store writes waiting for an unreachable database "
+                                      "(`database`), or the shared event bus unreachable (`bus`)"},
             "model": {"type": ["string", "null"]},
             "live_sessions": {"type": "integer"}, "uptime_s": num, "disk": _ref("Disk"),
             "database": _ref("DatabaseBacklog"),
             "sip": {"oneOf": [_ref("SipOff"), _ref("SipStats")]},
-            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]},
+            "capacity": {"oneOf": [{"type": "null"}, _ref("Capacity")]}, "bus": _ref("Bus"),
             "node_id": {"type": "string", "description": "this node's id (docs/cluster.md)"},
             "nodes": {"type": "array", "items": _ref("Node"),
                       "description": "only when other nodes share the database: every node, as this one's "
@@ -291,6 +292,17 @@ def _schemas() -> dict[str, Any]:
                                            "deferred_total": {"type": "integer"},
                                            "oldest_s": {"type": ["number", "null"]},
                                            "last_error": {"type": ["string", "null"]}}},
+        "Bus": {"type": "object", "description": "the event bus (docs/events.md): in-process, or Redis shared by "
+                                                 "every node", "required": ["url", "connected", "buffered", "dropped",
+                                                                            "dropped_partials"], "properties": {
+            "url": {"type": "string", "description": "bus.url, password masked"},
+            "connected": {"type": "boolean", "description": "false: Redis cannot be reached (status degraded)"},
+            "buffered": {"type": "integer", "description": "events waiting to be sent to Redis"},
+            "dropped": {"type": "integer", "description": "events given up because the buffer was full"},
+            "dropped_partials": {"type": "integer", "description": "of `dropped`, partials (dropped first)"},
+            "node_id": text, "sent": {"type": "integer"}, "received": {"type": "integer",
+                                                                       "description": "other nodes' events"},
+            "disconnects": {"type": "integer"}}},
         "Disk": {"type": "object", "description": "the data directory's free space (bridge/storage.py)",
                  "required": ["status", "free_bytes", "total_bytes", "min_free_bytes"], "properties": {
                      "status": {"type": "string", "enum": ["ok", "low", "full"],

@@ -1,6 +1,9 @@
 """Typed events that recognizers emit and every sink (sockets, webhooks, store) consumes.
 
-Field names follow docs/stream-protocol.md; `to_dict()` gives the wire object.
+Field names follow docs/stream-protocol.md; `to_dict()` gives the wire object (times rounded to
+the millisecond). `event_fields()` gives the same keys unrounded, and `event_from_dict()` turns
+either back into the typed event, so a node reading another node's events off a shared bus
+(bridge/events/redisbus.py) holds the very events that node published.
 """
 
 from __future__ import annotations
@@ -136,6 +139,37 @@ class Dtmf:
 
 
 Event = Partial | Final | Usage | CallStarted | CallEnded | Dtmf
+
+EVENT_CLASSES: dict[EventType, type] = {EventType.PARTIAL: Partial, EventType.FINAL: Final, EventType.USAGE: Usage,
+                                        EventType.CALL_STARTED: CallStarted, EventType.CALL_ENDED: CallEnded,
+                                        EventType.DTMF: Dtmf}
+
+
+def event_fields(ev: Any) -> dict[str, Any]:
+    """The event's fields under its wire keys, unrounded: `event_from_dict` gives back an equal event."""
+    d = asdict(ev)
+    d["type"] = ev.type.value
+    return d
+
+
+def event_from_dict(d: dict[str, Any]) -> Any:
+    """The typed event of a wire object (`to_dict()` or `event_fields()`); ValueError names what
+    is wrong with one that is not an event."""
+    if not isinstance(d, dict):
+        raise ValueError(f"an event is a JSON object, got {type(d).__name__}")
+    try:
+        cls = EVENT_CLASSES[EventType(d.get("type"))]
+    except ValueError:
+        raise ValueError(f"unknown event type {d.get('type')!r}") from None
+    kwargs = {k: v for k, v in d.items() if k != "type"}
+    try:
+        if cls is Final:
+            kwargs["words"] = tuple(Word(**w) for w in kwargs.get("words", ()))
+        elif cls is CallStarted:
+            kwargs["speakers"] = tuple(kwargs.get("speakers", ()))
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad {cls.__name__} event: {e}") from None
 
 
 def event_dict(ev: Any) -> dict[str, Any]:
