@@ -234,11 +234,12 @@ async def test_redis_down_buffers_in_order_and_recovers_without_restart():
         assert a.health().buffered == 50 and a.health().dropped == 0
         await asyncio.to_thread(srv.start)  # same port, empty (no persistence)
         await until(lambda: a.health().connected and b.health().connected, "both reconnected")
+        outages = a.disconnects  # 1, or more if a reconnection reached the server while it shut down
         after = a.publish("job_x", CallEnded("completed", 60.0, 1.0))
         got = await take(b_sub, 51)
         assert got == during + [after]  # the outage's events, in order, then the later one
         await until(lambda: a.health().buffered == 0, "A's writer has its last reply")
-        assert a.disconnects == 1 and a.sent == 52
+        assert a.disconnects == outages >= 1 and a.sent == 52  # no flap after recovery
     finally:
         await a.close()
         await b.close()

@@ -84,7 +84,7 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
                 got += await next_final(it)
                 assert (await health(http, a))["bus"]["buffered"] > 0
                 await asyncio.to_thread(redis.start)  # same port, empty
-                await health_until(http, a, "ok")
+                outages = (await health_until(http, a, "ok"))["bus"]["disconnects"]
                 await health_until(http, b, "ok")
                 await send_paced(s, np.concatenate([speech(EN[0]), sil(1.2)]).tobytes(), SR * 2)
                 await s.end()
@@ -101,7 +101,8 @@ async def test_redis_stopped_and_restarted_under_a_live_stream(tmp_path, pool, p
         assert [e["text"] for e in finals(seen_on_b)] == [e["text"] for e in stream_finals]
         assert [e["seq"] for e in seen_on_b] == sorted({e["seq"] for e in seen_on_b})
         assert seen_on_b[0]["type"] == "call_started" and seen_on_b[-1]["type"] == "call_ended"
-        assert after["bus"]["buffered"] == 0 and after["bus"]["dropped"] == 0 and after["bus"]["disconnects"] == 1
+        assert after["bus"]["buffered"] == 0 and after["bus"]["dropped"] == 0
+        assert after["bus"]["disconnects"] == outages >= 1  # no flap after recovery
     finally:
         for srv in (a, b):
             if srv is not None:
