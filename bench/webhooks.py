@@ -4,6 +4,7 @@ outbox drains a backlog.
 Run: python -m bench.webhooks [--calls 8] [--seconds 20] [--jobs 50] [--events 200]
      python -m bench.webhooks --only fairness [--hanging 20]
      python -m bench.webhooks --only capacity [--jobs 50] [--events 200] [--endpoint-concurrency N]
+     python -m bench.webhooks --only cluster [--jobs 50] [--events 200]
 
 The service runs in this process on embedded defaults (SQLite, the default model), HTTP on a
 free loopback port. A webhook receiver (aiohttp) and a `/v1/events` subscriber socket run in
@@ -25,12 +26,17 @@ this process too, so both arrival times come from one clock.
    H endpoints that accept and never answer (each attempt hangs for webhooks.timeout_s), on the
    default settings, and again on a service with the per-key/per-endpoint caps and the breaker
    turned off (how one shared pool behaved before them).
+5. Cluster: phase 3 on PostgreSQL (a throwaway server, tests/pg.py), first with one node, then
+   with two nodes (two services in this process, one database) whose dispatchers share the
+   outbox under per-chain leases; the events are published on node A, so node B delivers only
+   what it leases from A's rows. Same jobs, events and receiver; rate beside rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -385,6 +391,42 @@ async def capacity_only(args: argparse.Namespace) -> None:
                       f"duplicates {rx.duplicates}."])
 
 
+async def cluster_only(args: argparse.Namespace) -> None:
+    from tests.pg import PgServer  # the tests' throwaway server: Debian postgresql, loopback
+
+    pg = PgServer()
+    pg.start()
+    rows = []
+    try:
+        for nodes in (1, 2):
+            rx = Receiver()
+            hook_url, runner = await rx.start()
+            db = pg.new_database()
+            settings = {"sip.enabled": "false", "webhooks.allow_private_targets": "true", "storage.url": db}
+            try:
+                with tempfile.TemporaryDirectory(prefix="cb-whcl-") as tmp:
+                    async with contextlib.AsyncExitStack() as stack:
+                        svc, url = await stack.enter_async_context(running_service(Path(tmp) / "a", **settings))
+                        others = [await stack.enter_async_context(running_service(Path(tmp) / f"n{i}", **settings))
+                                  for i in range(1, nodes)]
+                        cap = await capacity_phase(svc, url, hook_url, rx, args.jobs, args.events)
+                        by_node = [int(n.metrics.webhook_attempts.labels("delivered")._value.get())
+                                   for n in [svc] + [o for o, _ in others]]
+            finally:
+                await runner.cleanup()
+            rows.append([str(nodes), f"{cap['events']}", f"{cap['rate']:.0f}", f"{cap['seconds']:.1f}",
+                         f"{rx.out_of_order}", f"{rx.duplicates}", " / ".join(map(str, by_node)) or "-"])
+    finally:
+        pg.stop()
+    base = float(rows[0][2])
+    for r in rows:
+        r.insert(3, f"{float(r[2]) / base:.2f}")
+    emit_table("webhooks_cluster", f"Webhook delivery on PostgreSQL, one node vs two sharing the outbox "
+               f"({args.jobs} jobs x {args.events} finals, {os.cpu_count()} cores, both nodes in one process)",
+               ["nodes", "events delivered", "events/s", "vs 1 node", "seconds", "out of order", "duplicates",
+                "delivered by node"], rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=8)
@@ -394,9 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hanging", type=int, default=20, help="tenant A's hanging endpoints (fairness phase)")
     ap.add_argument("--endpoint-concurrency", type=int, default=0,
                     help="capacity phase alone: this per-endpoint (and per-key) cap instead of the configured one")
-    ap.add_argument("--only", choices=["fairness", "capacity"], help="run this phase alone (no model needed)")
+    ap.add_argument("--only", choices=["fairness", "capacity", "cluster"], help="run this phase alone (no model needed)")
     args = ap.parse_args(argv)
-    asyncio.run({"fairness": fairness_only, "capacity": capacity_only}.get(args.only, bench)(args))
+    asyncio.run({"fairness": fairness_only, "capacity": capacity_only,
+                 "cluster": cluster_only}.get(args.only, bench)(args))
 
 
 if __name__ == "__main__":

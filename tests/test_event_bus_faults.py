@@ -53,7 +53,7 @@ async def test_serve_with_redis_down_exits_with_one_line(tmp_path):
     text = err.decode()
     errors = [line for line in text.splitlines() if line.startswith("callbridge: error:")]
     assert proc.returncode == 1, text
-    assert len(errors) == 1 and errors[0].startswith("callbridge: error: cannot reach the event bus (bus.url, Redis):")
+    assert len(errors) == 1 and errors[0].startswith("callbridge: error: cannot start: cannot reach the event bus (bus.url, Redis):")
     assert f"127.0.0.1:{port}" in errors[0] and "Traceback" not in text and "s3cret" not in text + out.decode()
     assert "listening" not in out.decode()
 

@@ -336,7 +336,7 @@ def test_build_parser_dispatch_is_extensible():
     args = parser.parse_args(["models", "path", "tiny.en", "--type", "f16"])
     assert args.command == "models.path" and cli_mod.DISPATCH[args.command] is cli_mod.cmd_models_path
     groups = {c.split(".")[0] for c in cli_mod.DISPATCH}
-    assert groups == {"serve", "stream", "webrtc", "jobs", "webhooks", "keys", "call", "models"}
+    assert groups == {"serve", "stream", "webrtc", "jobs", "webhooks", "keys", "call", "models", "db"}
     for group in groups:  # every registered command parses and has its handler
         sub = [c for c in cli_mod.DISPATCH if c.split(".")[0] == group]
         assert all(callable(cli_mod.DISPATCH[c]) for c in sub)
