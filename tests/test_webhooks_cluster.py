@@ -167,3 +167,25 @@ async def test_a_slow_chain_on_one_node_does_not_hold_up_another_chain(pg_url: s
     assert chains(rx) == {("we_1", "job_fast"): [1, 2, 3, 4, 5], ("we_1", "job_slow"): [1, 2]}
     assert len(rx.requests) == 7  # no event was attempted twice
     assert all(d.status is DeliveryStatus.DELIVERED and d.attempts == 1 for d in rows)
+
+
+async def test_an_endpoint_registered_on_one_node_gets_the_events_of_another_nodes_calls(pg_url: str) -> None:
+    """The endpoint table is shared, each dispatcher's copy of it is not: node B, running when
+    node A's API registers an endpoint, must start queueing its own calls' events for it (and
+    deliver them) within its refresh, not only after a restart."""
+    rx = await Receiver().start()
+    try:
+        async with node(pg_url, "node-a") as a, node(pg_url, "node-b") as b:
+            await a.stores.webhooks.create_endpoint(Endpoint(id="we_new", owner=OWNER, url=rx.url, secret=SECRET,
+                                                             events=("final",), created_at=1.0, updated_at=1.0))
+            await a.webhooks.reload()  # what node A's API does after the write
+
+            async def b_knows() -> bool:
+                return "we_new" in b.webhooks._endpoints
+
+            await until(b_knows, what="node B to read the new endpoint")
+            b.publish("job_on_b", 3)
+            await rx.wait_for(lambda r: len(r.hits) >= 3, timeout=60)
+    finally:
+        await rx.stop()
+    assert [h.event["seq"] for h in rx.hits] == [1, 2, 3] and {h.event["job_id"] for h in rx.hits} == {"job_on_b"}

@@ -71,7 +71,12 @@ log = get_logger("bridge.webhooks")
 
 USER_AGENT = "callbridge-webhooks/1"
 MAX_ERROR_TEXT = 300
-IDLE_POLL_S = 30.0  # pending rows are also found without a wake-up (redelivered by the CLI, queued by another node)
+# Pending rows are also found without a wake-up: redelivered by the CLI, queued by another node
+# (whose chains this node helps deliver), left by a dead one. One cheap read per look.
+IDLE_POLL_S = 5.0
+# Endpoints registered, changed or deleted through another node's API reach this node's copy
+# within this long (this node's own API changes apply at once: `reload`).
+ENDPOINT_REFRESH_S = 5.0
 LEASE_MARGIN_S = 30.0  # a chain's lease lasts one attempt's timeout plus this (database writes, a busy loop)
 DEFAULT_NODE = "local"  # one node; in a cluster the service passes its stable node id (Service.node_id)
 PRUNE_EVERY_S = 3600.0
@@ -124,6 +129,7 @@ class WebhookDispatcher:
         self._operator_session: aiohttp.ClientSession | None = None  # config endpoints: any address
         self._closing = False
         self._last_prune = 0.0
+        self._endpoints_at = 0.0  # when the endpoint copy was last read from the store
         self.pending_chains = 0
         self._ended_queued: set[str] = set()  # recovered jobs whose call_ended `recover` queued
 
@@ -147,9 +153,13 @@ class WebhookDispatcher:
 
     async def reload(self) -> None:
         """Take endpoint changes (API or config) into the tap's in-memory copy."""
+        await self._read_endpoints()
+        self._due.set()
+
+    async def _read_endpoints(self) -> None:
         eps = await self.store.list_endpoints()
         self._endpoints = {e.id: e for e in eps}
-        self._due.set()
+        self._endpoints_at = time.time()
 
     async def flush(self) -> None:
         """Wait until every event the tap has seen so far is in the outbox."""
@@ -304,6 +314,11 @@ class WebhookDispatcher:
     async def _deliver_loop(self) -> None:
         while not self._closing:
             self._due.clear()
+            if time.time() - self._endpoints_at > ENDPOINT_REFRESH_S:  # other nodes' API changes
+                try:
+                    await self._read_endpoints()
+                except Exception as e:  # noqa: BLE001 - the copy stays as it was; tried again next look
+                    log.error("webhook_endpoints_read_failed", error=repr(e))
             free = self.config.concurrency - len(self._in_flight)
             wait_s = IDLE_POLL_S
             if free > 0:
@@ -338,7 +353,11 @@ class WebhookDispatcher:
         queues: dict[str, list[tuple[Endpoint, Delivery]]] = {}
         for d in heads:  # already interleaved across endpoints, soonest first within each
             ep = self._endpoints.get(d.endpoint_id)
-            if (d.endpoint_id, d.job_id) in self._in_flight or ep is None or not ep.enabled:
+            if ep is None:  # registered on another node since the last read: read again soon
+                self._endpoints_at = 0.0
+                wait_s = min(wait_s, 1.0)
+                continue
+            if (d.endpoint_id, d.job_id) in self._in_flight or not ep.enabled:
                 continue
             if d.next_attempt_at > now:
                 wait_s = min(wait_s, d.next_attempt_at - now)
