@@ -28,11 +28,15 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT = 60.0  # bound on any one wait for a frame
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory+sqlite", "redis+postgresql"])
 async def server(request, tmp_path, pool):
-    """The real service on the in-process bus, then on a Redis bus (one node: its events make the
-    round trip through Redis to no one, and must reach its own subscribers once)."""
-    ov = {"bus.url": request.getfixturevalue("redis_server").url} if request.param == "redis" else {}
+    """The real service as one box runs it (in-process bus, SQLite), then as a cluster node does
+    (a Redis bus and PostgreSQL: one node, whose events make the round trip through Redis to no
+    one and must reach its own subscribers once, and whose catch-up reads PostgreSQL)."""
+    ov = {}
+    if request.param == "redis+postgresql":
+        ov = {"bus.url": request.getfixturevalue("redis_server").url,
+              "storage.url": request.getfixturevalue("pg_server").new_database()}
     srv = await start_server(tmp_path / "data", pool, **ov)
     yield srv
     await srv.stop()
