@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +27,7 @@ import pytest
 from bench import corpus
 from bridge.client.stream import StreamClient
 from tests.serving import API_KEY
+from tests.test_database_outage import _until
 from tests.test_kamailio import kamailio_ready
 from tests.test_kamailio import local_config as kamailio_config
 from tests.test_nginx import nginx
@@ -55,16 +55,6 @@ async def _sessions_started(node: Serve) -> dict[str, float]:
         text = await r.text()
     return {m.group(1): float(m.group(2))
             for m in re.finditer(r'^callbridge_sessions_total\{source="(\w+)"\} ([0-9.e+]+)$', text, re.M)}
-
-
-async def _until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 async def _stream(url: str, sentences: list[str]) -> tuple[str, list[dict]]:
