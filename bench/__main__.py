@@ -7,7 +7,7 @@ import sys
 import time
 
 ALL = ["audio_frontend", "vad_eval", "quantization", "attention", "accuracy", "monologue", "latency", "capacity",
-       "sip_capacity", "sip_tcp", "webrtc_capacity", "webhooks", "bus", "auth_guessing", "memory"]
+       "sip_capacity", "sip_tcp", "webrtc_capacity", "webhooks", "bus", "stores", "auth_guessing", "memory"]
 
 
 def main() -> None:

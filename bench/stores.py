@@ -175,14 +175,14 @@ async def main_async(args: argparse.Namespace) -> None:
             pg.stop()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--calls", type=int, default=400)
     ap.add_argument("--finals", type=int, default=30)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     ap.add_argument("--pg-url", default="")
-    asyncio.run(main_async(ap.parse_args()))
+    asyncio.run(main_async(ap.parse_args(argv)))
 
 
 if __name__ == "__main__":
