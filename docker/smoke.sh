@@ -60,7 +60,7 @@ fi
 
 # 2. wheelhouse (the build's pip cannot see the host's index configuration)
 if [ "${CALLBRIDGE_SMOKE_WHEELS:-1}" = 1 ]; then
-  if ! "$PYTHON" -m pip wheel -q -w "$ROOT/docker/wheels" "$ROOT[postgres,redis]" setuptools >"$WORK/pip.log" 2>&1; then
+  if ! "$PYTHON" -m pip wheel -q -w "$ROOT/docker/wheels" "$ROOT[postgres,cluster]" setuptools >"$WORK/pip.log" 2>&1; then
     tail -20 "$WORK/pip.log" >&2
     fail "pip wheel failed"
   fi
