@@ -60,7 +60,10 @@ fi
 
 # 2. wheelhouse (the build's pip cannot see the host's index configuration)
 if [ "${CALLBRIDGE_SMOKE_WHEELS:-1}" = 1 ]; then
-  if ! "$PYTHON" -m pip wheel -q -w "$ROOT/docker/wheels" "$ROOT[postgres,cluster]" setuptools >"$WORK/pip.log" 2>&1; then
+  # async-timeout: redis needs it below Python 3.11.3 (bookworm's python3 is 3.11.2); the host's
+  # newer Python would leave it out of the wheelhouse
+  if ! "$PYTHON" -m pip wheel -q -w "$ROOT/docker/wheels" "$ROOT[postgres,cluster]" setuptools \
+      "async-timeout>=4.0.3" >"$WORK/pip.log" 2>&1; then
     tail -20 "$WORK/pip.log" >&2
     fail "pip wheel failed"
   fi
@@ -72,6 +75,11 @@ fi
 pod build -q --format docker --network=host -t "$IMAGE" -f "$ROOT/docker/Dockerfile" \
   --build-arg BASE="$BASE" "$ROOT" >/dev/null
 step "image build"
+# the cluster drivers are in it (a node with a postgresql:// or redis:// URL must start)
+pod run --rm --network=host --entrypoint /opt/callbridge/bin/python "$IMAGE" \
+  -c "import psycopg, psycopg_pool, redis" 2>"$WORK/drivers.err" \
+  || { cat "$WORK/drivers.err" >&2; fail "the image lacks psycopg or redis"; }
+step "cluster drivers import"
 
 # 4. run it
 PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
